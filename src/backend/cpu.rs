@@ -1,0 +1,527 @@
+//! The CPU backend: f32 arithmetic, multi-threaded with rayon, matmuls by `matrixmultiply`.
+//!
+//! Weights stay in the memory map in their stored dtype. A matmul splits the output features into
+//! column tiles, one per task; f32 weights are read in place and f16/bf16 tiles are widened into a
+//! per-thread scratch buffer just before use, so no second copy of the model is ever held.
+//!
+//! Batch invariance: every output element is produced by the same sequence of floating-point
+//! operations whatever else is in the batch. `matrixmultiply` has no small-matrix special path and
+//! blocks the inner dimension by a constant, tiles never split the inner dimension, and attention
+//! computes each (token, head) pair on its own with a fixed loop order. A sequence's greedy tokens
+//! therefore do not depend on what it was batched or chunked with (pinned by a test).
+
+use rayon::prelude::*;
+
+use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape};
+use crate::weights::{DType, RawTensor, convert_to_f32};
+
+/// A 2-D f32 activation, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuTensor {
+    fn zeros(rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor { data: vec![0.0; rows * cols], rows, cols }
+    }
+
+    fn row(&self, idx: usize) -> &[f32] {
+        &self.data[idx * self.cols..(idx + 1) * self.cols]
+    }
+}
+
+enum WeightData {
+    /// Stored bytes used in place (any dtype; f32 read directly when aligned).
+    Stored(RawTensor),
+    Owned(Vec<f32>),
+}
+
+/// A weight: a vector `[1, cols]` or a matrix `[rows, cols]` (`[out, in]` for linear layers).
+pub struct CpuWeight {
+    rows: usize,
+    cols: usize,
+    data: WeightData,
+}
+
+impl CpuWeight {
+    /// The weight as f32 values in place, when no conversion is needed.
+    fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            WeightData::Owned(values) => Some(values),
+            WeightData::Stored(raw) if raw.dtype == DType::F32 => bytemuck::try_cast_slice(raw.bytes()).ok(),
+            WeightData::Stored(_) => None,
+        }
+    }
+
+    /// Widens rows `[start, end)` into `out`.
+    fn rows_to_f32(&self, start: usize, end: usize, out: &mut [f32]) {
+        match &self.data {
+            WeightData::Owned(values) => out.copy_from_slice(&values[start * self.cols..end * self.cols]),
+            WeightData::Stored(raw) => {
+                let elem = raw.dtype.size_in_bytes();
+                let bytes = &raw.bytes()[start * self.cols * elem..end * self.cols * elem];
+                convert_to_f32(raw.dtype, bytes, out);
+            }
+        }
+    }
+}
+
+pub struct CpuKvCache {
+    shape: KvCacheShape,
+    /// Per layer, K then V, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+pub struct CpuBatch {
+    layout: BatchLayout,
+}
+
+/// Parallel tasks write disjoint regions of one output buffer through this pointer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every use below hands each task a region no other task touches, and the buffer outlives
+// the parallel section that uses it.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+#[derive(Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> CpuBackend {
+        CpuBackend
+    }
+
+    /// Output features per matmul task: enough to keep a widened tile of the weight in L2
+    /// (~256 KiB), a multiple of the kernel width, and small enough that every thread gets work.
+    /// Depends only on the weight's shape, never on the batch.
+    fn tile_rows(out_features: usize, in_features: usize) -> usize {
+        let by_cache = (65536 / in_features.max(1)).clamp(16, 512) / 16 * 16;
+        let by_threads = out_features.div_ceil(4 * rayon::current_num_threads()).div_ceil(16) * 16;
+        by_cache.min(by_threads.max(16))
+    }
+}
+
+fn check_same_shape(a: &CpuTensor, b: &CpuTensor, op: &str) -> Result<(), BackendError> {
+    if a.rows != b.rows || a.cols != b.cols {
+        return Err(BackendError::Batch(format!(
+            "{op}: shapes [{}, {}] and [{}, {}] differ",
+            a.rows, a.cols, b.rows, b.cols
+        )));
+    }
+    Ok(())
+}
+
+/// A zero-filled vector from the allocator's zeroed pages, so a large KV cache costs memory only as
+/// its blocks are first written. `None` when the allocation fails.
+fn zeroed_vec(len: usize) -> Option<Vec<f32>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(len).ok()?;
+    // SAFETY: the layout has non-zero size; a non-null result is valid for `len` f32 values whose
+    // all-zero bit pattern is 0.0, and `Vec::from_raw_parts` takes ownership with the same element
+    // type, length and capacity as the layout it was allocated with.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut f32;
+        if ptr.is_null() { None } else { Some(Vec::from_raw_parts(ptr, len, len)) }
+    }
+}
+
+/// A dot product with a fixed summation order (eight lanes, then a fixed reduction), which the
+/// compiler vectorises and which gives the same bits on every call.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks_a = a.chunks_exact(8);
+    let mut chunks_b = b.chunks_exact(8);
+    for (ca, cb) in (&mut chunks_a).zip(&mut chunks_b) {
+        for l in 0..8 {
+            lanes[l] += ca[l] * cb[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in chunks_a.remainder().iter().zip(chunks_b.remainder()) {
+        tail += x * y;
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+    type Batch = CpuBatch;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn load_weight(&self, raw: &RawTensor) -> Result<CpuWeight, BackendError> {
+        let (rows, cols) = match raw.shape.as_slice() {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            other => {
+                return Err(BackendError::Weight {
+                    name: raw.name.clone(),
+                    message: format!("expected a vector or a matrix, found shape {other:?}"),
+                });
+            }
+        };
+        // Vectors (norms, biases) are tiny and used on every token: keep them as f32.
+        let data = if rows == 1 { WeightData::Owned(raw.to_f32_vec()) } else { WeightData::Stored(raw.clone()) };
+        Ok(CpuWeight { rows, cols, data })
+    }
+
+    fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<CpuWeight, BackendError> {
+        if data.len() != shape[0] * shape[1] {
+            return Err(BackendError::Weight {
+                name: "host".into(),
+                message: format!("{} values for shape {shape:?}", data.len()),
+            });
+        }
+        Ok(CpuWeight { rows: shape[0], cols: shape[1], data: WeightData::Owned(data) })
+    }
+
+    fn new_kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache, BackendError> {
+        let per_layer = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
+        let num_bytes = shape.bytes_per_block(DType::F32) * shape.num_blocks;
+        let alloc = || {
+            zeroed_vec(per_layer)
+                .ok_or_else(|| BackendError::KvCacheAllocation { num_bytes, message: "out of memory".into() })
+        };
+        let layers = (0..shape.num_layers).map(|_| Ok((alloc()?, alloc()?))).collect::<Result<_, BackendError>>()?;
+        Ok(CpuKvCache { shape, layers })
+    }
+
+    fn prepare_batch(&self, layout: &BatchLayout) -> Result<CpuBatch, BackendError> {
+        Ok(CpuBatch { layout: layout.clone() })
+    }
+
+    fn embedding(&self, table: &CpuWeight, batch: &CpuBatch) -> Result<CpuTensor, BackendError> {
+        let ids = &batch.layout.token_ids;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= table.rows) {
+            return Err(BackendError::Batch(format!("token id {bad} is outside the vocabulary of {}", table.rows)));
+        }
+        let mut out = CpuTensor::zeros(ids.len(), table.cols);
+        out.data.par_chunks_mut(table.cols).zip(ids.par_iter()).for_each(|(row, &id)| {
+            table.rows_to_f32(id as usize, id as usize + 1, row);
+        });
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor, BackendError> {
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        if w.cols != k {
+            return Err(BackendError::Batch(format!("linear: input width {k} but weight is [{n}, {}]", w.cols)));
+        }
+        let mut out = CpuTensor::zeros(m, n);
+        if m == 0 {
+            return Ok(out);
+        }
+        let tile = Self::tile_rows(n, k);
+        let num_tiles = n.div_ceil(tile);
+        let out_ptr = SharedMut(out.data.as_mut_ptr());
+        let in_place = w.as_f32();
+        (0..num_tiles).into_par_iter().for_each_init(Vec::<f32>::new, |scratch, tile_idx| {
+            let n0 = tile_idx * tile;
+            let rows = tile.min(n - n0);
+            let tile_weights: &[f32] = match in_place {
+                Some(all) => &all[n0 * k..(n0 + rows) * k],
+                None => {
+                    scratch.resize(rows * k, 0.0);
+                    w.rows_to_f32(n0, n0 + rows, scratch);
+                    scratch
+                }
+            };
+            // Rebinding makes the closure capture the whole `SharedMut` (which is Sync) rather
+            // than its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let out_ptr = out_ptr;
+            // SAFETY: A is `x` [m, k] row-major; B is the tile's weight rows read as their transpose
+            // ([k, rows]: row stride 1, column stride k), all within `tile_weights`; C is columns
+            // [n0, n0 + rows) of `out` [m, n], which no other task writes. Every pointer stays in
+            // bounds for the strides and sizes given.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    rows,
+                    1.0,
+                    x.data.as_ptr(),
+                    k as isize,
+                    1,
+                    tile_weights.as_ptr(),
+                    1,
+                    k as isize,
+                    0.0,
+                    out_ptr.0.add(n0),
+                    n as isize,
+                    1,
+                );
+            }
+        });
+        if let Some(bias) = bias {
+            let b = bias.as_f32().ok_or_else(|| BackendError::Batch("bias must be a vector".into()))?;
+            if b.len() != n {
+                return Err(BackendError::Batch(format!("bias has {} values for {n} outputs", b.len())));
+            }
+            out.data.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor, BackendError> {
+        let w = weight
+            .as_f32()
+            .filter(|w| w.len() == x.cols)
+            .ok_or_else(|| BackendError::Batch(format!("rms_norm: weight does not match width {}", x.cols)))?;
+        let mut out = CpuTensor::zeros(x.rows, x.cols);
+        out.data.par_chunks_mut(x.cols).zip(x.data.par_chunks(x.cols)).for_each(|(o, row)| {
+            let mean_square = dot(row, row) / row.len() as f32;
+            let inv = 1.0 / (mean_square + eps).sqrt();
+            for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+                *o = w * (v * inv);
+            }
+        });
+        Ok(out)
+    }
+
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<(), BackendError> {
+        check_same_shape(x, y, "add")?;
+        x.data.par_chunks_mut(4096).zip(y.data.par_chunks(4096)).for_each(|(a, b)| {
+            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        });
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor, BackendError> {
+        check_same_shape(gate, up, "silu_mul")?;
+        let mut out = CpuTensor::zeros(gate.rows, gate.cols);
+        out.data.par_chunks_mut(4096).zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096))).for_each(
+            |(o, (g, u))| {
+                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            },
+        );
+        Ok(out)
+    }
+
+    fn rotary(
+        &self,
+        x: &mut CpuTensor,
+        num_heads: usize,
+        head_dim: usize,
+        cos_sin: &CpuWeight,
+        batch: &CpuBatch,
+    ) -> Result<(), BackendError> {
+        let table = cos_sin.as_f32().ok_or_else(|| BackendError::Batch("rotary table must be f32".into()))?;
+        if x.cols != num_heads * head_dim || cos_sin.cols != head_dim {
+            return Err(BackendError::Batch("rotary: shapes do not match".into()));
+        }
+        let positions = &batch.layout.positions;
+        if let Some(p) = positions.iter().find(|&&p| p as usize >= cos_sin.rows) {
+            return Err(BackendError::Batch(format!("position {p} is beyond the rotary table of {}", cos_sin.rows)));
+        }
+        let half = head_dim / 2;
+        x.data.par_chunks_mut(x.cols).zip(positions.par_iter()).for_each(|(row, &pos)| {
+            let entry = &table[pos as usize * head_dim..(pos as usize + 1) * head_dim];
+            let (cos, sin) = entry.split_at(half);
+            for head in row.chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn write_kv_cache(
+        &self,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        batch: &CpuBatch,
+    ) -> Result<(), BackendError> {
+        let width = cache.shape.num_kv_heads * cache.shape.head_dim;
+        check_same_shape(k, v, "write_kv_cache")?;
+        if k.cols != width || k.rows != batch.layout.slot_mapping.len() {
+            return Err(BackendError::Batch("write_kv_cache: K/V do not match the cache or the batch".into()));
+        }
+        let (k_cache, v_cache) = &mut cache.layers[layer];
+        for (t, &slot) in batch.layout.slot_mapping.iter().enumerate() {
+            let dst = slot as usize * width..(slot as usize + 1) * width;
+            k_cache[dst.clone()].copy_from_slice(k.row(t));
+            v_cache[dst].copy_from_slice(v.row(t));
+        }
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CpuTensor,
+        cache: &CpuKvCache,
+        layer: usize,
+        batch: &CpuBatch,
+        params: &AttentionParams,
+    ) -> Result<CpuTensor, BackendError> {
+        let AttentionParams { num_heads, num_kv_heads, head_dim, scale, sliding_window } = *params;
+        let shape = cache.shape;
+        if q.cols != num_heads * head_dim || num_kv_heads != shape.num_kv_heads || head_dim != shape.head_dim {
+            return Err(BackendError::Batch("paged_attention: shapes do not match the cache".into()));
+        }
+        let group = num_heads / num_kv_heads;
+        let kv_width = num_kv_heads * head_dim;
+        let (k_cache, v_cache) = &cache.layers[layer];
+        // Which sequence each token belongs to, so tokens can be processed independently.
+        let mut token_seq = Vec::with_capacity(q.rows);
+        for (s, seq) in batch.layout.seqs.iter().enumerate() {
+            token_seq.extend(std::iter::repeat_n(s, seq.query_len));
+        }
+        let mut out = CpuTensor::zeros(q.rows, q.cols);
+        // One task per (token, head). Each computes its scores over all visible keys, then a softmax
+        // and the weighted sum of values, always in key order.
+        out.data.par_chunks_mut(head_dim).enumerate().for_each_init(Vec::<f32>::new, |scores, (item, o)| {
+            let (t, head) = (item / num_heads, item % num_heads);
+            let seq = &batch.layout.seqs[token_seq[t]];
+            let pos = seq.context_len - seq.query_len + (t - seq.query_start);
+            let first = match sliding_window {
+                Some(w) => (pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            let q_vec = &q.data[t * q.cols + head * head_dim..][..head_dim];
+            let kv_offset = (head / group) * head_dim;
+            let slot =
+                |j: usize| seq.block_table[j / shape.block_size] as usize * shape.block_size + j % shape.block_size;
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in first..=pos {
+                let k = &k_cache[slot(j) * kv_width + kv_offset..][..head_dim];
+                let s = dot(q_vec, k) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for (j, p) in (first..=pos).zip(scores.iter()) {
+                let v = &v_cache[slot(j) * kv_width + kv_offset..][..head_dim];
+                let p = p * inv;
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o += p * v;
+                }
+            }
+        });
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[u32]) -> Result<CpuTensor, BackendError> {
+        if let Some(r) = rows.iter().find(|&&r| r as usize >= x.rows) {
+            return Err(BackendError::Batch(format!("row {r} is outside the tensor of {} rows", x.rows)));
+        }
+        let mut out = CpuTensor::zeros(rows.len(), x.cols);
+        for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(rows) {
+            dst.copy_from_slice(x.row(r as usize));
+        }
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>, BackendError> {
+        Ok(x.data.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SeqLayout;
+
+    fn weight(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> CpuWeight {
+        let data = (0..rows * cols).map(|i| f(i / cols, i % cols)).collect();
+        CpuBackend.weight_from_f32(data, [rows, cols]).unwrap()
+    }
+
+    #[test]
+    fn linear_matches_a_plain_matmul_for_every_dtype() {
+        let (m, k, n) = (5, 37, 300);
+        let x = CpuTensor { data: (0..m * k).map(|i| ((i * 7) % 13) as f32 * 0.25 - 1.5).collect(), rows: m, cols: k };
+        let wf = |r: usize, c: usize| (((r * 31 + c * 17) % 23) as f32 - 11.0) * 0.125;
+        let expected: Vec<f32> =
+            (0..m * n).map(|i| (0..k).map(|j| x.data[(i / n) * k + j] * wf(i % n, j)).sum::<f32>()).collect();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let bytes: Vec<u8> = (0..n * k)
+                .flat_map(|i| {
+                    let v = wf(i / k, i % k);
+                    match dtype {
+                        DType::F32 => v.to_le_bytes().to_vec(),
+                        DType::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                        DType::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                    }
+                })
+                .collect();
+            let file = crate::weights::serialize(&[("w".into(), dtype, vec![n, k], bytes)]);
+            let store = crate::weights::WeightStore::from_bytes("test", file).unwrap();
+            let w = CpuBackend.load_weight(&store.tensor("w", &[n, k]).unwrap()).unwrap();
+            let y = CpuBackend.linear(&x, &w, None).unwrap();
+            for (a, b) in y.data.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-3, "{dtype}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn linear_rows_do_not_depend_on_the_batch() {
+        let (k, n) = (300, 200);
+        let w = weight(n, k, |r, c| ((r * 13 + c * 7) % 19) as f32 * 0.01 - 0.09);
+        let x =
+            CpuTensor { data: (0..40 * k).map(|i| ((i * 11) % 29) as f32 * 0.03 - 0.4).collect(), rows: 40, cols: k };
+        let all = CpuBackend.linear(&x, &w, None).unwrap();
+        for r in [0, 17, 39] {
+            let one = CpuTensor { data: x.row(r).to_vec(), rows: 1, cols: k };
+            let y = CpuBackend.linear(&one, &w, None).unwrap();
+            assert_eq!(y.data, all.row(r), "row {r} differs between batch sizes");
+        }
+    }
+
+    #[test]
+    fn attention_reads_scattered_blocks_like_contiguous_memory() {
+        // One sequence of 5 tokens in blocks [3, 1, 0] of size 2; one head of width 4.
+        let shape = KvCacheShape { num_layers: 1, num_blocks: 4, block_size: 2, num_kv_heads: 1, head_dim: 4 };
+        let mut cache = CpuBackend.new_kv_cache(shape).unwrap();
+        let layout = BatchLayout {
+            token_ids: vec![0; 5],
+            positions: (0..5).collect(),
+            slot_mapping: vec![6, 7, 2, 3, 0],
+            seqs: vec![SeqLayout { query_start: 0, query_len: 5, context_len: 5, block_table: vec![3, 1, 0] }],
+        };
+        layout.validate(&shape).unwrap();
+        let batch = CpuBackend.prepare_batch(&layout).unwrap();
+        let kv = |t: usize| (0..4).map(|d| ((t * 3 + d) % 5) as f32 * 0.5).collect::<Vec<_>>();
+        let k = CpuTensor { data: (0..5).flat_map(kv).collect(), rows: 5, cols: 4 };
+        let v = CpuTensor { data: (0..5).flat_map(|t| kv(t + 1)).collect(), rows: 5, cols: 4 };
+        CpuBackend.write_kv_cache(&mut cache, 0, &k, &v, &batch).unwrap();
+        let q = CpuTensor { data: (0..20).map(|i| (i % 7) as f32 * 0.1).collect(), rows: 5, cols: 4 };
+        let params = AttentionParams { num_heads: 1, num_kv_heads: 1, head_dim: 4, scale: 0.5, sliding_window: None };
+        let out = CpuBackend.paged_attention(&q, &cache, 0, &batch, &params).unwrap();
+        for t in 0..5 {
+            let scores: Vec<f32> = (0..=t).map(|j| dot(q.row(t), k.row(j)) * 0.5).collect();
+            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
+            for d in 0..4 {
+                let expected: f32 = (0..=t).map(|j| (scores[j] - max).exp() / sum * v.row(j)[d]).sum();
+                assert!((out.row(t)[d] - expected).abs() < 1e-6);
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The operation boundary between the model and the hardware.
+//!
+//! The model forward (`model::llama`) is written once over the [`Backend`] trait: embedding,
+//! linear (matmul plus optional bias), RMSNorm, rotary embedding, KV-cache write, paged attention,
+//! SiLU·mul, residual add, and row gathering for the logits. A backend owns its tensor, weight and
+//! KV-cache types; the model never sees their memory. `cpu` is the only implementation today; a
+//! CUDA backend slots in behind the same trait (device buffers, kernels, cuBLAS) without the model
+//! code changing.
+//!
+//! A batch is described on the host by a [`BatchLayout`] (flattened tokens of several sequences,
+//! their positions, the KV-cache slot each token writes, and each sequence's block table), which
+//! the backend turns into its own [`Backend::Batch`] once per forward pass.
+
+pub mod cpu;
+
+use crate::weights::{DType, RawTensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("weight '{name}': {message}")]
+    Weight { name: String, message: String },
+    #[error("KV cache of {num_bytes} bytes could not be allocated: {message}")]
+    KvCacheAllocation { num_bytes: usize, message: String },
+    #[error("invalid batch: {0}")]
+    Batch(String),
+}
+
+/// Geometry of the paged KV cache: per layer, K and V each `[num_blocks, block_size, num_kv_heads,
+/// head_dim]`, so a token's slot is `block_id * block_size + offset_in_block`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheShape {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvCacheShape {
+    /// Bytes one block takes across all layers, K and V, with `dtype` elements.
+    pub fn bytes_per_block(&self, dtype: DType) -> usize {
+        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * dtype.size_in_bytes()
+    }
+}
+
+/// One sequence's part of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqLayout {
+    /// Index of the sequence's first token in the flattened batch.
+    pub query_start: usize,
+    /// Tokens this pass computes for the sequence (a prefill chunk, or 1 for a decode).
+    pub query_len: usize,
+    /// Tokens in the KV cache once this pass has written its own: attention reads `[0, context_len)`.
+    pub context_len: usize,
+    /// Physical block of each logical block of the sequence.
+    pub block_table: Vec<u32>,
+}
+
+/// The host-side description of one forward pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchLayout {
+    /// `[num_tokens]` token ids, sequences one after another.
+    pub token_ids: Vec<u32>,
+    /// `[num_tokens]` absolute position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// `[num_tokens]` KV-cache slot each token's K and V are written to.
+    pub slot_mapping: Vec<u32>,
+    pub seqs: Vec<SeqLayout>,
+}
+
+impl BatchLayout {
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Checks the invariants every backend relies on, so a scheduler bug surfaces as an error
+    /// rather than an out-of-bounds access in a kernel.
+    pub fn validate(&self, cache: &KvCacheShape) -> Result<(), BackendError> {
+        let n = self.token_ids.len();
+        if self.positions.len() != n || self.slot_mapping.len() != n {
+            return Err(BackendError::Batch("token_ids, positions and slot_mapping differ in length".into()));
+        }
+        let num_slots = cache.num_blocks * cache.block_size;
+        if let Some(slot) = self.slot_mapping.iter().find(|&&s| s as usize >= num_slots) {
+            return Err(BackendError::Batch(format!("slot {slot} is outside the cache of {num_slots} slots")));
+        }
+        let mut next_start = 0;
+        for (idx, seq) in self.seqs.iter().enumerate() {
+            if seq.query_start != next_start || seq.query_len == 0 || seq.query_len > seq.context_len {
+                return Err(BackendError::Batch(format!("sequence {idx} has an inconsistent query range")));
+            }
+            if seq.block_table.len() * cache.block_size < seq.context_len {
+                return Err(BackendError::Batch(format!("sequence {idx} has too few blocks for its context")));
+            }
+            if seq.block_table.iter().any(|&b| b as usize >= cache.num_blocks) {
+                return Err(BackendError::Batch(format!("sequence {idx} names a block outside the cache")));
+            }
+            next_start += seq.query_len;
+        }
+        if next_start != n {
+            return Err(BackendError::Batch("sequences do not cover the batch's tokens".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Shape and options of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplier of q·k, usually `1 / sqrt(head_dim)`.
+    pub scale: f32,
+    /// Attend to at most this many most recent tokens (including the query's own).
+    pub sliding_window: Option<usize>,
+}
+
+/// The operations the model is written over. Activations are 2-D `[num_tokens, width]`, row-major.
+pub trait Backend: Send + Sync + 'static {
+    type Tensor: Send;
+    type Weight: Send + Sync;
+    type KvCache: Send;
+    type Batch: Send;
+
+    /// A short name for logs and `/version` ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+
+    /// Makes a stored tensor usable as a weight (1-D vectors and 2-D `[out, in]` matrices).
+    fn load_weight(&self, raw: &RawTensor) -> Result<Self::Weight, BackendError>;
+    /// A weight computed on the host (the rotary table).
+    fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<Self::Weight, BackendError>;
+    fn new_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, BackendError>;
+    fn prepare_batch(&self, layout: &BatchLayout) -> Result<Self::Batch, BackendError>;
+
+    /// Rows of `table` `[vocab, hidden]` for the batch's token ids.
+    fn embedding(&self, table: &Self::Weight, batch: &Self::Batch) -> Result<Self::Tensor, BackendError>;
+    /// `x [n, in] · w[out, in]ᵀ (+ bias[out])`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Tensor, BackendError>;
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor, BackendError>;
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
+    /// `silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
+    /// Rotates `x [n, num_heads * head_dim]` in place by each token's position, with the
+    /// non-interleaved (`rotate_half`) pairing. `cos_sin` is `[max_positions, head_dim]`: the
+    /// cosines of the `head_dim / 2` frequencies, then their sines.
+    fn rotary(
+        &self,
+        x: &mut Self::Tensor,
+        num_heads: usize,
+        head_dim: usize,
+        cos_sin: &Self::Weight,
+        batch: &Self::Batch,
+    ) -> Result<(), BackendError>;
+    /// Stores each token's K and V `[n, num_kv_heads * head_dim]` at its slot in layer `layer`.
+    fn write_kv_cache(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        batch: &Self::Batch,
+    ) -> Result<(), BackendError>;
+    /// Causal attention of `q [n, num_heads * head_dim]` over each sequence's cached K and V, read
+    /// through its block table. Returns `[n, num_heads * head_dim]`.
+    fn paged_attention(
+        &self,
+        q: &Self::Tensor,
+        cache: &Self::KvCache,
+        layer: usize,
+        batch: &Self::Batch,
+        params: &AttentionParams,
+    ) -> Result<Self::Tensor, BackendError>;
+    /// The given rows of `x`, in order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+}

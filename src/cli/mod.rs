@@ -1,0 +1,199 @@
+//! The command line: raw flags and environment variables as clap parses them, kept apart from the
+//! checked configuration they resolve to (`launch::EngineOptions`). Flag names follow vLLM where
+//! the concept is the same; every flag can also be set as `PAGODA_<FLAG_NAME>`.
+
+mod generate;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+use crate::launch::EngineOptions;
+use crate::weights::DType;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pagoda",
+    version,
+    about = "An LLM inference appliance: OpenAI-compatible serving with a paged KV cache"
+)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, env = "PAGODA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text for prompts on this machine, without HTTP.
+    Generate(generate::GenerateArgs),
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Generate(args) => generate::run(args),
+        }
+    }
+}
+
+/// Which model to load and how to size the engine around it.
+#[derive(Clone, Debug, Args)]
+pub struct EngineArgs {
+    /// Hugging Face model folder. Without it, the embedded demo model (random weights) is used.
+    #[arg(long, env = "PAGODA_MODEL")]
+    pub model: Option<std::path::PathBuf>,
+
+    /// Name clients use for the model (default: the --model value, or the demo model's name).
+    #[arg(long, env = "PAGODA_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Longest sequence (prompt and output) in tokens. Default: the model's maximum, lowered to what
+    /// the KV cache holds.
+    #[arg(long, env = "PAGODA_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+
+    /// Most sequences running at once.
+    #[arg(long, env = "PAGODA_MAX_NUM_SEQS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_num_seqs: u32,
+
+    /// Token budget of one engine step, shared by prefill chunks and decodes.
+    #[arg(long, env = "PAGODA_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_num_batched_tokens: u32,
+
+    /// Tokens per KV-cache block.
+    #[arg(long, env = "PAGODA_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+
+    /// Reuse the KV of shared prompt prefixes (on by default).
+    #[arg(long, env = "PAGODA_ENABLE_PREFIX_CACHING", action = ArgAction::Set, num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true")]
+    pub enable_prefix_caching: bool,
+
+    /// Turn prefix caching off.
+    #[arg(long, conflicts_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
+
+    /// Split long prompts across engine steps (on by default).
+    #[arg(long, env = "PAGODA_ENABLE_CHUNKED_PREFILL", action = ArgAction::Set, num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true")]
+    pub enable_chunked_prefill: bool,
+
+    /// Turn chunked prefill off.
+    #[arg(long, conflicts_with = "enable_chunked_prefill")]
+    pub no_enable_chunked_prefill: bool,
+
+    /// Exact number of KV-cache blocks, overriding the memory-based size.
+    #[arg(long, env = "PAGODA_NUM_GPU_BLOCKS_OVERRIDE")]
+    pub num_gpu_blocks_override: Option<usize>,
+
+    /// Memory for the KV cache, in bytes or with a unit (e.g. 4GiB, 512M). CPU default: 4GiB.
+    #[arg(long, env = "PAGODA_KV_CACHE_MEMORY_BYTES", value_parser = parse_bytes)]
+    pub kv_cache_memory_bytes: Option<usize>,
+
+    /// Compute dtype: auto, float32, bfloat16 or float16. The CPU backend always computes in float32.
+    #[arg(long, env = "PAGODA_DTYPE", default_value = "auto", value_parser = parse_dtype)]
+    pub dtype: DTypeArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DTypeArg(pub Option<DType>);
+
+fn parse_dtype(s: &str) -> Result<DTypeArg, String> {
+    if s == "auto" {
+        return Ok(DTypeArg(None));
+    }
+    DType::from_config_name(s)
+        .map(|d| DTypeArg(Some(d)))
+        .ok_or_else(|| format!("unknown dtype '{s}' (auto, float32, bfloat16, float16)"))
+}
+
+/// Parses `123`, `4GiB`, `4G`, `512MiB`, `512M`, `64KiB` (K/M/G are powers of 1000, Ki/Mi/Gi of 1024).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("'{s}' is not a size (e.g. 4GiB, 512M, 1000000)"))?;
+    let multiplier: f64 = match unit.trim().trim_end_matches(['B', 'b']) {
+        "" => 1.0,
+        "K" | "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown unit '{other}' in '{s}' (K, M, G, T, Ki, Mi, Gi, Ti)")),
+    };
+    Ok((value * multiplier) as usize)
+}
+
+impl EngineArgs {
+    pub fn to_options(&self) -> EngineOptions {
+        EngineOptions {
+            model: self.model.clone(),
+            served_model_name: self.served_model_name.clone(),
+            max_model_len: self.max_model_len,
+            max_num_seqs: self.max_num_seqs as usize,
+            max_num_batched_tokens: self.max_num_batched_tokens as usize,
+            block_size: self.block_size,
+            enable_prefix_caching: self.enable_prefix_caching && !self.no_enable_prefix_caching,
+            enable_chunked_prefill: self.enable_chunked_prefill && !self.no_enable_chunked_prefill,
+            num_gpu_blocks_override: self.num_gpu_blocks_override,
+            kv_cache_memory_bytes: self.kv_cache_memory_bytes,
+            dtype: self.dtype.0,
+        }
+    }
+}
+
+/// Sets up `tracing` output on stderr. The level comes from `PAGODA_LOG` (or `RUST_LOG`), default
+/// `info`.
+pub fn init_logging(format: LogFormat) {
+    let filter =
+        std::env::var("PAGODA_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".to_string());
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("512M"), Ok(512_000_000));
+        assert_eq!(parse_bytes("1.5Ki"), Ok(1536));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("4XB").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn boolean_flags_follow_vllm() {
+        let parse = |args: &[&str]| {
+            let mut full = vec!["pagoda", "generate", "--prompt", "x"];
+            full.extend_from_slice(args);
+            let Cli { command: Command::Generate(g), .. } = Cli::try_parse_from(full).unwrap();
+            g.engine.to_options()
+        };
+        assert!(parse(&[]).enable_prefix_caching);
+        assert!(!parse(&["--no-enable-prefix-caching"]).enable_prefix_caching);
+        assert!(!parse(&["--enable-prefix-caching", "false"]).enable_prefix_caching);
+        assert!(parse(&["--enable-prefix-caching"]).enable_prefix_caching);
+        assert!(!parse(&["--no-enable-chunked-prefill"]).enable_chunked_prefill);
+    }
+}

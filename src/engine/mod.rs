@@ -1,0 +1,449 @@
+//! The engine: requests in, tokens and text out, one step at a time.
+//!
+//! [`Engine`] owns the scheduler (and through it the KV-cache bookkeeping), the model executor and
+//! each sequence's sampling state. A step asks the scheduler what to run, lays the tokens out as
+//! one batch, runs the model, samples a token for every sequence that reached the end of its known
+//! tokens, and checks stop conditions. It knows nothing of HTTP; one thread drives it and everyone
+//! else talks to that thread (see `server`).
+
+pub mod request;
+pub mod sampler;
+pub mod scheduler;
+pub mod stop;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::SeedableRng;
+
+pub use self::request::{
+    EngineRequest, FinishReason, RequestError, RequestId, RequestOutput, SamplingParams, SeqTimings, StopReason,
+    TokenLogprobs,
+};
+use self::sampler::SamplingContext;
+use self::scheduler::{Scheduler, SchedulerConfig};
+use self::stop::StopStrings;
+use crate::backend::{BackendError, BatchLayout, SeqLayout};
+use crate::kv_cache::{KvCacheManager, PrefixCacheStats, SeqId};
+use crate::model::Executor;
+use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
+
+/// Engine limits; the KV-cache geometry comes from the executor.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Longest sequence, prompt and output together.
+    pub max_model_len: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    pub enable_chunked_prefill: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model execution failed: {0}")]
+    Execution(#[from] BackendError),
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+}
+
+/// Counters and gauges for metrics and logs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineStats {
+    pub num_running: usize,
+    pub num_waiting: usize,
+    pub kv_cache_usage: f64,
+    pub prefix_cache: PrefixCacheStats,
+    pub num_preemptions: u64,
+}
+
+/// Per-sequence state the engine keeps beside the scheduler's tokens.
+struct SeqRuntime {
+    request_id: RequestId,
+    index: usize,
+    params: Arc<SamplingParams>,
+    num_prompt_tokens: usize,
+    max_tokens: usize,
+    rng: ChaCha8Rng,
+    detokenizer: IncrementalDetokenizer,
+    stop_strings: StopStrings,
+    num_cached_tokens: usize,
+    timings: SeqTimings,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    scheduler: Scheduler,
+    executor: Box<dyn Executor>,
+    tokenizer: Arc<Tokenizer>,
+    eos_token_ids: Vec<u32>,
+    vocab_size: usize,
+    seqs: HashMap<SeqId, SeqRuntime>,
+    requests: HashMap<RequestId, Vec<SeqId>>,
+    next_seq: u64,
+}
+
+impl Engine {
+    pub fn new(
+        config: EngineConfig,
+        executor: Box<dyn Executor>,
+        tokenizer: Arc<Tokenizer>,
+        eos_token_ids: Vec<u32>,
+    ) -> Result<Engine, EngineError> {
+        let shape = executor.kv_cache_shape();
+        let capacity = shape.num_blocks * shape.block_size;
+        if capacity < config.max_model_len {
+            return Err(EngineError::Config(format!(
+                "the KV cache holds {capacity} tokens ({} blocks of {}), fewer than max_model_len {}: \
+                 give it more memory or lower --max-model-len",
+                shape.num_blocks, shape.block_size, config.max_model_len
+            )));
+        }
+        if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 || config.max_model_len == 0 {
+            return Err(EngineError::Config(
+                "max_num_seqs, max_num_batched_tokens and max_model_len must be positive".into(),
+            ));
+        }
+        if !config.enable_chunked_prefill && config.max_num_batched_tokens < config.max_model_len {
+            return Err(EngineError::Config(format!(
+                "without chunked prefill max_num_batched_tokens ({}) must be at least max_model_len ({})",
+                config.max_num_batched_tokens, config.max_model_len
+            )));
+        }
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+                enable_chunked_prefill: config.enable_chunked_prefill,
+            },
+            KvCacheManager::new(shape.num_blocks, shape.block_size, config.enable_prefix_caching),
+        );
+        let vocab_size = executor.vocab_size();
+        Ok(Engine {
+            config,
+            scheduler,
+            executor,
+            tokenizer,
+            eos_token_ids,
+            vocab_size,
+            seqs: HashMap::new(),
+            requests: HashMap::new(),
+            next_seq: 0,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Checks a request against the model's limits without queueing it.
+    pub fn check_request(&self, prompt: &[u32], params: &SamplingParams) -> Result<usize, RequestError> {
+        check_request(prompt, params, self.vocab_size, self.config.max_model_len)
+    }
+
+    /// Queues a request: `params.n` sequences of the same prompt.
+    pub fn add_request(&mut self, request: EngineRequest) -> Result<(), RequestError> {
+        let max_tokens = self.check_request(&request.prompt_token_ids, &request.params)?;
+        if self.requests.contains_key(&request.id) {
+            return Err(RequestError::DuplicateId(request.id));
+        }
+        let params = Arc::new(request.params);
+        let mut ids = Vec::with_capacity(params.n);
+        for index in 0..params.n {
+            let seq = SeqId(self.next_seq);
+            self.next_seq += 1;
+            let rng = match params.seed {
+                Some(seed) => ChaCha8Rng::seed_from_u64(seed.wrapping_add(index as u64)),
+                None => ChaCha8Rng::from_os_rng(),
+            };
+            self.seqs.insert(
+                seq,
+                SeqRuntime {
+                    request_id: request.id.clone(),
+                    index,
+                    params: params.clone(),
+                    num_prompt_tokens: request.prompt_token_ids.len(),
+                    max_tokens,
+                    rng,
+                    detokenizer: IncrementalDetokenizer::new(&request.prompt_token_ids, params.skip_special_tokens),
+                    stop_strings: StopStrings::new(params.stop.clone(), params.include_stop_str_in_output),
+                    num_cached_tokens: 0,
+                    timings: SeqTimings {
+                        arrival: request.arrival,
+                        first_scheduled: None,
+                        first_token: None,
+                        last_token: None,
+                    },
+                },
+            );
+            self.scheduler.add(seq, request.prompt_token_ids.clone());
+            ids.push(seq);
+        }
+        self.requests.insert(request.id, ids);
+        Ok(())
+    }
+
+    /// Cancels a request; returns an `Abort` output for each of its unfinished sequences.
+    pub fn abort_request(&mut self, id: &RequestId) -> Vec<RequestOutput> {
+        let Some(seqs) = self.requests.remove(id) else { return Vec::new() };
+        seqs.into_iter()
+            .filter_map(|seq| {
+                let runtime = self.seqs.remove(&seq)?;
+                let num_output_tokens = self.scheduler.tokens(seq).len() - runtime.num_prompt_tokens;
+                self.scheduler.finish(seq);
+                Some(RequestOutput {
+                    request_id: runtime.request_id,
+                    index: runtime.index,
+                    token_ids: Vec::new(),
+                    text: String::new(),
+                    logprobs: Vec::new(),
+                    finish_reason: Some(FinishReason::Abort),
+                    stop_reason: None,
+                    num_prompt_tokens: runtime.num_prompt_tokens,
+                    num_output_tokens,
+                    num_cached_tokens: runtime.num_cached_tokens,
+                    timings: runtime.timings,
+                })
+            })
+            .collect()
+    }
+
+    /// Cancels everything (shutdown, or after a failed step).
+    pub fn abort_all(&mut self) -> Vec<RequestOutput> {
+        let ids: Vec<RequestId> = self.requests.keys().cloned().collect();
+        ids.iter().flat_map(|id| self.abort_request(id)).collect()
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            kv_cache_usage: self.scheduler.kv_cache_usage(),
+            prefix_cache: self.scheduler.prefix_cache_stats(),
+            num_preemptions: self.scheduler.num_preemptions(),
+        }
+    }
+
+    /// Runs one step. Returns one output per sequence that produced a token or finished.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        let plan = self.scheduler.schedule();
+        if plan.scheduled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = Instant::now();
+        let block_size = self.scheduler.block_size();
+        let mut layout = BatchLayout::default();
+        let mut logits_rows = Vec::new();
+        let mut sampled = Vec::new();
+        for s in &plan.scheduled {
+            let runtime = self.seqs.get_mut(&s.seq).expect("scheduled sequences have runtime state");
+            if runtime.timings.first_scheduled.is_none() {
+                runtime.timings.first_scheduled = Some(now);
+                runtime.num_cached_tokens = s.num_cached_tokens;
+            }
+            let block_table: Vec<u32> = self.scheduler.block_table(s.seq).iter().map(|b| b.0).collect();
+            let query_start = layout.token_ids.len();
+            let range = s.num_computed_tokens..s.num_computed_tokens + s.num_new_tokens;
+            layout.token_ids.extend_from_slice(&self.scheduler.tokens(s.seq)[range.clone()]);
+            for pos in range {
+                layout.positions.push(pos as u32);
+                layout.slot_mapping.push(block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+            }
+            layout.seqs.push(SeqLayout {
+                query_start,
+                query_len: s.num_new_tokens,
+                context_len: s.num_computed_tokens + s.num_new_tokens,
+                block_table,
+            });
+            if self.scheduler.needs_sample(s) {
+                logits_rows.push((query_start + s.num_new_tokens - 1) as u32);
+                sampled.push(s.seq);
+            }
+        }
+        let mut logits = self.executor.execute(&layout, &logits_rows)?;
+        self.scheduler.complete_step(&plan);
+
+        let now = Instant::now();
+        let vocab = self.vocab_size;
+        let mut outputs = Vec::with_capacity(sampled.len());
+        for (row, seq) in logits.chunks_exact_mut(vocab).zip(sampled) {
+            let runtime = self.seqs.get_mut(&seq).expect("sampled sequences have runtime state");
+            let params = runtime.params.clone();
+            let tokens = self.scheduler.tokens(seq);
+            let stop_token_ids: Vec<u32> = stop_tokens(&params, &self.eos_token_ids).collect();
+            let ctx = SamplingContext {
+                prompt_ids: &tokens[..runtime.num_prompt_tokens],
+                output_ids: &tokens[runtime.num_prompt_tokens..],
+                stop_token_ids: &stop_token_ids,
+            };
+            let (token, logprobs) = sampler::sample(row, &params, &ctx, &mut runtime.rng);
+            self.scheduler.append_token(seq, token);
+            runtime.timings.first_token.get_or_insert(now);
+            runtime.timings.last_token = Some(now);
+            let output = self.process_token(seq, token, logprobs);
+            if output.finished() {
+                self.finish(seq);
+            }
+            outputs.push(output);
+        }
+        Ok(outputs)
+    }
+
+    /// Detokenizes a new token and applies the stop conditions, in vLLM's order: nothing stops
+    /// before `min_tokens`; then EOS, stop token ids, stop strings, and the length limits.
+    fn process_token(&mut self, seq: SeqId, token: u32, logprobs: Option<TokenLogprobs>) -> RequestOutput {
+        let num_tokens = self.scheduler.tokens(seq).len();
+        let runtime = self.seqs.get_mut(&seq).expect("sequence is live");
+        let params = &runtime.params;
+        let num_output_tokens = num_tokens - runtime.num_prompt_tokens;
+        let check_stops = num_output_tokens >= params.min_tokens;
+        let is_eos = !params.ignore_eos && self.eos_token_ids.contains(&token);
+        let is_stop_token = params.stop_token_ids.contains(&token);
+
+        let mut text = String::new();
+        let (mut finish_reason, mut stop_reason) = (None, None);
+        if check_stops && (is_eos || is_stop_token) {
+            // The stop token's own text is not part of the output.
+            finish_reason = Some(FinishReason::Stop);
+            stop_reason = if is_eos { None } else { Some(StopReason::Token(token)) };
+        } else {
+            let check = runtime.stop_strings.push(&runtime.detokenizer.push(&self.tokenizer, token), check_stops);
+            text = check.released;
+            if let Some(stop) = check.matched {
+                finish_reason = Some(FinishReason::Stop);
+                stop_reason = Some(StopReason::Text(stop));
+            } else if num_output_tokens >= runtime.max_tokens || num_tokens >= self.config.max_model_len {
+                finish_reason = Some(FinishReason::Length);
+            }
+        }
+        if finish_reason.is_some() && !matches!(stop_reason, Some(StopReason::Text(_))) {
+            // Release what was held back: an incomplete character, a possible stop-string start.
+            let check = runtime.stop_strings.push(&runtime.detokenizer.flush(&self.tokenizer), check_stops);
+            text.push_str(&check.released);
+            match check.matched {
+                Some(stop) => {
+                    finish_reason = Some(FinishReason::Stop);
+                    stop_reason = Some(StopReason::Text(stop));
+                }
+                None => text.push_str(&runtime.stop_strings.flush()),
+            }
+        }
+        RequestOutput {
+            request_id: runtime.request_id.clone(),
+            index: runtime.index,
+            token_ids: vec![token],
+            text,
+            logprobs: logprobs.into_iter().collect(),
+            finish_reason,
+            stop_reason,
+            num_prompt_tokens: runtime.num_prompt_tokens,
+            num_output_tokens,
+            num_cached_tokens: runtime.num_cached_tokens,
+            timings: runtime.timings,
+        }
+    }
+
+    fn finish(&mut self, seq: SeqId) {
+        self.scheduler.finish(seq);
+        if let Some(runtime) = self.seqs.remove(&seq)
+            && let Some(siblings) = self.requests.get_mut(&runtime.request_id)
+        {
+            siblings.retain(|&s| s != seq);
+            if siblings.is_empty() {
+                self.requests.remove(&runtime.request_id);
+            }
+        }
+    }
+
+    /// Steps until every queued request has finished, gathering each sequence's whole output.
+    /// For tools and tests; the server streams step outputs instead.
+    pub fn run_to_completion(&mut self) -> Result<Vec<Completion>, EngineError> {
+        let mut done: HashMap<(RequestId, usize), Completion> = HashMap::new();
+        while self.has_unfinished() {
+            for out in self.step()? {
+                done.entry((out.request_id.clone(), out.index)).or_default().absorb(out);
+            }
+        }
+        let mut list: Vec<Completion> = done.into_values().collect();
+        list.sort_by(|a, b| (&a.request_id, a.index).cmp(&(&b.request_id, b.index)));
+        Ok(list)
+    }
+}
+
+/// The tokens that end a sequence: EOS (unless ignored) and the request's stop token ids.
+fn stop_tokens<'a>(params: &'a SamplingParams, eos: &'a [u32]) -> impl Iterator<Item = u32> + 'a {
+    let eos: &[u32] = if params.ignore_eos { &[] } else { eos };
+    eos.iter().chain(&params.stop_token_ids).copied()
+}
+
+/// Checks a request against the model's vocabulary and context length; returns its resolved
+/// `max_tokens`.
+pub fn check_request(
+    prompt: &[u32],
+    params: &SamplingParams,
+    vocab_size: usize,
+    max_model_len: usize,
+) -> Result<usize, RequestError> {
+    params.validate(vocab_size)?;
+    if prompt.is_empty() {
+        return Err(RequestError::EmptyPrompt);
+    }
+    if let Some(&token) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(RequestError::InvalidTokenId { token, vocab_size });
+    }
+    let too_long = || RequestError::ContextTooLong {
+        num_prompt_tokens: prompt.len(),
+        max_tokens: params.max_tokens,
+        max_model_len,
+    };
+    match params.max_tokens {
+        _ if prompt.len() >= max_model_len => Err(too_long()),
+        Some(max) if prompt.len() + max > max_model_len => Err(too_long()),
+        Some(max) => Ok(max),
+        None => Ok(max_model_len - prompt.len()),
+    }
+}
+
+/// A sequence's whole output, gathered from its step outputs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Completion {
+    pub request_id: RequestId,
+    pub index: usize,
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub logprobs: Vec<TokenLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+    pub stop_reason: Option<StopReason>,
+    pub num_prompt_tokens: usize,
+    pub num_cached_tokens: usize,
+}
+
+impl Completion {
+    pub fn absorb(&mut self, out: RequestOutput) {
+        self.request_id = out.request_id;
+        self.index = out.index;
+        self.token_ids.extend(out.token_ids);
+        self.text.push_str(&out.text);
+        self.logprobs.extend(out.logprobs);
+        self.num_prompt_tokens = out.num_prompt_tokens;
+        self.num_cached_tokens = out.num_cached_tokens;
+        if out.finish_reason.is_some() {
+            self.finish_reason = out.finish_reason;
+            self.stop_reason = out.stop_reason;
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2), written once over [`Backend`].
+//!
+//! The three architectures differ only in what `ModelConfig` already resolved: biases on the
+//! projections (Qwen2, Llama's `attention_bias`), tied embeddings, a sliding window (Mistral), and
+//! the rotary scaling. Weights are looked up by their checkpoint names.
+
+use super::config::ModelConfig;
+use super::rope;
+use crate::backend::{AttentionParams, Backend, BackendError};
+use crate::weights::{WeightStore, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+struct Linear<B: Backend> {
+    weight: B::Weight,
+    bias: Option<B::Weight>,
+}
+
+struct Layer<B: Backend> {
+    input_layernorm: B::Weight,
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    o_proj: Linear<B>,
+    post_attention_layernorm: B::Weight,
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+}
+
+pub struct Llama<B: Backend> {
+    config: ModelConfig,
+    embed_tokens: B::Weight,
+    layers: Vec<Layer<B>>,
+    norm: B::Weight,
+    /// `None` when the output projection is tied to the embedding.
+    lm_head: Option<B::Weight>,
+    /// `[max_positions, head_dim]`, see [`Backend::rotary`].
+    cos_sin: B::Weight,
+    attention: AttentionParams,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Binds every weight of `config`'s shapes from `store`; `max_positions` sizes the rotary table.
+    pub fn load(
+        backend: &B,
+        config: &ModelConfig,
+        store: &WeightStore,
+        max_positions: usize,
+    ) -> Result<Self, BuildError> {
+        let c = config;
+        let (hidden, q_width, kv_width) =
+            (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let weight = |name: &str, shape: &[usize]| -> Result<B::Weight, BuildError> {
+            Ok(backend.load_weight(&store.tensor(name, shape)?)?)
+        };
+        let linear = |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Linear<B>, BuildError> {
+            Ok(Linear {
+                weight: weight(&format!("{prefix}.weight"), &[out, inp])?,
+                bias: if bias { Some(weight(&format!("{prefix}.bias"), &[out])?) } else { None },
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_layernorm: weight(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), q_width, hidden, c.qkv_bias)?,
+                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_width, hidden, c.qkv_bias)?,
+                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_width, hidden, c.qkv_bias)?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), hidden, q_width, c.o_bias)?,
+                post_attention_layernorm: weight(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), hidden, c.intermediate_size, c.mlp_bias)?,
+            });
+        }
+        let embed_tokens = weight("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
+        let lm_head =
+            if c.tie_word_embeddings { None } else { Some(weight("lm_head.weight", &[c.vocab_size, hidden])?) };
+        let table = rope::cos_sin_table(&c.rope, c.head_dim, max_positions);
+        Ok(Llama {
+            config: c.clone(),
+            embed_tokens,
+            layers,
+            norm: weight("model.norm.weight", &[hidden])?,
+            lm_head,
+            cos_sin: backend.weight_from_f32(table, [max_positions, c.head_dim])?,
+            attention: AttentionParams {
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                scale: 1.0 / (c.head_dim as f32).sqrt(),
+                sliding_window: c.sliding_window,
+            },
+        })
+    }
+
+    fn linear(backend: &B, x: &B::Tensor, l: &Linear<B>) -> Result<B::Tensor, BackendError> {
+        backend.linear(x, &l.weight, l.bias.as_ref())
+    }
+
+    /// Runs the batch through every layer, writing its K and V into `cache`, and returns the logits
+    /// `[logits_rows.len(), vocab]` of the requested rows of the batch.
+    pub fn forward(
+        &self,
+        backend: &B,
+        batch: &B::Batch,
+        cache: &mut B::KvCache,
+        logits_rows: &[u32],
+    ) -> Result<B::Tensor, BackendError> {
+        let (c, attn) = (&self.config, &self.attention);
+        let mut hidden = backend.embedding(&self.embed_tokens, batch)?;
+        for (idx, layer) in self.layers.iter().enumerate() {
+            let x = backend.rms_norm(&hidden, &layer.input_layernorm, c.rms_norm_eps)?;
+            let mut q = Self::linear(backend, &x, &layer.q_proj)?;
+            let mut k = Self::linear(backend, &x, &layer.k_proj)?;
+            let v = Self::linear(backend, &x, &layer.v_proj)?;
+            backend.rotary(&mut q, attn.num_heads, attn.head_dim, &self.cos_sin, batch)?;
+            backend.rotary(&mut k, attn.num_kv_heads, attn.head_dim, &self.cos_sin, batch)?;
+            backend.write_kv_cache(cache, idx, &k, &v, batch)?;
+            let context = backend.paged_attention(&q, cache, idx, batch, attn)?;
+            backend.add_assign(&mut hidden, &Self::linear(backend, &context, &layer.o_proj)?)?;
+
+            let x = backend.rms_norm(&hidden, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            let gate = Self::linear(backend, &x, &layer.gate_proj)?;
+            let up = Self::linear(backend, &x, &layer.up_proj)?;
+            let down = Self::linear(backend, &backend.silu_mul(&gate, &up)?, &layer.down_proj)?;
+            backend.add_assign(&mut hidden, &down)?;
+        }
+        // Only the rows that are sampled need the final norm and the (large) output projection.
+        let last = backend.gather_rows(&hidden, logits_rows)?;
+        let normed = backend.rms_norm(&last, &self.norm, c.rms_norm_eps)?;
+        backend.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
+    }
+}

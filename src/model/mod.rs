@@ -1,0 +1,141 @@
+//! Models: what a checkpoint folder holds ([`ModelFiles`]), the architectures written over the
+//! backend's operations, and [`ModelRunner`], which owns a backend, a model and its KV cache and
+//! runs forward passes for the engine through the [`Executor`] trait.
+
+pub mod config;
+pub mod demo;
+mod llama;
+pub mod rope;
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::{Backend, BackendError, BatchLayout, KvCacheShape};
+use crate::tokenizer::{Tokenizer, TokenizerError, TokenizerFiles};
+use crate::weights::{WeightStore, WeightsError};
+pub use config::{Architecture, ConfigError, ModelConfig};
+pub use llama::Llama;
+
+/// Everything that can go wrong loading a model; each message names the file and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model folder {0} does not exist")]
+    NoSuchFolder(PathBuf),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<llama::BuildError> for LoadError {
+    fn from(e: llama::BuildError) -> LoadError {
+        match e {
+            llama::BuildError::Weights(e) => LoadError::Weights(e),
+            llama::BuildError::Backend(e) => LoadError::Backend(e),
+        }
+    }
+}
+
+/// A model's files, opened and checked: config, weights (memory-mapped) and tokenizer.
+pub struct ModelFiles {
+    /// Where it came from, for logs: the folder, or the demo model's name.
+    pub origin: String,
+    pub config: ModelConfig,
+    pub weights: WeightStore,
+    pub tokenizer: Tokenizer,
+}
+
+impl ModelFiles {
+    pub fn load(dir: &Path) -> Result<ModelFiles, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::NoSuchFolder(dir.to_path_buf()));
+        }
+        let config = ModelConfig::load(dir)?;
+        let weights = WeightStore::open(dir)?;
+        let tokenizer = Tokenizer::load(dir)?;
+        Ok(ModelFiles { origin: dir.display().to_string(), config, weights, tokenizer })
+    }
+
+    /// The embedded demo model (or a larger random model for benchmarks), built in memory.
+    pub fn demo(spec: &demo::DemoSpec) -> Result<ModelFiles, LoadError> {
+        let origin = demo::DEMO_MODEL_NAME;
+        let config = ModelConfig::from_json(&format!("{origin}/config.json"), &spec.config_json())?;
+        let weights = WeightStore::from_bytes(&format!("{origin}/model.safetensors"), spec.safetensors())?;
+        let tokenizer_config = demo::tokenizer_config_json();
+        let tokenizer = Tokenizer::from_files(&TokenizerFiles {
+            tokenizer_json: demo::tokenizer_json(),
+            tokenizer_config: Some(&tokenizer_config),
+            chat_template: None,
+            origin,
+        })?;
+        Ok(ModelFiles { origin: origin.to_string(), config, weights, tokenizer })
+    }
+}
+
+/// What the engine needs from a model: run one batch, return the logits of the requested rows.
+pub trait Executor: Send {
+    /// Runs `layout` and returns `[logits_rows.len(), vocab_size]` logits, row-major.
+    fn execute(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<Vec<f32>, BackendError>;
+    fn vocab_size(&self) -> usize;
+    fn backend_name(&self) -> &'static str;
+    fn kv_cache_shape(&self) -> KvCacheShape;
+}
+
+/// A backend with a model bound to it and the KV cache that model's layers write.
+pub struct ModelRunner<B: Backend> {
+    backend: B,
+    model: Llama<B>,
+    cache: B::KvCache,
+    cache_shape: KvCacheShape,
+    vocab_size: usize,
+}
+
+impl<B: Backend> ModelRunner<B> {
+    /// Binds the weights and allocates a KV cache of `num_blocks` blocks of `block_size` tokens.
+    /// `max_model_len` sizes the rotary table: no position at or beyond it can be run.
+    pub fn new(
+        backend: B,
+        files: &ModelFiles,
+        max_model_len: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<ModelRunner<B>, LoadError> {
+        let config = &files.config;
+        let model = Llama::load(&backend, config, &files.weights, max_model_len)?;
+        let cache_shape = KvCacheShape {
+            num_layers: config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        };
+        let cache = backend.new_kv_cache(cache_shape)?;
+        Ok(ModelRunner { backend, model, cache, cache_shape, vocab_size: config.vocab_size })
+    }
+}
+
+impl<B: Backend> Executor for ModelRunner<B> {
+    fn execute(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<Vec<f32>, BackendError> {
+        layout.validate(&self.cache_shape)?;
+        let batch = self.backend.prepare_batch(layout)?;
+        let logits = self.model.forward(&self.backend, &batch, &mut self.cache, logits_rows)?;
+        self.backend.to_host(&logits)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    fn kv_cache_shape(&self) -> KvCacheShape {
+        self.cache_shape
+    }
+}

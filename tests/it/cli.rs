@@ -1,0 +1,95 @@
+//! The `pagoda` binary end to end: `pagoda generate` on real models, and its errors.
+
+use std::process::Command;
+
+use crate::common::*;
+
+fn pagoda(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pagoda")).args(args).env("PAGODA_LOG", "warn").output().unwrap()
+}
+
+#[test]
+fn generate_prints_the_engines_greedy_tokens_as_json_and_streams_the_same_text() {
+    let model = fixture("tiny-llama");
+    let model = model.to_str().unwrap();
+    let reference = reference("tiny-llama");
+    let prompt = &reference.prompts[1];
+    let out = pagoda(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        &prompt.text,
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token_ids: Vec<u32> =
+        line["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+
+    let mut engine = engine("tiny-llama", |_| {});
+    let expected = run(&mut engine, vec![request("x", prompt.prompt_ids.clone(), greedy(12))]).remove(0);
+    assert_eq!(token_ids, expected.token_ids);
+    assert_eq!(line["num_prompt_tokens"], prompt.prompt_ids.len());
+    assert_eq!(line["finish_reason"], "length");
+
+    let out = pagoda(&["generate", "--model", model, "--prompt", &prompt.text, "--max-tokens", "12", "--ignore-eos"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{}\n", expected.text));
+}
+
+#[test]
+fn generate_runs_the_embedded_demo_model_with_a_chat_template() {
+    let out = pagoda(&[
+        "generate",
+        "--chat",
+        "--prompt",
+        "Hello!",
+        "--prompt",
+        "Hi",
+        "--n",
+        "2",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "1",
+        "--max-tokens",
+        "5",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for header in [
+        "--- prompt 0 completion 0",
+        "--- prompt 0 completion 1",
+        "--- prompt 1 completion 0",
+        "--- prompt 1 completion 1",
+    ] {
+        assert!(stdout.contains(header), "{stdout}");
+    }
+}
+
+#[test]
+fn load_errors_are_one_line_without_a_panic() {
+    let dir = scratch_dir("cli-empty");
+    let out = pagoda(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr,
+        format!(
+            "error: {}: not found: a Hugging Face model folder needs a config.json\n",
+            dir.join("config.json").display()
+        )
+    );
+}
+
+#[test]
+fn bad_sampling_values_are_refused_with_the_parameter_named() {
+    let out = pagoda(&["generate", "--prompt", "x", "--top-p", "1.5"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8(out.stderr).unwrap(), "error: prompt 0: top_p must be in (0, 1], got 1.5\n");
+}

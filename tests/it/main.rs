@@ -1,0 +1,8 @@
+//! The integration tests: one binary, one module per area. They use the real model fixtures in
+//! `../shared/fixtures` (transformers' own outputs) and the real `pagoda` binary.
+
+mod batching;
+mod cli;
+mod common;
+mod load_errors;
+mod reference;
