@@ -1,6 +1,7 @@
 //! The integration tests: one binary, one module per area. They use the real model fixtures in
 //! `../shared/fixtures` (transformers' own outputs) and the real `pagoda` binary.
 
+mod architectures;
 mod batching;
 mod cli;
 mod common;
