@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::backend::KvCacheShape;
 use crate::backend::cpu::CpuBackend;
 use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::model::config::GenerationDefaults;
 use crate::model::demo::{DEMO_MODEL_NAME, DemoSpec};
 use crate::model::{Architecture, LoadError, ModelFiles, ModelRunner};
 use crate::weights::DType;
@@ -72,6 +73,17 @@ pub struct ModelInfo {
     pub backend: &'static str,
     pub kv_cache: KvCacheShape,
     pub is_demo: bool,
+    pub generation_defaults: GenerationDefaults,
+}
+
+/// The name clients use for the model: `--served-model-name`, else the `--model` value, else the
+/// demo model's name.
+pub fn served_model_name(opts: &EngineOptions) -> String {
+    match (&opts.served_model_name, &opts.model) {
+        (Some(name), _) => name.clone(),
+        (None, Some(dir)) => dir.display().to_string(),
+        (None, None) => DEMO_MODEL_NAME.to_string(),
+    }
 }
 
 pub struct LoadedEngine {
@@ -143,10 +155,7 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
         enable_chunked_prefill: opts.enable_chunked_prefill,
     };
     let info = ModelInfo {
-        served_model_name: opts.served_model_name.clone().unwrap_or_else(|| match &opts.model {
-            Some(dir) => dir.display().to_string(),
-            None => DEMO_MODEL_NAME.to_string(),
-        }),
+        served_model_name: served_model_name(opts),
         origin: files.origin.clone(),
         architecture: config.architecture,
         stored_dtype: config.dtype.or(files.weights.dominant_dtype()),
@@ -154,6 +163,7 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
         backend: "cpu",
         kv_cache: shape_for(num_blocks),
         is_demo: opts.model.is_none(),
+        generation_defaults: config.generation_defaults.clone(),
     };
     let eos = config.eos_token_ids.clone();
     let engine = Engine::new(engine_config, Box::new(runner), Arc::new(files.tokenizer), eos)?;

@@ -3,6 +3,8 @@
 //! the concept is the same; every flag can also be set as `PAGODA_<FLAG_NAME>`.
 
 mod generate;
+mod info;
+mod serve;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
@@ -32,14 +34,20 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the OpenAI-compatible API (the embedded demo model without --model).
+    Serve(serve::ServeArgs),
     /// Generate text for prompts on this machine, without HTTP.
     Generate(generate::GenerateArgs),
+    /// Show the platform, the detected cloud, GPUs and the CUDA libraries found.
+    Info(info::InfoArgs),
 }
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
+            Command::Serve(args) => serve::run(args),
             Command::Generate(args) => generate::run(args),
+            Command::Info(args) => info::run(args),
         }
     }
 }
@@ -187,7 +195,7 @@ mod tests {
         let parse = |args: &[&str]| {
             let mut full = vec!["pagoda", "generate", "--prompt", "x"];
             full.extend_from_slice(args);
-            let Cli { command: Command::Generate(g), .. } = Cli::try_parse_from(full).unwrap();
+            let Command::Generate(g) = Cli::try_parse_from(full).unwrap().command else { unreachable!() };
             g.engine.to_options()
         };
         assert!(parse(&[]).enable_prefix_caching);

@@ -6,6 +6,7 @@
 //! tokens, and checks stop conditions. It knows nothing of HTTP; one thread drives it and everyone
 //! else talks to that thread (see `server`).
 
+pub mod driver;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;

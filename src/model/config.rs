@@ -88,6 +88,35 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// EOS ids from config.json and generation_config.json together.
     pub eos_token_ids: Vec<u32>,
+    /// Sampling defaults from generation_config.json.
+    pub generation_defaults: GenerationDefaults,
+}
+
+/// The sampling values a model's `generation_config.json` recommends; servers use them for
+/// fields a request leaves out (vLLM's `--generation-config auto`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub max_new_tokens: Option<usize>,
+}
+
+impl GenerationDefaults {
+    fn from_json(value: &Value) -> GenerationDefaults {
+        let float = |k: &str| value.get(k).and_then(|v| v.as_f64()).filter(|v| v.is_finite()).map(|v| v as f32);
+        let int = |k: &str| value.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+        GenerationDefaults {
+            temperature: float("temperature"),
+            top_p: float("top_p"),
+            top_k: int("top_k"),
+            min_p: float("min_p"),
+            repetition_penalty: float("repetition_penalty"),
+            max_new_tokens: int("max_new_tokens"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +149,7 @@ impl ModelConfig {
                     config.eos_token_ids.push(id);
                 }
             }
+            config.generation_defaults = GenerationDefaults::from_json(&value);
         }
         Ok(config)
     }
@@ -217,6 +247,7 @@ impl ModelConfig {
             dtype,
             bos_token_id: token_id_list(&value, "bos_token_id", path)?.first().copied(),
             eos_token_ids: token_id_list(&value, "eos_token_id", path)?,
+            generation_defaults: GenerationDefaults::default(),
         };
         Ok(config)
     }

@@ -107,6 +107,12 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special_tokens).unwrap_or_default()
     }
 
+    /// The vocabulary entry of an id as the tokenizer stores it (byte-level tokens look like
+    /// `Ġword`), for vLLM's `token_strs`.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The id of a token given by its text (special tokens included).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

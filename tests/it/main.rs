@@ -5,5 +5,8 @@ mod architectures;
 mod batching;
 mod cli;
 mod common;
+mod http;
 mod load_errors;
+mod operations;
 mod reference;
+mod server;

@@ -1,0 +1,561 @@
+//! `/v1/completions`, `/v1/chat/completions`, `/tokenize` and `/detokenize`: from the request's
+//! JSON to engine requests, and from engine outputs to a response or a server-sent event stream.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use super::openai::*;
+use super::{ApiError, AppState, InFlight, Loaded, ResponseBody, json_response, sse_response, unix_now};
+use crate::engine::{EngineRequest, FinishReason, RequestId, RequestOutput, SamplingParams, StopReason, TokenLogprobs};
+use crate::tokenizer::Tokenizer;
+
+/// Chunks buffered between the engine and a slow client before the stream waits.
+const STREAM_BUFFER: usize = 64;
+/// `max_tokens` of a completion request that gives none (OpenAI's default).
+const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
+
+/// Builds engine sampling parameters from a request's fields, the model's generation defaults
+/// filling in what the request leaves out.
+fn sampling_params(
+    state: &AppState,
+    loaded: &Loaded,
+    f: &SamplingFields,
+    max_tokens: Option<u32>,
+    logprobs: Option<u32>,
+) -> Result<SamplingParams, ApiError> {
+    let d = if state.config.use_generation_config { loaded.defaults.clone() } else { Default::default() };
+    let top_k = match f.top_k {
+        None => d.top_k.unwrap_or(0),
+        Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::bad_request(
+                format!("top_k must be -1 (disabled) or positive, got {k}"),
+                Some("top_k"),
+            ));
+        }
+    };
+    let mut logit_bias = Vec::new();
+    for (token, bias) in f.logit_bias.iter().flatten() {
+        let id = token.parse::<u32>().map_err(|_| {
+            ApiError::bad_request(format!("logit_bias keys must be token ids, got '{token}'"), Some("logit_bias"))
+        })?;
+        logit_bias.push((id, *bias));
+    }
+    Ok(SamplingParams {
+        n: f.n.unwrap_or(1) as usize,
+        temperature: f.temperature.or(d.temperature).unwrap_or(1.0),
+        top_p: f.top_p.or(d.top_p).unwrap_or(1.0),
+        top_k,
+        min_p: f.min_p.or(d.min_p).unwrap_or(0.0),
+        presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: f.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0),
+        logit_bias,
+        seed: f.seed.map(|s| s as u64),
+        max_tokens: max_tokens.map(|m| m as usize).or(d.max_new_tokens),
+        min_tokens: f.min_tokens.unwrap_or(0) as usize,
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        stop: f.stop.0.clone(),
+        stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+        include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+        logprobs: logprobs.map(|k| k as usize),
+        skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+    })
+}
+
+/// A request's sequences running in the engine, their outputs arriving on one channel.
+struct Run {
+    rx: UnboundedReceiver<RequestOutput>,
+    prompt_of: HashMap<RequestId, usize>,
+    n: usize,
+    prompt_lens: Vec<usize>,
+}
+
+impl Run {
+    /// Checks every prompt and the queue, then submits one engine request per prompt.
+    fn start(
+        state: &AppState,
+        loaded: &Loaded,
+        id: &str,
+        prompts: Vec<Vec<u32>>,
+        params: SamplingParams,
+    ) -> Result<Run, ApiError> {
+        for prompt in &prompts {
+            crate::engine::check_request(prompt, &params, loaded.vocab_size, loaded.info.max_model_len)?;
+        }
+        let num_seqs = prompts.len() * params.n;
+        if num_seqs > state.config.max_queue {
+            return Err(ApiError::bad_request(
+                format!(
+                    "this request needs {num_seqs} sequences, more than the queue holds ({})",
+                    state.config.max_queue
+                ),
+                Some("n"),
+            ));
+        }
+        if loaded.engine.status().num_waiting() + num_seqs > state.config.max_queue {
+            return Err(ApiError::QueueFull { retry_after_secs: 1 });
+        }
+        let (tx, rx) = unbounded_channel();
+        let mut prompt_of = HashMap::new();
+        let prompt_lens = prompts.iter().map(Vec::len).collect();
+        let n = params.n;
+        let arrival = Instant::now();
+        for (idx, prompt) in prompts.into_iter().enumerate() {
+            let request_id = RequestId(format!("{id}-{idx}"));
+            prompt_of.insert(request_id.clone(), idx);
+            let request = EngineRequest { id: request_id, prompt_token_ids: prompt, params: params.clone(), arrival };
+            loaded.engine.submit_to(request, tx.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+        Ok(Run { rx, prompt_of, n, prompt_lens })
+    }
+
+    /// The next output and the choice index it belongs to (`prompt * n + sequence`).
+    async fn next(&mut self) -> Option<(usize, RequestOutput)> {
+        let out = self.rx.recv().await?;
+        let prompt = self.prompt_of.get(&out.request_id).copied().unwrap_or(0);
+        Some((prompt * self.n + out.index, out))
+    }
+
+    fn num_choices(&self) -> usize {
+        self.prompt_lens.len() * self.n
+    }
+}
+
+fn finish_reason(out: &RequestOutput) -> Option<&'static str> {
+    out.finish_reason.map(FinishReason::as_str)
+}
+
+fn stop_reason(out: &RequestOutput) -> Option<Value> {
+    match &out.stop_reason {
+        Some(StopReason::Token(t)) => Some(Value::from(*t)),
+        Some(StopReason::Text(s)) => Some(Value::from(s.clone())),
+        None => None,
+    }
+}
+
+fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id], false)
+}
+
+/// Appends tokens to the legacy logprobs format; `offset` is the running character offset.
+fn extend_completion_logprobs(
+    tok: &Tokenizer,
+    target: &mut CompletionLogprobs,
+    entries: &[TokenLogprobs],
+    offset: &mut usize,
+) {
+    for lp in entries {
+        let text = token_text(tok, lp.token_id);
+        target.text_offset.push(*offset);
+        *offset += text.chars().count();
+        target.tokens.push(text);
+        target.token_logprobs.push(Some(lp.logprob));
+        target.top_logprobs.push(Some(lp.top.iter().map(|&(id, v)| (token_text(tok, id), v)).collect()));
+    }
+}
+
+fn chat_logprobs(tok: &Tokenizer, entries: &[TokenLogprobs]) -> ChatLogprobs {
+    let entry = |id: u32, logprob: f32| {
+        let token = token_text(tok, id);
+        ChatTokenLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
+    };
+    ChatLogprobs {
+        content: entries
+            .iter()
+            .map(|lp| {
+                let main = entry(lp.token_id, lp.logprob);
+                ChatLogprobEntry {
+                    token: main.token,
+                    logprob: main.logprob,
+                    bytes: main.bytes,
+                    top_logprobs: lp.top.iter().map(|&(id, v)| entry(id, v)).collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn sse_event(value: &impl Serialize) -> Bytes {
+    let mut out = b"data: ".to_vec();
+    serde_json::to_writer(&mut out, value).expect("API types serialize");
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+
+fn log_finished(started: Instant, usage: &Usage, reasons: &[Option<&'static str>], user: Option<&str>) {
+    tracing::info!(
+        user,
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        finish_reasons = ?reasons,
+        seconds = started.elapsed().as_secs_f64(),
+        "generation finished"
+    );
+}
+
+pub async fn completions(
+    state: Arc<AppState>,
+    req: CompletionRequest,
+    request_id: &str,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let loaded = state.ready()?;
+    state.check_model(req.model.as_deref())?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad_request("suffix is not supported", Some("suffix")));
+    }
+    if req.best_of.is_some_and(|b| b != req.sampling.n.unwrap_or(1)) {
+        return Err(ApiError::bad_request("best_of other than n is not supported", Some("best_of")));
+    }
+    if req.echo && req.logprobs.is_some() {
+        return Err(ApiError::bad_request(
+            "echo together with logprobs (prompt logprobs) is not supported",
+            Some("echo"),
+        ));
+    }
+    let max_tokens = Some(req.max_tokens.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS));
+    let params = sampling_params(&state, loaded, &req.sampling, max_tokens, req.logprobs)?;
+    let tok = loaded.tokenizer.clone();
+    let add_special = req.add_special_tokens.unwrap_or(true);
+    let prompts: Vec<Vec<u32>> = match &req.prompt {
+        Prompt::Texts(texts) => texts
+            .iter()
+            .map(|t| tok.encode(t, add_special).map_err(|e| ApiError::bad_request(e.message, Some("prompt"))))
+            .collect::<Result<_, _>>()?,
+        Prompt::Tokens(lists) => lists.clone(),
+    };
+    let echo_texts: Vec<String> = match (&req.prompt, req.echo) {
+        (_, false) => vec![String::new(); prompts.len()],
+        (Prompt::Texts(texts), true) => texts.clone(),
+        (Prompt::Tokens(lists), true) => lists.iter().map(|ids| tok.decode(ids, false)).collect(),
+    };
+    let run = Run::start(&state, loaded, request_id, prompts, params)?;
+    let guard = InFlight::new(&state);
+    let id = format!("cmpl-{request_id}");
+    let model = state.served_model_name.clone();
+    let created = unix_now();
+    let want_logprobs = req.logprobs.is_some();
+
+    let user = req.sampling.user.clone();
+    if req.stream {
+        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let started = Instant::now();
+            let mut run = run;
+            let n = run.n;
+            let mut offsets = vec![0usize; run.num_choices()];
+            let mut started_choice = vec![false; run.num_choices()];
+            let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
+            let mut reasons = vec![None; run.num_choices()];
+            while let Some((idx, out)) = run.next().await {
+                let mut text = String::new();
+                if !started_choice[idx] {
+                    started_choice[idx] = true;
+                    text.push_str(&echo_texts[idx / n]);
+                    offsets[idx] = text.chars().count();
+                }
+                text.push_str(&out.text);
+                usage.completion_tokens += out.token_ids.len();
+                reasons[idx] = finish_reason(&out);
+                let logprobs = want_logprobs.then(|| {
+                    let mut lp = CompletionLogprobs::default();
+                    extend_completion_logprobs(&tok, &mut lp, &out.logprobs, &mut offsets[idx]);
+                    lp
+                });
+                if text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
+                    continue;
+                }
+                let chunk = CompletionResponse {
+                    id: id.clone(),
+                    object: "text_completion",
+                    created,
+                    model: model.clone(),
+                    choices: vec![CompletionChoice {
+                        index: idx,
+                        text,
+                        logprobs,
+                        finish_reason: finish_reason(&out),
+                        stop_reason: stop_reason(&out),
+                    }],
+                    usage: None,
+                };
+                if tx.send(sse_event(&chunk)).await.is_err() {
+                    // The client has gone; dropping `run` cancels its sequences.
+                    return;
+                }
+            }
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+            if include_usage {
+                let last = CompletionResponse {
+                    id,
+                    object: "text_completion",
+                    created,
+                    model,
+                    choices: vec![],
+                    usage: Some(usage),
+                };
+                let _ = tx.send(sse_event(&last)).await;
+            }
+            let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
+            log_finished(started, &usage, &reasons, user.as_deref());
+        });
+        return Ok(sse_response(rx));
+    }
+
+    let started = Instant::now();
+    let mut run = run;
+    let n = run.n;
+    let mut choices: Vec<CompletionChoice> = (0..run.num_choices())
+        .map(|idx| CompletionChoice {
+            index: idx,
+            text: echo_texts[idx / n].clone(),
+            logprobs: want_logprobs.then(CompletionLogprobs::default),
+            finish_reason: None,
+            stop_reason: None,
+        })
+        .collect();
+    let mut offsets: Vec<usize> = choices.iter().map(|c| c.text.chars().count()).collect();
+    let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
+    while let Some((idx, out)) = run.next().await {
+        let choice = &mut choices[idx];
+        choice.text.push_str(&out.text);
+        usage.completion_tokens += out.token_ids.len();
+        if let Some(lp) = choice.logprobs.as_mut() {
+            extend_completion_logprobs(&tok, lp, &out.logprobs, &mut offsets[idx]);
+        }
+        if out.finished() {
+            choice.finish_reason = finish_reason(&out);
+            choice.stop_reason = stop_reason(&out);
+        }
+    }
+    drop(guard);
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    log_finished(
+        started,
+        &usage,
+        &choices.iter().map(|c| c.finish_reason).collect::<Vec<_>>(),
+        req.sampling.user.as_deref(),
+    );
+    let response = CompletionResponse {
+        id,
+        object: "text_completion",
+        created,
+        model: state.served_model_name.clone(),
+        choices,
+        usage: Some(usage),
+    };
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+/// Renders chat messages with the model's template; returns the prompt text.
+fn render_chat(
+    loaded: &Loaded,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    tools: Option<&Value>,
+    kwargs: Option<&serde_json::Map<String, Value>>,
+) -> Result<String, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
+    }
+    let template = loaded.tokenizer.chat_template().ok_or_else(|| {
+        ApiError::bad_request("this model has no chat template; use /v1/completions instead", Some("messages"))
+    })?;
+    if continue_final_message && add_generation_prompt {
+        return Err(ApiError::bad_request(
+            "continue_final_message and add_generation_prompt cannot both be true",
+            Some("continue_final_message"),
+        ));
+    }
+    let values: Vec<Value> = messages.iter().map(ChatMessage::to_template_value).collect();
+    let mut extra = kwargs.cloned().unwrap_or_default();
+    if let Some(tools) = tools {
+        extra.insert("tools".into(), tools.clone());
+    }
+    let mut text = template.render(&values, add_generation_prompt, &extra)?;
+    if continue_final_message {
+        // Leave the last message open: cut whatever the template wrote after its content.
+        let last = messages.last().and_then(|m| m.content.0.as_deref()).unwrap_or("");
+        match text.rfind(last) {
+            Some(at) if !last.is_empty() => text.truncate(at + last.len()),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "continue_final_message needs a final message with content",
+                    Some("continue_final_message"),
+                ));
+            }
+        }
+    }
+    Ok(text)
+}
+
+pub async fn chat(
+    state: Arc<AppState>,
+    req: ChatRequest,
+    request_id: &str,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let loaded = state.ready()?;
+    state.check_model(req.model.as_deref())?;
+    if req.top_logprobs.is_some() && !req.logprobs {
+        return Err(ApiError::bad_request("top_logprobs needs logprobs set to true", Some("top_logprobs")));
+    }
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    let params = sampling_params(&state, loaded, &req.sampling, max_tokens, logprobs)?;
+    let text = render_chat(
+        loaded,
+        &req.messages,
+        req.add_generation_prompt.unwrap_or(true),
+        req.continue_final_message,
+        req.tools.as_ref(),
+        req.chat_template_kwargs.as_ref(),
+    )?;
+    let tok = loaded.tokenizer.clone();
+    let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad_request(e.message, Some("messages")))?;
+    let run = Run::start(&state, loaded, request_id, vec![prompt], params)?;
+    let guard = InFlight::new(&state);
+    let id = format!("chatcmpl-{request_id}");
+    let model = state.served_model_name.clone();
+    let created = unix_now();
+
+    let user = req.sampling.user.clone();
+    if req.stream {
+        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let started = Instant::now();
+            let mut run = run;
+            let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>| ChatChunk {
+                id: id.clone(),
+                object: "chat.completion.chunk",
+                created,
+                model: model.clone(),
+                choices,
+                usage,
+            };
+            let usage_field = |u: Option<Usage>| include_usage.then_some(u);
+            // Every choice opens with the assistant role.
+            for index in 0..run.num_choices() {
+                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+                let first = ChatChunkChoice { index, delta, logprobs: None, finish_reason: None, stop_reason: None };
+                if tx.send(sse_event(&chunk(vec![first], usage_field(None)))).await.is_err() {
+                    return;
+                }
+            }
+            let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
+            let mut reasons = vec![None; run.num_choices()];
+            while let Some((index, out)) = run.next().await {
+                usage.completion_tokens += out.token_ids.len();
+                reasons[index] = finish_reason(&out);
+                if out.text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
+                    continue;
+                }
+                let choice = ChatChunkChoice {
+                    index,
+                    delta: ChatDelta { role: None, content: Some(out.text.clone()) },
+                    logprobs: logprobs.map(|_| chat_logprobs(&tok, &out.logprobs)),
+                    finish_reason: finish_reason(&out),
+                    stop_reason: stop_reason(&out),
+                };
+                if tx.send(sse_event(&chunk(vec![choice], usage_field(None)))).await.is_err() {
+                    return;
+                }
+            }
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+            if include_usage {
+                let _ = tx.send(sse_event(&chunk(vec![], Some(Some(usage))))).await;
+            }
+            let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
+            log_finished(started, &usage, &reasons, user.as_deref());
+        });
+        return Ok(sse_response(rx));
+    }
+
+    let started = Instant::now();
+    let mut run = run;
+    let mut choices: Vec<ChatChoice> = (0..run.num_choices())
+        .map(|index| ChatChoice {
+            index,
+            message: ChatMessageOut { role: "assistant", content: String::new() },
+            logprobs: logprobs.map(|_| ChatLogprobs::default()),
+            finish_reason: None,
+            stop_reason: None,
+        })
+        .collect();
+    let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
+    while let Some((index, out)) = run.next().await {
+        let choice = &mut choices[index];
+        choice.message.content.push_str(&out.text);
+        usage.completion_tokens += out.token_ids.len();
+        if let Some(lp) = choice.logprobs.as_mut() {
+            lp.content.extend(chat_logprobs(&tok, &out.logprobs).content);
+        }
+        if out.finished() {
+            choice.finish_reason = finish_reason(&out);
+            choice.stop_reason = stop_reason(&out);
+        }
+    }
+    drop(guard);
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    log_finished(
+        started,
+        &usage,
+        &choices.iter().map(|c| c.finish_reason).collect::<Vec<_>>(),
+        req.sampling.user.as_deref(),
+    );
+    let response = ChatResponse { id, object: "chat.completion", created, model, choices, usage };
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+pub fn tokenize(state: &AppState, req: TokenizeRequest) -> Result<Response<ResponseBody>, ApiError> {
+    let loaded = state.ready()?;
+    state.check_model(req.model.as_deref())?;
+    let tok = &loaded.tokenizer;
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(prompt), None) => tok.encode(prompt, req.add_special_tokens.unwrap_or(true)),
+        (None, Some(messages)) => {
+            let text = render_chat(
+                loaded,
+                messages,
+                req.add_generation_prompt.unwrap_or(true),
+                req.continue_final_message,
+                None,
+                req.chat_template_kwargs.as_ref(),
+            )?;
+            tok.encode(&text, req.add_special_tokens.unwrap_or(false))
+        }
+        _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
+    }
+    .map_err(|e| ApiError::bad_request(e.message, Some("prompt")))?;
+    let token_strs =
+        req.return_token_strs.then(|| tokens.iter().map(|&t| tok.id_to_token(t).unwrap_or_default()).collect());
+    let response =
+        TokenizeResponse { count: tokens.len(), max_model_len: loaded.info.max_model_len, tokens, token_strs };
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+pub fn detokenize(state: &AppState, req: DetokenizeRequest) -> Result<Response<ResponseBody>, ApiError> {
+    let loaded = state.ready()?;
+    state.check_model(req.model.as_deref())?;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= loaded.vocab_size) {
+        return Err(ApiError::bad_request(
+            format!("token id {bad} is outside the vocabulary of {}", loaded.vocab_size),
+            Some("tokens"),
+        ));
+    }
+    Ok(json_response(StatusCode::OK, &DetokenizeResponse { prompt: loaded.tokenizer.decode(&req.tokens, false) }))
+}

@@ -1,0 +1,541 @@
+//! The OpenAI-compatible HTTP server: hyper on tokio over an [`EngineHandle`].
+//!
+//! The server starts listening before the model has loaded (so `/health` and `/ready` answer
+//! while it loads), then hands requests to the engine thread and streams its outputs back. It
+//! knows nothing of blocks or tensors: only token ids, sampling parameters and outputs cross into
+//! the engine. Draining on SIGTERM/SIGINT: `/ready` and new requests answer 503, in-flight
+//! requests finish (up to `--shutdown-timeout`), then the process exits.
+
+mod error;
+mod generate;
+mod openai;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+pub use self::error::ApiError;
+use self::openai::{ModelCard, ModelList};
+use crate::engine::driver::{EngineHandle, EngineStatus};
+use crate::launch::ModelInfo;
+use crate::model::config::GenerationDefaults;
+use crate::telemetry::{CloudInfo, GIT_COMMIT, Telemetry, VERSION};
+use crate::tokenizer::Tokenizer;
+
+/// Server options, resolved from the command line.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Keys accepted as `Authorization: Bearer <key>`; empty means no authentication.
+    pub api_keys: Vec<String>,
+    /// Most sequences that may wait for the engine before new requests get 429.
+    pub max_queue: usize,
+    pub shutdown_timeout: Duration,
+    /// CORS: origins allowed (`*` for any); empty turns CORS off.
+    pub allowed_origins: Vec<String>,
+    pub allowed_methods: Vec<String>,
+    pub allowed_headers: Vec<String>,
+    pub max_request_body_bytes: usize,
+    /// `/health` turns 503 when the engine loop has not turned for this long.
+    pub engine_stall_timeout: Duration,
+    /// Use the model's `generation_config.json` sampling values as request defaults.
+    pub use_generation_config: bool,
+    pub log_requests: bool,
+}
+
+const PHASE_LOADING: u8 = 0;
+const PHASE_READY: u8 = 1;
+const PHASE_DRAINING: u8 = 2;
+
+/// What the server knows once the model has loaded.
+pub struct Loaded {
+    pub engine: EngineHandle,
+    pub info: ModelInfo,
+    pub tokenizer: Arc<Tokenizer>,
+    pub vocab_size: usize,
+    pub defaults: GenerationDefaults,
+}
+
+pub struct AppState {
+    config: ServerConfig,
+    phase: AtomicU8,
+    loaded: OnceLock<Loaded>,
+    telemetry: Arc<Telemetry>,
+    served_model_name: String,
+    cloud: CloudInfo,
+    /// Generation requests being answered (a streaming one until its last byte).
+    in_flight: AtomicUsize,
+    created: u64,
+}
+
+impl AppState {
+    pub fn new(
+        config: ServerConfig,
+        telemetry: Arc<Telemetry>,
+        served_model_name: String,
+        cloud: CloudInfo,
+    ) -> AppState {
+        AppState {
+            config,
+            phase: AtomicU8::new(PHASE_LOADING),
+            loaded: OnceLock::new(),
+            telemetry,
+            served_model_name,
+            cloud,
+            in_flight: AtomicUsize::new(0),
+            created: unix_now(),
+        }
+    }
+
+    /// Marks the model loaded: the server starts taking requests.
+    pub fn set_loaded(&self, loaded: Loaded) {
+        if self.loaded.set(loaded).is_ok() {
+            let _ = self.phase.compare_exchange(PHASE_LOADING, PHASE_READY, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    pub fn start_draining(&self) {
+        self.phase.store(PHASE_DRAINING, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.phase.load(Ordering::SeqCst) == PHASE_DRAINING
+    }
+
+    pub fn engine_status(&self) -> Option<&Arc<EngineStatus>> {
+        self.loaded.get().map(|l| l.engine.status())
+    }
+
+    /// Requests still being answered.
+    pub fn num_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The loaded model, or 503 while loading and draining.
+    fn ready(&self) -> Result<&Loaded, ApiError> {
+        match self.phase.load(Ordering::SeqCst) {
+            PHASE_READY => Ok(self.loaded.get().expect("ready implies loaded")),
+            PHASE_DRAINING => Err(ApiError::Unavailable("the server is shutting down".into())),
+            _ => Err(ApiError::Unavailable("the model is still loading".into())),
+        }
+    }
+
+    fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
+        match requested {
+            Some(name) if name != self.served_model_name => Err(ApiError::NotFound(format!(
+                "the model '{name}' does not exist; this server serves '{}'",
+                self.served_model_name
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Counts a generation request as in flight until dropped.
+struct InFlight(Arc<AppState>);
+
+impl InFlight {
+    fn new(state: &Arc<AppState>) -> InFlight {
+        state.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub type ResponseBody = BoxBody<Bytes, Infallible>;
+
+/// A response body fed chunk by chunk from a channel (server-sent events).
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into()).boxed()
+}
+
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response<ResponseBody> {
+    let body = serde_json::to_vec(value).expect("API types serialize");
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error_response(err: &ApiError) -> Response<ResponseBody> {
+    let (status, _) = err.status_and_type();
+    let mut response = json_response(status, &err.body());
+    match err {
+        ApiError::QueueFull { retry_after_secs } => {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        ApiError::Unauthorized => {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        ApiError::MethodNotAllowed { allowed } => {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
+        }
+        _ => {}
+    }
+    response
+}
+
+fn sse_response(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<ResponseBody> {
+    let mut response = Response::new(ChannelBody(rx).boxed());
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Reads the whole body as JSON, refusing more than the configured limit with 413.
+async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
+    let limit = state.config.max_request_body_bytes;
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let bytes = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ApiError::PayloadTooLarge { limit }),
+        Err(e) => return Err(ApiError::bad_request(format!("could not read the request body: {e}"), None)),
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}"), None))
+}
+
+/// Deserializes a request type, naming the field at fault.
+fn parse<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let param = (path != ".").then_some(path);
+        let message = match &param {
+            Some(p) => format!("invalid value for '{p}': {}", e.inner()),
+            None => format!("invalid request: {}", e.inner()),
+        };
+        ApiError::BadRequest { message, param }
+    })
+}
+
+/// A generation request: its own fields, then the shared sampling fields from the same object.
+trait WithSampling: serde::de::DeserializeOwned {
+    fn sampling_mut(&mut self) -> &mut openai::SamplingFields;
+}
+
+impl WithSampling for openai::CompletionRequest {
+    fn sampling_mut(&mut self) -> &mut openai::SamplingFields {
+        &mut self.sampling
+    }
+}
+
+impl WithSampling for openai::ChatRequest {
+    fn sampling_mut(&mut self) -> &mut openai::SamplingFields {
+        &mut self.sampling
+    }
+}
+
+async fn read_request<T: WithSampling>(state: &AppState, req: Request<Incoming>) -> Result<T, ApiError> {
+    let value = read_body(state, req).await?;
+    let mut parsed: T = parse(&value)?;
+    *parsed.sampling_mut() = parse(&value)?;
+    Ok(parsed)
+}
+
+fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    if state.config.api_keys.is_empty() {
+        return true;
+    }
+    let Some(presented) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+    else {
+        return false;
+    };
+    // Every key is compared, in constant time for equal lengths, so timing reveals nothing about
+    // which key or how much of it matched.
+    state
+        .config
+        .api_keys
+        .iter()
+        .fold(false, |found, key| found | bool::from(key.as_bytes().ct_eq(presented.trim().as_bytes())))
+}
+
+/// Adds the CORS headers a configured origin gets; does nothing when CORS is off.
+fn apply_cors(state: &AppState, origin: Option<&HeaderValue>, headers: &mut HeaderMap, preflight: bool) {
+    let origins = &state.config.allowed_origins;
+    let Some(origin) = origin else { return };
+    let allowed = if origins.iter().any(|o| o == "*") {
+        HeaderValue::from_static("*")
+    } else if origins.iter().any(|o| origin.as_bytes() == o.as_bytes()) {
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+        origin.clone()
+    } else {
+        return;
+    };
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
+    if preflight {
+        let join = |v: &[String]| HeaderValue::from_str(&v.join(", ")).unwrap_or(HeaderValue::from_static("*"));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, join(&state.config.allowed_methods));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, join(&state.config.allowed_headers));
+        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    }
+}
+
+/// The routes, each with the methods it takes and whether it needs the API key.
+enum Route {
+    Health,
+    Ready,
+    Metrics,
+    Version,
+    Models,
+    Completions,
+    ChatCompletions,
+    Tokenize,
+    Detokenize,
+}
+
+fn route(path: &str) -> Option<(Route, Method, bool)> {
+    Some(match path {
+        "/health" => (Route::Health, Method::GET, false),
+        "/ready" => (Route::Ready, Method::GET, false),
+        "/metrics" => (Route::Metrics, Method::GET, false),
+        "/version" => (Route::Version, Method::GET, false),
+        "/v1/models" => (Route::Models, Method::GET, true),
+        "/v1/completions" => (Route::Completions, Method::POST, true),
+        "/v1/chat/completions" => (Route::ChatCompletions, Method::POST, true),
+        "/tokenize" => (Route::Tokenize, Method::POST, true),
+        "/detokenize" => (Route::Detokenize, Method::POST, true),
+        _ => return None,
+    })
+}
+
+async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let cors_on = !state.config.allowed_origins.is_empty();
+
+    let mut response = if method == Method::OPTIONS && cors_on && origin.is_some() {
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        apply_cors(&state, origin.as_ref(), r.headers_mut(), true);
+        r
+    } else {
+        let result = match route(&path) {
+            None => Err(ApiError::NotFound(format!("route {method} {path} not found"))),
+            Some((_, expected, _)) if method != expected => {
+                Err(ApiError::MethodNotAllowed { allowed: if expected == Method::GET { "GET" } else { "POST" } })
+            }
+            Some((_, _, true)) if !authorized(&state, req.headers()) => Err(ApiError::Unauthorized),
+            Some((r, _, _)) => dispatch(&state, r, req, &request_id).await,
+        };
+        let mut r = result.unwrap_or_else(|e| error_response(&e));
+        apply_cors(&state, origin.as_ref(), r.headers_mut(), false);
+        r
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let status = response.status().as_u16();
+    if state.config.log_requests && !matches!(path.as_str(), "/health" | "/ready" | "/metrics") {
+        tracing::info!(%method, %path, status, millis = started.elapsed().as_millis() as u64, "request");
+    }
+    response
+}
+
+async fn dispatch(
+    state: &Arc<AppState>,
+    route: Route,
+    req: Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<ResponseBody>, ApiError> {
+    match route {
+        Route::Health => Ok(health(state)),
+        Route::Ready => Ok(ready(state)),
+        Route::Metrics => {
+            let mut r = Response::new(full(state.telemetry.render()));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            Ok(r)
+        }
+        Route::Version => Ok(version(state)),
+        Route::Models => {
+            let loaded = state.ready()?;
+            let card = ModelCard {
+                id: state.served_model_name.clone(),
+                object: "model",
+                created: state.created,
+                owned_by: "pagoda",
+                root: loaded.info.origin.clone(),
+                parent: None,
+                max_model_len: loaded.info.max_model_len,
+            };
+            Ok(json_response(StatusCode::OK, &ModelList { object: "list", data: vec![card] }))
+        }
+        Route::Completions => generate::completions(state.clone(), read_request(state, req).await?, request_id).await,
+        Route::ChatCompletions => generate::chat(state.clone(), read_request(state, req).await?, request_id).await,
+        Route::Tokenize => generate::tokenize(state, parse(&read_body(state, req).await?)?),
+        Route::Detokenize => generate::detokenize(state, parse(&read_body(state, req).await?)?),
+    }
+}
+
+fn health(state: &AppState) -> Response<ResponseBody> {
+    let healthy = match state.engine_status() {
+        Some(status) => status.is_healthy(state.config.engine_stall_timeout),
+        // Still loading: the process is alive and working on it.
+        None => true,
+    };
+    if healthy {
+        json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+    } else {
+        error_response(&ApiError::Unavailable("the engine loop is not making progress".into()))
+    }
+}
+
+fn ready(state: &AppState) -> Response<ResponseBody> {
+    match state.phase.load(Ordering::SeqCst) {
+        PHASE_READY => json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+        PHASE_DRAINING => json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "draining"})),
+        _ => json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "loading"})),
+    }
+}
+
+fn version(state: &AppState) -> Response<ResponseBody> {
+    let loaded = state.loaded.get();
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "version": VERSION,
+            "git_commit": GIT_COMMIT,
+            "model": state.served_model_name,
+            "backend": loaded.map(|l| l.info.backend),
+            "cloud": {"provider": state.cloud.provider, "instance_type": state.cloud.instance_type},
+        }),
+    )
+}
+
+/// A request id from `x-request-id` if the client sent a usable one, else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+/// Serves until `shutdown` resolves, then drains: new requests get 503 while in-flight ones
+/// finish, for at most `shutdown_timeout` (or until `force` resolves); then the engine aborts
+/// whatever is left and this returns.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    force: impl std::future::Future<Output = ()>,
+) {
+    let accept = tokio::spawn(accept_loop(state.clone(), listener));
+    shutdown.await;
+    state.start_draining();
+    let engine_busy = |state: &AppState| state.engine_status().map_or(0, |s| s.num_unfinished());
+    tracing::info!(in_flight = state.num_in_flight(), "draining: new requests get 503 while in-flight ones finish");
+    let deadline = tokio::time::sleep(state.config.shutdown_timeout);
+    tokio::pin!(deadline, force);
+    loop {
+        if state.num_in_flight() == 0 && engine_busy(&state) == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = &mut deadline => {
+                tracing::warn!(in_flight = state.num_in_flight(), "shutdown timeout reached: aborting in-flight requests");
+                break;
+            }
+            _ = &mut force => {
+                tracing::warn!(in_flight = state.num_in_flight(), "second signal: aborting in-flight requests");
+                break;
+            }
+        }
+    }
+    if let Some(loaded) = state.loaded.get() {
+        loaded.engine.shutdown();
+    }
+    // Aborted streams send their last chunk; give them a moment to reach the clients.
+    let flush_deadline = Instant::now() + Duration::from_secs(1);
+    while state.num_in_flight() > 0 && Instant::now() < flush_deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    accept.abort();
+    tracing::info!("server stopped");
+}
+
+async fn accept_loop(state: Arc<AppState>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                let id = request_id(req.headers());
+                let span = tracing::info_span!("request", request_id = %id, %peer);
+                async move { Ok::<_, Infallible>(handle(state, req, id).await) }.instrument(span)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The address the server will listen on.
+pub fn bind_address(config: &ServerConfig) -> Result<SocketAddr, String> {
+    let host = config.host.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = host.parse().map_err(|_| format!("--host {host} is not an IP address"))?;
+    Ok(SocketAddr::new(ip, config.port))
+}

@@ -1,0 +1,427 @@
+//! The wire types of the OpenAI API and vLLM's extensions to it. These are the only types in the
+//! crate that derive `Serialize` for clients; field names are the API's.
+//!
+//! Requests ignore fields they do not know (clients send many); known fields with the wrong type
+//! are rejected with the field named.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+/// `prompt` of a completion request: text, texts, token ids, or lists of token ids.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Texts(Vec<String>),
+    Tokens(Vec<Vec<u32>>),
+}
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Prompt, D::Error> {
+        let bad = || {
+            serde::de::Error::custom(
+                "must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
+            )
+        };
+        let token = |v: &Value| v.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32);
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Prompt::Texts(vec![s])),
+            Value::Array(items) if items.is_empty() => Err(bad()),
+            Value::Array(items) => match &items[0] {
+                Value::String(_) => items
+                    .into_iter()
+                    .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                    .collect::<Result<_, _>>()
+                    .map(Prompt::Texts),
+                Value::Number(_) => items
+                    .iter()
+                    .map(|v| token(v).ok_or_else(bad))
+                    .collect::<Result<_, _>>()
+                    .map(|t| Prompt::Tokens(vec![t])),
+                Value::Array(_) => items
+                    .iter()
+                    .map(|list| list.as_array().ok_or_else(bad)?.iter().map(|v| token(v).ok_or_else(bad)).collect())
+                    .collect::<Result<_, _>>()
+                    .map(Prompt::Tokens),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// `stop`: one string or a list of them.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Stop, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            One(String),
+            Many(Vec<String>),
+        }
+        match Option::<Either>::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("must be a string or a list of strings"))?
+        {
+            None => Ok(Stop(Vec::new())),
+            Some(Either::One(s)) => Ok(Stop(vec![s])),
+            Some(Either::Many(v)) => Ok(Stop(v)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by completions and chat completions.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stop: Stop,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    pub user: Option<String>,
+    // vLLM's extensions.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<u32>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub skip_special_tokens: Option<bool>,
+    pub include_stop_str_in_output: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<u32>,
+    #[serde(default)]
+    pub echo: bool,
+    pub best_of: Option<u32>,
+    pub suffix: Option<String>,
+    /// vLLM: whether the tokenizer adds special tokens (BOS) to text prompts.
+    pub add_special_tokens: Option<bool>,
+    /// Read from the same JSON object separately (see `api::read_request`), so that errors in
+    /// these fields name the field.
+    #[serde(skip)]
+    pub sampling: SamplingFields,
+}
+
+/// A message's `content`: text, or a list of parts of which only text parts are supported.
+#[derive(Debug, Clone, Default)]
+pub struct Content(pub Option<String>);
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Content, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(Content(None)),
+            Value::String(s) => Ok(Content(Some(s))),
+            Value::Array(parts) => {
+                let mut texts = Vec::new();
+                for part in parts {
+                    match (part.get("type").and_then(|t| t.as_str()), part.get("text").and_then(|t| t.as_str())) {
+                        (Some("text"), Some(text)) => texts.push(text.to_string()),
+                        (Some(other), _) if other != "text" => {
+                            return Err(serde::de::Error::custom(format!(
+                                "content parts of type '{other}' are not supported; only text is"
+                            )));
+                        }
+                        _ => {
+                            return Err(serde::de::Error::custom(
+                                "a content part needs \"type\": \"text\" and a \"text\" string",
+                            ));
+                        }
+                    }
+                }
+                Ok(Content(Some(texts.join("\n"))))
+            }
+            _ => Err(serde::de::Error::custom("must be a string, a list of content parts, or null")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Content,
+    pub name: Option<String>,
+    pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// The message as chat templates see it.
+    pub fn to_template_value(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("role".into(), Value::String(self.role.clone()));
+        m.insert("content".into(), self.content.0.clone().map_or(Value::Null, Value::String));
+        if let Some(name) = &self.name {
+            m.insert("name".into(), Value::String(name.clone()));
+        }
+        if let Some(calls) = &self.tool_calls {
+            m.insert("tool_calls".into(), calls.clone());
+        }
+        if let Some(id) = &self.tool_call_id {
+            m.insert("tool_call_id".into(), Value::String(id.clone()));
+        }
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<u32>,
+    pub tools: Option<Value>,
+    // vLLM's extensions.
+    pub add_generation_prompt: Option<bool>,
+    #[serde(default)]
+    pub continue_final_message: bool,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Read from the same JSON object separately (see `api::read_request`).
+    #[serde(skip)]
+    pub sampling: SamplingFields,
+}
+
+/// vLLM's `/tokenize`: a prompt, or chat messages.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    pub add_special_tokens: Option<bool>,
+    pub add_generation_prompt: Option<bool>,
+    #[serde(default)]
+    pub continue_final_message: bool,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    pub return_token_strs: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+    pub token_strs: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// The legacy (completions) logprobs format.
+#[derive(Debug, Serialize, Default)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    /// vLLM: the stop string or token id that ended the output.
+    pub stop_reason: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Option<Usage>,
+}
+
+/// The chat logprobs format.
+#[derive(Debug, Serialize, Clone)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct ChatLogprobEntry {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatLogprobEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatMessageOut {
+    pub role: &'static str,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    pub stop_reason: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    pub stop_reason: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub root: String,
+    pub parent: Option<String>,
+    pub max_model_len: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prompt(json: &str) -> Result<Prompt, String> {
+        serde_json::from_str::<Prompt>(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn prompts_come_in_four_shapes() {
+        assert!(matches!(prompt(r#""hi""#), Ok(Prompt::Texts(t)) if t == ["hi"]));
+        assert!(matches!(prompt(r#"["a", "b"]"#), Ok(Prompt::Texts(t)) if t.len() == 2));
+        assert!(matches!(prompt("[1, 2, 3]"), Ok(Prompt::Tokens(t)) if t == [vec![1, 2, 3]]));
+        assert!(matches!(prompt("[[1], [2, 3]]"), Ok(Prompt::Tokens(t)) if t.len() == 2));
+        for bad in ["[]", "[1, \"a\"]", "[-1]", "5", "[[1], 2]", "[1.5]"] {
+            assert!(prompt(bad).unwrap_err().starts_with("must be a string"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn content_parts_are_joined_and_other_kinds_refused() {
+        let m: ChatMessage = serde_json::from_str(
+            r#"{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.content.0.as_deref(), Some("a\nb"));
+        let err = serde_json::from_str::<ChatMessage>(
+            r#"{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("'image_url' are not supported"));
+    }
+
+    #[test]
+    fn stop_accepts_one_or_many() {
+        let r: SamplingFields = serde_json::from_str(r#"{"stop": "x"}"#).unwrap();
+        assert_eq!(r.stop.0, vec!["x"]);
+        let r: SamplingFields = serde_json::from_str(r#"{"stop": ["x", "y"]}"#).unwrap();
+        assert_eq!(r.stop.0.len(), 2);
+        assert!(serde_json::from_str::<SamplingFields>(r#"{"stop": 3}"#).is_err());
+    }
+}

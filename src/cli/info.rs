@@ -1,0 +1,103 @@
+//! `pagoda info`: what this machine offers Pagoda: platform, cloud, accelerators and the CUDA
+//! libraries the dynamic loader would find.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::telemetry::{GIT_COMMIT, VERSION, cloud};
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Folder with the DMI strings used to detect the cloud.
+    #[arg(long, env = "PAGODA_DMI_DIR", default_value = cloud::DMI_DIR)]
+    pub dmi_dir: PathBuf,
+}
+
+/// Libraries a CUDA backend opens, by the names the loader looks for.
+const CUDA_LIBRARIES: [&str; 4] = ["libcuda.so.1", "libcublas.so", "libnvrtc.so", "libnvidia-ml.so.1"];
+
+/// Folders the dynamic loader searches, plus where drivers are usually mounted.
+fn library_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var("LD_LIBRARY_PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    for d in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/cuda/lib64",
+        "/usr/local/nvidia/lib64",
+        "/run/opengl-driver/lib",
+    ] {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs
+}
+
+fn find_library(name: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
+    dirs.iter().find_map(|d| {
+        let entries = std::fs::read_dir(d).ok()?;
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with(name)))
+    })
+}
+
+fn gpus() -> Vec<String> {
+    // Without a CUDA backend the driver is not queried; report the device nodes it would use.
+    let mut found: Vec<String> = std::fs::read_dir(Path::new("/dev"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("nvidia") && n[6..].chars().all(|c| c.is_ascii_digit()) && n.len() > 6)
+                .map(|n| format!("/dev/{n}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+pub fn run(args: InfoArgs) -> anyhow::Result<()> {
+    let cloud = cloud::detect(&args.dmi_dir);
+    let dirs = library_dirs();
+    let libraries: Vec<(&str, Option<PathBuf>)> = CUDA_LIBRARIES.iter().map(|&n| (n, find_library(n, &dirs))).collect();
+    let gpus = gpus();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if args.json {
+        let libs: serde_json::Map<String, serde_json::Value> = libraries
+            .iter()
+            .map(|(n, p)| (n.to_string(), p.as_ref().map(|p| p.display().to_string()).into()))
+            .collect();
+        let value = serde_json::json!({
+            "version": VERSION,
+            "git_commit": GIT_COMMIT,
+            "platform": {"os": std::env::consts::OS, "arch": std::env::consts::ARCH, "cpus": cpus},
+            "cloud": {"provider": cloud.provider, "instance_type": cloud.instance_type},
+            "backends": ["cpu"],
+            "gpu_devices": gpus,
+            "cuda_libraries": libs,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("pagoda {VERSION} ({GIT_COMMIT})");
+    println!("platform: {} {}, {cpus} CPUs", std::env::consts::OS, std::env::consts::ARCH);
+    println!("cloud: {} (instance type: {})", cloud.provider, cloud.instance_type);
+    println!("backends in this build: cpu");
+    println!("GPU devices: {}", if gpus.is_empty() { "none".to_string() } else { gpus.join(", ") });
+    for (name, path) in libraries {
+        println!("{name}: {}", path.map_or("not found".to_string(), |p| p.display().to_string()));
+    }
+    Ok(())
+}

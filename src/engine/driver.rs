@@ -1,0 +1,296 @@
+//! The engine's own thread, and the handle everyone else uses to talk to it.
+//!
+//! One thread owns the [`Engine`]: it takes commands (add, abort, shut down) from a channel, runs
+//! steps while there is work, and sends each request's outputs down that request's own channel.
+//! A request whose receiver is gone (the client left) is aborted, which frees its blocks. The
+//! thread publishes a heartbeat and the engine's counters through [`EngineStatus`], so that health
+//! checks and admission control never have to wait for a step.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use super::{Engine, EngineRequest, EngineStats, RequestId, RequestOutput};
+
+/// How long the idle loop sleeps between heartbeats.
+const IDLE_WAKE: Duration = Duration::from_millis(500);
+
+/// Sees every step, for metrics. Runs on the engine thread, so it must be quick.
+pub trait EngineObserver: Send + 'static {
+    fn on_step(&mut self, stats: &EngineStats, outputs: &[RequestOutput]);
+}
+
+enum Command {
+    Add { request: Box<EngineRequest>, outputs: UnboundedSender<RequestOutput> },
+    Abort(RequestId),
+    Shutdown,
+}
+
+/// What the engine thread publishes; read without locks.
+pub struct EngineStatus {
+    started: Instant,
+    /// Milliseconds since `started` at the engine loop's last turn.
+    heartbeat_ms: AtomicU64,
+    alive: AtomicBool,
+    num_running: AtomicUsize,
+    num_waiting: AtomicUsize,
+    /// Commands sent but not yet taken by the engine thread.
+    num_pending: AtomicUsize,
+    /// Requests (all their sequences) not yet finished.
+    num_unfinished: AtomicUsize,
+    /// KV-cache usage in millionths.
+    kv_usage_ppm: AtomicU64,
+}
+
+impl EngineStatus {
+    fn new() -> EngineStatus {
+        EngineStatus {
+            started: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
+            alive: AtomicBool::new(true),
+            num_running: AtomicUsize::new(0),
+            num_waiting: AtomicUsize::new(0),
+            num_pending: AtomicUsize::new(0),
+            num_unfinished: AtomicUsize::new(0),
+            kv_usage_ppm: AtomicU64::new(0),
+        }
+    }
+
+    fn beat(&self) {
+        self.heartbeat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the engine thread is running and turned its loop within `stall`.
+    pub fn is_healthy(&self, stall: Duration) -> bool {
+        let since = self.started.elapsed().as_millis() as u64 - self.heartbeat_ms.load(Ordering::Relaxed);
+        self.alive.load(Ordering::Relaxed) && since <= stall.as_millis() as u64
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Sequences waiting to run, counting requests still in the command channel.
+    pub fn num_waiting(&self) -> usize {
+        self.num_waiting.load(Ordering::Relaxed) + self.num_pending.load(Ordering::Relaxed)
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.num_running.load(Ordering::Relaxed)
+    }
+
+    pub fn num_unfinished(&self) -> usize {
+        self.num_unfinished.load(Ordering::Relaxed)
+    }
+
+    pub fn kv_cache_usage(&self) -> f64 {
+        self.kv_usage_ppm.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
+/// The outputs of one submitted request, in order; ends after every sequence has finished.
+pub struct OutputStream {
+    rx: UnboundedReceiver<RequestOutput>,
+}
+
+impl OutputStream {
+    pub fn new(rx: UnboundedReceiver<RequestOutput>) -> OutputStream {
+        OutputStream { rx }
+    }
+
+    pub async fn next(&mut self) -> Option<RequestOutput> {
+        self.rx.recv().await
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the engine has stopped")]
+pub struct EngineStopped;
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    status: Arc<EngineStatus>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread.
+    pub fn spawn(
+        engine: Engine,
+        observer: Option<Box<dyn EngineObserver>>,
+    ) -> (EngineHandle, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel();
+        let status = Arc::new(EngineStatus::new());
+        let thread_status = status.clone();
+        let thread = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                // If the loop panics, health checks must see it.
+                struct Dead(Arc<EngineStatus>);
+                impl Drop for Dead {
+                    fn drop(&mut self) {
+                        self.0.alive.store(false, Ordering::Relaxed);
+                    }
+                }
+                let _dead = Dead(thread_status.clone());
+                run(engine, rx, &thread_status, observer);
+            })
+            .expect("the engine thread starts");
+        (EngineHandle { commands: tx, status }, thread)
+    }
+
+    pub fn status(&self) -> &Arc<EngineStatus> {
+        &self.status
+    }
+
+    /// Queues a request (already checked with `Engine::check_request`'s rules).
+    pub fn submit(&self, request: EngineRequest) -> Result<OutputStream, EngineStopped> {
+        let (tx, rx) = unbounded_channel();
+        self.submit_to(request, tx)?;
+        Ok(OutputStream { rx })
+    }
+
+    /// Queues a request whose outputs go to `outputs`, which several requests may share (their
+    /// outputs carry their ids). Dropping the receiver cancels all of them.
+    pub fn submit_to(
+        &self,
+        request: EngineRequest,
+        outputs: UnboundedSender<RequestOutput>,
+    ) -> Result<(), EngineStopped> {
+        let n = request.params.n;
+        self.status.num_pending.fetch_add(n, Ordering::Relaxed);
+        self.status.num_unfinished.fetch_add(1, Ordering::Relaxed);
+        if self.commands.send(Command::Add { request: Box::new(request), outputs }).is_err() {
+            self.status.num_pending.fetch_sub(n, Ordering::Relaxed);
+            self.status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineStopped);
+        }
+        Ok(())
+    }
+
+    pub fn abort(&self, id: RequestId) {
+        let _ = self.commands.send(Command::Abort(id));
+    }
+
+    /// Asks the thread to abort everything and stop.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+    }
+}
+
+struct Live {
+    outputs: UnboundedSender<RequestOutput>,
+    num_unfinished_seqs: usize,
+}
+
+fn run(
+    mut engine: Engine,
+    commands: mpsc::Receiver<Command>,
+    status: &EngineStatus,
+    mut observer: Option<Box<dyn EngineObserver>>,
+) {
+    let mut live: HashMap<RequestId, Live> = HashMap::new();
+    loop {
+        status.beat();
+        // Take every waiting command; block (briefly, to keep the heartbeat) only when idle.
+        let mut next = if engine.has_unfinished() {
+            commands.try_recv().ok()
+        } else {
+            match commands.recv_timeout(IDLE_WAKE) {
+                Ok(command) => Some(command),
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                // Every handle is gone and nothing is left to do.
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        let mut outputs = Vec::new();
+        while let Some(command) = next.take() {
+            match command {
+                Command::Add { request, outputs: tx } => {
+                    status.num_pending.fetch_sub(request.params.n, Ordering::Relaxed);
+                    let (id, n) = (request.id.clone(), request.params.n);
+                    match engine.add_request(*request) {
+                        Ok(()) => {
+                            live.insert(id, Live { outputs: tx, num_unfinished_seqs: n });
+                        }
+                        Err(err) => {
+                            // The API checks requests before submitting; this guards against bugs.
+                            tracing::error!(request_id = %id, %err, "engine refused a request");
+                            status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Command::Abort(id) => {
+                    outputs.extend(engine.abort_request(&id));
+                    finish_request(status, &mut live, &id);
+                }
+                Command::Shutdown => {
+                    for out in engine.abort_all() {
+                        if let Some(l) = live.get(&out.request_id) {
+                            let _ = l.outputs.send(out);
+                        }
+                    }
+                    status.num_unfinished.fetch_sub(live.len(), Ordering::Relaxed);
+                    publish(status, &engine.stats());
+                    return;
+                }
+            }
+            next = commands.try_recv().ok();
+        }
+
+        // Requests whose client has gone are cancelled before they cost another step.
+        let gone: Vec<RequestId> =
+            live.iter().filter(|(_, l)| l.outputs.is_closed()).map(|(id, _)| id.clone()).collect();
+        for id in gone {
+            tracing::debug!(request_id = %id, "client gone: request aborted");
+            outputs.extend(engine.abort_request(&id));
+            finish_request(status, &mut live, &id);
+        }
+
+        if engine.has_unfinished() {
+            match engine.step() {
+                Ok(step_outputs) => outputs.extend(step_outputs),
+                Err(err) => {
+                    // A failed forward pass leaves the batch's KV in doubt: fail what was running.
+                    tracing::error!(%err, "engine step failed; aborting all requests");
+                    outputs.extend(engine.abort_all());
+                }
+            }
+        }
+        let stats = engine.stats();
+        publish(status, &stats);
+        if let Some(observer) = observer.as_mut() {
+            observer.on_step(&stats, &outputs);
+        }
+        for out in outputs {
+            let id = out.request_id.clone();
+            let Some(l) = live.get_mut(&id) else { continue };
+            let finished = out.finished();
+            // A closed receiver is noticed at the top of the next turn.
+            let _ = l.outputs.send(out);
+            if finished {
+                l.num_unfinished_seqs -= 1;
+                if l.num_unfinished_seqs == 0 {
+                    finish_request(status, &mut live, &id);
+                }
+            }
+        }
+    }
+}
+
+fn finish_request(status: &EngineStatus, live: &mut HashMap<RequestId, Live>, id: &RequestId) {
+    if live.remove(id).is_some() {
+        status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn publish(status: &EngineStatus, stats: &EngineStats) {
+    status.num_running.store(stats.num_running, Ordering::Relaxed);
+    status.num_waiting.store(stats.num_waiting, Ordering::Relaxed);
+    status.kv_usage_ppm.store((stats.kv_cache_usage * 1e6).round() as u64, Ordering::Relaxed);
+}
