@@ -294,3 +294,46 @@ fn publish(status: &EngineStatus, stats: &EngineStats) {
     status.num_waiting.store(stats.num_waiting, Ordering::Relaxed);
     status.kv_usage_ppm.store((stats.kv_cache_usage * 1e6).round() as u64, Ordering::Relaxed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::SamplingParams;
+    use crate::launch::{EngineOptions, load_engine};
+
+    #[test]
+    fn the_status_follows_the_engine_thread_and_outputs_arrive_in_order() {
+        let loaded =
+            load_engine(&EngineOptions { num_gpu_blocks_override: Some(64), ..EngineOptions::default() }).unwrap();
+        let (handle, thread) = EngineHandle::spawn(loaded.engine, None);
+        assert!(handle.status().is_healthy(Duration::from_secs(5)));
+        let params = SamplingParams { max_tokens: Some(5), ignore_eos: true, ..SamplingParams::greedy() };
+        let request = EngineRequest {
+            id: RequestId("r".into()),
+            prompt_token_ids: vec![0, 5, 6],
+            params,
+            arrival: Instant::now(),
+        };
+        let mut stream = handle.submit(request).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let outputs: Vec<RequestOutput> = runtime.block_on(async {
+            let mut all = Vec::new();
+            while let Some(out) = stream.next().await {
+                all.push(out);
+            }
+            all
+        });
+        assert_eq!(outputs.iter().map(|o| o.num_output_tokens).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert!(outputs.last().unwrap().finished());
+        assert_eq!(handle.status().num_unfinished(), 0);
+        // A dead engine thread is unhealthy, and submitting to it fails.
+        handle.shutdown();
+        thread.join().unwrap();
+        assert!(!handle.status().is_alive());
+        assert!(!handle.status().is_healthy(Duration::from_secs(5)));
+        let params = SamplingParams::greedy();
+        let request =
+            EngineRequest { id: RequestId("late".into()), prompt_token_ids: vec![0], params, arrival: Instant::now() };
+        assert!(handle.submit(request).is_err());
+    }
+}

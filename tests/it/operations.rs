@@ -47,7 +47,8 @@ fn a_client_that_disconnects_mid_stream_frees_its_blocks() {
 fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     let mut server = Server::start(&["--shutdown-timeout", "60"]);
     let port = server.port;
-    let body = json!({"prompt": "Once", "max_tokens": 300, "ignore_eos": true, "stream": true,
+    // Long enough that the streams are still running while the test checks the 503s.
+    let body = json!({"prompt": "Once", "max_tokens": 1000, "ignore_eos": true, "stream": true,
                       "stream_options": {"include_usage": true}});
     let mut streams: Vec<EventStream> = (0..4).map(|_| EventStream::open(port, "/v1/completions", &body)).collect();
     for s in &mut streams {
@@ -65,7 +66,7 @@ fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
         let events = s.collect();
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
         let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-        assert_eq!(usage["usage"]["completion_tokens"], 300, "a drained stream was cut short");
+        assert_eq!(usage["usage"]["completion_tokens"], 1000, "a drained stream was cut short");
         let last: Value = serde_json::from_str(&events[events.len() - 3]).unwrap();
         assert_eq!(last["choices"][0]["finish_reason"], "length");
     }
