@@ -109,6 +109,14 @@ pub fn post(port: u16, path: &str, body: &serde_json::Value) -> HttpResponse {
     request(port, "POST", path, &[], body.to_string().as_bytes())
 }
 
+/// Sends a request and returns the open connection without reading the answer; dropping it is a
+/// client walking away.
+pub fn send_only(port: u16, path: &str, body: &serde_json::Value) -> TcpStream {
+    let mut stream = connect(port);
+    write_request(&mut stream, "POST", path, &[], body.to_string().as_bytes());
+    stream
+}
+
 /// A server-sent event stream being read; dropping it closes the connection.
 pub struct EventStream {
     reader: BufReader<TcpStream>,

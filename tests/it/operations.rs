@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::*;
-use crate::http::{EventStream, get, post};
+use crate::http::{EventStream, get, post, send_only};
 use crate::server::{Server, tiny_llama_server};
 
 const DEMO: &str = "{model_name=\"pagoda-demo-random-weights\"}";
@@ -41,6 +41,20 @@ fn a_client_that_disconnects_mid_stream_frees_its_blocks() {
     assert_eq!(aborted, 1.0);
     let generated = server.metric(&format!("vllm:generation_tokens_total{DEMO}"));
     assert!(generated < 4000.0, "generation stopped early ({generated} tokens)");
+
+    // The same for a client that waits for a whole (non-streamed) response and leaves.
+    let connection =
+        send_only(server.port, "/v1/completions", &json!({"prompt": "More", "max_tokens": 4000, "ignore_eos": true}));
+    wait_for("the request to run", Duration::from_secs(10), || {
+        server.metric(&format!("vllm:num_requests_running{DEMO}")) == 1.0
+    });
+    drop(connection);
+    wait_for("the KV cache to empty again", Duration::from_secs(10), || {
+        server.metric(&format!("vllm:kv_cache_usage_perc{DEMO}")) == 0.0
+    });
+    let aborted = server
+        .metric("vllm:request_success_total{model_name=\"pagoda-demo-random-weights\",finished_reason=\"abort\"}");
+    assert_eq!(aborted, 2.0);
 }
 
 #[test]
