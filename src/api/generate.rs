@@ -130,6 +130,22 @@ impl Run {
     }
 }
 
+/// Drains a run for a non-streamed response: each output goes to `apply` with its choice index;
+/// returns the usage. Logs the finished request.
+async fn collect(mut run: Run, user: Option<&str>, mut apply: impl FnMut(usize, &RequestOutput)) -> Usage {
+    let started = Instant::now();
+    let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
+    let mut reasons = vec![None; run.num_choices()];
+    while let Some((idx, out)) = run.next().await {
+        usage.completion_tokens += out.token_ids.len();
+        reasons[idx] = finish_reason(&out).or(reasons[idx]);
+        apply(idx, &out);
+    }
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    log_finished(started, &usage, &reasons, user);
+    usage
+}
+
 fn finish_reason(out: &RequestOutput) -> Option<&'static str> {
     out.finish_reason.map(FinishReason::as_str)
 }
@@ -314,8 +330,6 @@ pub async fn completions(
         return Ok(sse_response(rx));
     }
 
-    let started = Instant::now();
-    let mut run = run;
     let n = run.n;
     let mut choices: Vec<CompletionChoice> = (0..run.num_choices())
         .map(|idx| CompletionChoice {
@@ -327,27 +341,19 @@ pub async fn completions(
         })
         .collect();
     let mut offsets: Vec<usize> = choices.iter().map(|c| c.text.chars().count()).collect();
-    let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
-    while let Some((idx, out)) = run.next().await {
+    let usage = collect(run, req.sampling.user.as_deref(), |idx, out| {
         let choice = &mut choices[idx];
         choice.text.push_str(&out.text);
-        usage.completion_tokens += out.token_ids.len();
         if let Some(lp) = choice.logprobs.as_mut() {
             extend_completion_logprobs(&tok, lp, &out.logprobs, &mut offsets[idx]);
         }
         if out.finished() {
-            choice.finish_reason = finish_reason(&out);
-            choice.stop_reason = stop_reason(&out);
+            choice.finish_reason = finish_reason(out);
+            choice.stop_reason = stop_reason(out);
         }
-    }
+    })
+    .await;
     drop(guard);
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    log_finished(
-        started,
-        &usage,
-        &choices.iter().map(|c| c.finish_reason).collect::<Vec<_>>(),
-        req.sampling.user.as_deref(),
-    );
     let response = CompletionResponse {
         id,
         object: "text_completion",
@@ -485,8 +491,6 @@ pub async fn chat(
         return Ok(sse_response(rx));
     }
 
-    let started = Instant::now();
-    let mut run = run;
     let mut choices: Vec<ChatChoice> = (0..run.num_choices())
         .map(|index| ChatChoice {
             index,
@@ -496,27 +500,19 @@ pub async fn chat(
             stop_reason: None,
         })
         .collect();
-    let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
-    while let Some((index, out)) = run.next().await {
+    let usage = collect(run, req.sampling.user.as_deref(), |index, out| {
         let choice = &mut choices[index];
         choice.message.content.push_str(&out.text);
-        usage.completion_tokens += out.token_ids.len();
         if let Some(lp) = choice.logprobs.as_mut() {
             lp.content.extend(chat_logprobs(&tok, &out.logprobs).content);
         }
         if out.finished() {
-            choice.finish_reason = finish_reason(&out);
-            choice.stop_reason = stop_reason(&out);
+            choice.finish_reason = finish_reason(out);
+            choice.stop_reason = stop_reason(out);
         }
-    }
+    })
+    .await;
     drop(guard);
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    log_finished(
-        started,
-        &usage,
-        &choices.iter().map(|c| c.finish_reason).collect::<Vec<_>>(),
-        req.sampling.user.as_deref(),
-    );
     let response = ChatResponse { id, object: "chat.completion", created, model, choices, usage };
     Ok(json_response(StatusCode::OK, &response))
 }
