@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
-# Runs every check CI runs, after installing what the tests use: the `openai` Python package (in
-# .venv) and promtool (Debian's `prometheus` package). Safe to run again; it skips what is there.
+# Runs every check CI runs, after installing what the tests use: in .venv the `openai` client, moto
+# (S3, and GCS through it) and Azure's SDK; Azurite (npm) under .ci/cache/node; promtool and rclone
+# from Debian when run as root. Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if ! .venv/bin/python -c "import openai" 2>/dev/null; then
-  python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+python3 -m venv .venv
+if ! .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt; then
+  echo "installing the Python test tools failed" >&2
+  exit 1
 fi
 export PAGODA_TEST_PYTHON="$PWD/.venv/bin/python"
 
-if ! command -v promtool >/dev/null 2>&1; then
+azurite_version=3.35.0
+if ! grep -q "\"version\": \"$azurite_version\"" .ci/cache/node/node_modules/azurite/package.json 2>/dev/null; then
+  mkdir -p .ci/cache/node
+  npm install --silent --no-audit --no-fund --prefix .ci/cache/node "azurite@$azurite_version"
+fi
+
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v rclone >/dev/null 2>&1 || missing+=(rclone)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    # Only the promtool binary is wanted: keep the package's daemon from starting.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    # Only the tools are wanted; the prometheus daemon is not started (no init system here).
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "promtool is missing and this is not root: install Debian's 'prometheus' package" >&2
+    echo "missing ${missing[*]} and not root: install them with apt-get" >&2
   fi
 fi
 

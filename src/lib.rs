@@ -8,6 +8,7 @@ pub mod engine;
 pub mod kv_cache;
 pub mod launch;
 pub mod model;
+pub mod storage;
 pub mod telemetry;
 pub mod tokenizer;
 pub mod weights;

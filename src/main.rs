@@ -2,13 +2,30 @@
 
 use clap::Parser;
 
+/// The error and its causes as one line, skipping causes whose text the line already holds
+/// (many errors include their source in their own message).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
 fn main() -> std::process::ExitCode {
     let cli = pagoda::cli::Cli::parse();
     pagoda::cli::init_logging(cli.log_format);
     match cli.run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", one_line(&err));
             std::process::ExitCode::FAILURE
         }
     }

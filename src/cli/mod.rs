@@ -5,6 +5,7 @@
 mod generate;
 mod info;
 mod serve;
+mod sync;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
@@ -36,6 +37,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Serve the OpenAI-compatible API (the embedded demo model without --model).
     Serve(serve::ServeArgs),
+    /// Copy a model from S3, GCS, Azure Blob or HTTPS into a local folder.
+    Sync(sync::SyncArgs),
     /// Generate text for prompts on this machine, without HTTP.
     Generate(generate::GenerateArgs),
     /// Show the platform, the detected cloud, GPUs and the CUDA libraries found.
@@ -46,6 +49,7 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Serve(args) => serve::run(args),
+            Command::Sync(args) => sync::run(args),
             Command::Generate(args) => generate::run(args),
             Command::Info(args) => info::run(args),
         }
@@ -55,7 +59,8 @@ impl Cli {
 /// Which model to load and how to size the engine around it.
 #[derive(Clone, Debug, Args)]
 pub struct EngineArgs {
-    /// Hugging Face model folder. Without it, the embedded demo model (random weights) is used.
+    /// Hugging Face model folder, or (for serve) an s3://, gs://, az:// or https:// URI synced into
+    /// --download-dir first. Without it, the embedded demo model (random weights) is used.
     #[arg(long, env = "PAGODA_MODEL")]
     pub model: Option<std::path::PathBuf>,
 

@@ -9,10 +9,12 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::sync::StoreArgs;
 use super::{EngineArgs, parse_bytes};
 use crate::api::{AppState, Loaded, ServerConfig, bind_address, serve};
 use crate::engine::driver::EngineHandle;
 use crate::launch::{load_engine, served_model_name};
+use crate::storage;
 use crate::telemetry::{Telemetry, cloud};
 
 #[derive(Debug, Args)]
@@ -77,6 +79,14 @@ pub struct ServeArgs {
     /// Folder with the DMI strings used to detect the cloud.
     #[arg(long, env = "PAGODA_DMI_DIR", default_value = cloud::DMI_DIR)]
     pub dmi_dir: PathBuf,
+
+    /// Where models given as URIs are synced to (default: $XDG_CACHE_HOME/pagoda/models or
+    /// ~/.cache/pagoda/models); a restart with the copy intact downloads nothing.
+    #[arg(long, env = "PAGODA_DOWNLOAD_DIR")]
+    pub download_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -113,7 +123,14 @@ fn api_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let opts = args.engine.to_options();
+    let mut opts = args.engine.to_options();
+    // A URI is synced (in the background, like loading) and served under its own name.
+    let remote = opts.model.as_ref().and_then(|m| m.to_str()).filter(|m| storage::is_remote(m)).map(str::to_string);
+    if let Some(uri) = &remote {
+        opts.served_model_name.get_or_insert_with(|| uri.clone());
+    }
+    let sync_opts = args.store.to_options()?;
+    let download_dir = args.download_dir.clone().unwrap_or_else(storage::default_download_dir);
     let config = ServerConfig {
         host: args.host.clone(),
         port: args.port,
@@ -158,6 +175,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let state = state.clone();
             let load_error = load_error.clone();
             tokio::spawn(async move {
+                let mut opts = opts;
+                if let Some(uri) = remote {
+                    match storage::ensure_local(&uri, &download_dir, &sync_opts).await {
+                        Ok(dir) => opts.model = Some(dir),
+                        Err(e) => {
+                            *load_error.lock().expect("not poisoned") =
+                                Some(anyhow::Error::new(e).context(format!("syncing {uri}")));
+                            let _ = failed_tx.send(());
+                            return;
+                        }
+                    }
+                }
                 let loaded = tokio::task::spawn_blocking(move || load_engine(&opts)).await;
                 match loaded {
                     Ok(Ok(loaded)) => {

@@ -10,3 +10,4 @@ mod load_errors;
 mod operations;
 mod reference;
 mod server;
+mod sync;

@@ -1,0 +1,121 @@
+//! `pagoda sync SRC DEST`: copy a model from an object store into a local folder. Also the
+//! store flags `serve` shares for `--model s3://...`.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use super::parse_bytes;
+use crate::storage::{self, ProgressMode, StoreOptions, SyncOptions};
+
+/// How model files are fetched from an object store.
+#[derive(Clone, Debug, Args)]
+pub struct StoreArgs {
+    /// Endpoint of an S3-compatible store (MinIO, Ceph, R2) or an emulator; AWS_ENDPOINT_URL works too.
+    #[arg(long, env = "PAGODA_ENDPOINT")]
+    pub endpoint: Option<String>,
+
+    /// Allow plain http:// endpoints and URLs.
+    #[arg(long, env = "PAGODA_ALLOW_HTTP")]
+    pub allow_http: bool,
+
+    /// Also sync files matching this glob (repeat or comma-separate). By default: *.safetensors,
+    /// *.json, tokenizer*, *.jinja, *.model, *.txt.
+    #[arg(long, env = "PAGODA_INCLUDE", value_delimiter = ',')]
+    pub include: Vec<String>,
+
+    /// Skip files matching this glob (repeat or comma-separate).
+    #[arg(long, env = "PAGODA_EXCLUDE", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+
+    /// Ranged parts downloading at once, across all files.
+    #[arg(long, env = "PAGODA_SYNC_CONCURRENCY", default_value_t = storage::DEFAULT_CONCURRENCY as u16,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub sync_concurrency: u16,
+
+    /// Size of each ranged part (e.g. 16MiB).
+    #[arg(long, env = "PAGODA_SYNC_PART_SIZE", default_value = "16MiB", value_parser = parse_bytes)]
+    pub sync_part_size: usize,
+
+    /// Hash every local file instead of trusting unchanged sizes and times.
+    #[arg(long, env = "PAGODA_SYNC_VERIFY")]
+    pub verify: bool,
+
+    /// Progress: a bar on a terminal and log lines otherwise (auto), log lines, or nothing.
+    #[arg(long, env = "PAGODA_PROGRESS", value_enum, default_value_t = Progress::Auto)]
+    pub progress: Progress,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Progress {
+    Auto,
+    Log,
+    Off,
+}
+
+impl StoreArgs {
+    pub fn to_options(&self) -> anyhow::Result<SyncOptions> {
+        anyhow::ensure!(self.sync_part_size >= 1 << 20, "--sync-part-size must be at least 1MiB");
+        Ok(SyncOptions {
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            concurrency: self.sync_concurrency as usize,
+            part_size: self.sync_part_size as u64,
+            verify: self.verify,
+            progress: match self.progress {
+                Progress::Auto => ProgressMode::Auto,
+                Progress::Log => ProgressMode::Log,
+                Progress::Off => ProgressMode::Off,
+            },
+            store: StoreOptions { endpoint: self.endpoint.clone(), allow_http: self.allow_http },
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// The model: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX (also azure:// and
+    /// https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX), or an https:// base URL.
+    pub source: String,
+
+    /// The local folder to sync into (created if needed).
+    pub dest: PathBuf,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: SyncArgs) -> anyhow::Result<()> {
+    let opts = args.store.to_options()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let summary = runtime.block_on(storage::sync(&args.source, &args.dest, &opts))?;
+    if args.json {
+        let value = serde_json::json!({
+            "source": args.source,
+            "dest": args.dest,
+            "files": summary.num_files,
+            "bytes": summary.num_bytes,
+            "downloaded_files": summary.num_downloaded,
+            "downloaded_bytes": summary.bytes_downloaded,
+            "seconds": summary.seconds,
+            "mb_per_s": summary.throughput_mb_s(),
+        });
+        println!("{value}");
+    } else {
+        println!(
+            "{} files ({} bytes) in {}: downloaded {} files, {} bytes in {:.2} s ({:.1} MB/s)",
+            summary.num_files,
+            summary.num_bytes,
+            args.dest.display(),
+            summary.num_downloaded,
+            summary.bytes_downloaded,
+            summary.seconds,
+            summary.throughput_mb_s()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! What a sync leaves beside the model, in `DEST/.pagoda-sync/`: the manifest of synced files, the
+//! completion marker, the lock, and the partial downloads with their part maps.
+//!
+//! These are on-disk formats, so (with the API types) they are the only types that derive
+//! `Serialize`. Every file here is written to a temporary name and renamed into place.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::SyncError;
+
+pub const STATE_DIR: &str = ".pagoda-sync";
+
+/// What was synced: one record per file, from the store's listing and our own hash.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub source: String,
+    pub files: BTreeMap<String, FileRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FileRecord {
+    pub size: u64,
+    pub e_tag: Option<String>,
+    pub last_modified: String,
+    /// The local file's modification time when it was verified, in nanoseconds since the epoch:
+    /// unchanged means the content need not be hashed again.
+    pub mtime_ns: i128,
+    /// XXH3-128 of the content, hex.
+    pub xxh3: String,
+}
+
+/// Which parts of a partial download are done, so an interrupted sync resumes where it stopped.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PartMap {
+    pub size: u64,
+    pub e_tag: Option<String>,
+    pub last_modified: String,
+    pub part_size: u64,
+    pub done: Vec<bool>,
+}
+
+/// The completion marker, written last.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Completion {
+    pub source: String,
+    pub num_files: usize,
+    pub num_bytes: u64,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
+    move |source| SyncError::io(path, source)
+}
+
+/// The state folder's paths for a destination.
+pub struct StatePaths {
+    pub dir: PathBuf,
+}
+
+impl StatePaths {
+    pub fn new(dest: &Path) -> StatePaths {
+        StatePaths { dir: dest.join(STATE_DIR) }
+    }
+
+    pub fn manifest(&self) -> PathBuf {
+        self.dir.join("manifest.json")
+    }
+
+    pub fn complete(&self) -> PathBuf {
+        self.dir.join("complete")
+    }
+
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
+    /// The partial file for `name` and its part map. Names may contain `/`; they are flattened.
+    pub fn partial(&self, name: &str) -> (PathBuf, PathBuf) {
+        let flat = name.replace('%', "%25").replace('/', "%2F");
+        let dir = self.dir.join("partial");
+        (dir.join(&flat), dir.join(format!("{flat}.parts.json")))
+    }
+}
+
+/// Reads a JSON state file; a missing or unreadable one is treated as absent (it is only a cache
+/// of work already done, and everything it claims is checked again).
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
+    let text = std::fs::read(path).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Writes JSON to a temporary name, syncs it, and renames it over `path`.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), SyncError> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+    {
+        use std::io::Write;
+        let mut f = File::create(&tmp).map_err(io_error(&tmp))?;
+        f.write_all(&bytes).map_err(io_error(&tmp))?;
+        f.sync_all().map_err(io_error(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io_error(path))
+}
+
+/// Modification time in nanoseconds since the epoch.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// XXH3-128 of a file's content, hex.
+pub fn hash_file(path: &Path) -> Result<String, SyncError> {
+    let mut file = File::open(path).map_err(io_error(path))?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_error(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:032x}", hasher.digest128()))
+}
+
+/// MD5 of a file's content, hex (S3's ETag for objects uploaded in one part).
+pub fn md5_file(path: &Path) -> Result<String, SyncError> {
+    use md5::Digest;
+    let mut file = File::open(path).map_err(io_error(path))?;
+    let mut hasher = md5::Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_error(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Holds the destination's lock until dropped.
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    /// Takes the lock, waiting (and saying so) while another sync holds it.
+    pub fn acquire(path: &Path) -> Result<Lock, SyncError> {
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_error(path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(lock = %path.display(), "another sync of this folder is running; waiting for it");
+                file.lock().map_err(io_error(path))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(SyncError::io(path, e)),
+        }
+        Ok(Lock { _file: file })
+    }
+}

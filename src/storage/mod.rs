@@ -1,0 +1,605 @@
+//! Model sync: copy a model from an object store (S3, GCS, Azure Blob, HTTPS) into a local folder,
+//! as `pagoda sync` and before `pagoda serve --model s3://...`.
+//!
+//! A sync lists the prefix, keeps the model's files, and downloads what is missing or changed in
+//! ranged parts, several files and several parts of each at once. Parts land in a partial file
+//! whose part map is saved as parts finish, so an interrupted sync resumes with only the missing
+//! bytes. A finished file is checked (size; MD5 where the ETag is one), hashed, synced to disk and
+//! renamed into place, and recorded in the manifest; the completion marker is written last. A lock
+//! keeps two syncs of one folder from interleaving. Nothing is ever half-written at a model path.
+
+mod manifest;
+mod source;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use self::manifest::{Completion, FileRecord, Lock, Manifest, PartMap, StatePaths};
+pub use self::source::{RemoteFile, Scheme, Source, StoreOptions};
+
+/// Files a model needs, kept unless `--exclude`d; `--include` adds more.
+pub const DEFAULT_INCLUDE: [&str; 6] = ["*.safetensors", "*.json", "tokenizer*", "*.jinja", "*.model", "*.txt"];
+pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("unsupported model URI scheme '{scheme}' in {uri}: use s3://, gs://, az://, azure:// or https://")]
+    UnknownScheme { uri: String, scheme: String },
+    #[error("invalid model URI {uri}: {reason}")]
+    InvalidUri { uri: String, reason: String },
+    #[error("refusing plain http:// for {uri}: pass --allow-http to allow unencrypted downloads")]
+    PlainHttp { uri: String },
+    #[error("cannot read {uri} (credentials tried: {credentials}): {}{source}", store_hint(source))]
+    Store { uri: String, credentials: String, source: Box<object_store::Error> },
+    #[error("{uri} holds no files: check the bucket and the prefix")]
+    Empty { uri: String },
+    #[error("{uri} is not a model folder: it has no config.json")]
+    NoConfig { uri: String },
+    #[error("{uri} has no weights: no *.safetensors file")]
+    NoWeights { uri: String },
+    #[error("{name} changed during the download ({detail}); run the sync again")]
+    Changed { name: String, detail: String },
+    #[error("{name}: received {got} bytes where {expected} were expected")]
+    Truncated { name: String, expected: u64, got: u64 },
+    #[error("{name}: the content does not match the store's checksum (MD5 {expected}, got {got})")]
+    Checksum { name: String, expected: String, got: String },
+    #[error("downloading {name} failed: {source}")]
+    Download { name: String, source: Box<object_store::Error> },
+    #[error("not enough disk space in {dest}: the sync needs {needed} more bytes and {available} are free")]
+    DiskFull { dest: PathBuf, needed: u64, available: u64 },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("invalid pattern '{pattern}': {reason}")]
+    Pattern { pattern: String, reason: String },
+}
+
+/// A plain-words reading of the store errors people meet most, put before the store's own text.
+fn store_hint(e: &object_store::Error) -> &'static str {
+    let text = e.to_string();
+    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    if has(&["NoSuchBucket", "ContainerNotFound", "bucket does not exist"]) {
+        "the bucket or container does not exist: "
+    } else if has(&[
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AuthenticationFailed",
+        "AuthorizationFailure",
+        "403 Forbidden",
+        "401 Unauthorized",
+    ]) {
+        "access denied, the credentials were refused: "
+    } else if has(&["Connection refused", "dns error", "timed out"]) {
+        "the store cannot be reached: "
+    } else {
+        ""
+    }
+}
+
+impl SyncError {
+    fn io(path: &Path, source: std::io::Error) -> SyncError {
+        SyncError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// A bar on a terminal, log lines otherwise.
+    Auto,
+    Log,
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct SyncOptions {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Parts downloading at once, across all files.
+    pub concurrency: usize,
+    pub part_size: u64,
+    /// Hash every local file, even those whose size and time say they are unchanged.
+    pub verify: bool,
+    pub progress: ProgressMode,
+    pub store: StoreOptions,
+}
+
+impl Default for SyncOptions {
+    fn default() -> SyncOptions {
+        SyncOptions {
+            include: Vec::new(),
+            exclude: Vec::new(),
+            concurrency: DEFAULT_CONCURRENCY,
+            part_size: DEFAULT_PART_SIZE,
+            verify: false,
+            progress: ProgressMode::Auto,
+            store: StoreOptions::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SyncSummary {
+    pub num_files: usize,
+    pub num_downloaded: usize,
+    pub num_bytes: u64,
+    /// Bytes fetched from the store by this run (parts resumed from a partial file excluded).
+    pub bytes_downloaded: u64,
+    pub seconds: f64,
+}
+
+impl SyncSummary {
+    pub fn throughput_mb_s(&self) -> f64 {
+        if self.seconds > 0.0 { self.bytes_downloaded as f64 / self.seconds / 1e6 } else { 0.0 }
+    }
+}
+
+fn file_filter(opts: &SyncOptions) -> Result<impl Fn(&str) -> bool + use<>, SyncError> {
+    let build = |patterns: &mut dyn Iterator<Item = &str>| -> Result<globset::GlobSet, SyncError> {
+        let mut set = globset::GlobSetBuilder::new();
+        for p in patterns {
+            let glob = globset::Glob::new(p)
+                .map_err(|e| SyncError::Pattern { pattern: p.to_string(), reason: e.to_string() })?;
+            set.add(glob);
+        }
+        set.build().map_err(|e| SyncError::Pattern { pattern: String::new(), reason: e.to_string() })
+    };
+    let include = build(&mut DEFAULT_INCLUDE.iter().copied().chain(opts.include.iter().map(String::as_str)))?;
+    let exclude = build(&mut opts.exclude.iter().map(String::as_str))?;
+    Ok(move |name: &str| {
+        let file_name = name.rsplit('/').next().unwrap_or(name);
+        // The state folder of a sync that was uploaded along with a model is never copied.
+        !name.split('/').any(|c| c == manifest::STATE_DIR)
+            && (include.is_match(name) || include.is_match(file_name))
+            && !(exclude.is_match(name) || exclude.is_match(file_name))
+    })
+}
+
+/// Free bytes on the filesystem holding `path`.
+fn available_bytes(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `stat` a writable statvfs.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut stat) } == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// Whether the local copy of `file` is the one the manifest recorded, hashing it only when its
+/// size and time no longer vouch for it (or when asked to).
+fn up_to_date(dest: &Path, file: &RemoteFile, record: Option<&FileRecord>, verify: bool) -> bool {
+    let Some(record) = record else { return false };
+    if record.size != file.size || record.e_tag != file.e_tag || record.last_modified != file.last_modified {
+        return false;
+    }
+    let path = dest.join(&file.name);
+    let Ok(meta) = std::fs::metadata(&path) else { return false };
+    if meta.len() != file.size {
+        return false;
+    }
+    if !verify && manifest::mtime_ns(&meta) == record.mtime_ns {
+        return true;
+    }
+    match manifest::hash_file(&path) {
+        Ok(hash) if hash == record.xxh3 => true,
+        _ => {
+            tracing::warn!(file = %file.name, "local file does not match what was synced; fetching it again");
+            false
+        }
+    }
+}
+
+/// A file being downloaded: its partial file, its part map, and how many parts are left.
+struct Transfer {
+    file: RemoteFile,
+    partial: PathBuf,
+    parts_path: PathBuf,
+    handle: std::fs::File,
+    parts: std::sync::Mutex<PartMap>,
+    remaining: AtomicU64,
+}
+
+/// Opens (or resumes) the partial file of `file`; returns it with the parts still to fetch.
+fn start_transfer(state: &StatePaths, file: &RemoteFile, part_size: u64) -> Result<(Transfer, Vec<u64>), SyncError> {
+    let (partial, parts_path) = state.partial(&file.name);
+    let num_parts = file.size.div_ceil(part_size).max(1);
+    let fresh = PartMap {
+        size: file.size,
+        e_tag: file.e_tag.clone(),
+        last_modified: file.last_modified.clone(),
+        part_size,
+        done: vec![false; num_parts as usize],
+    };
+    let resumed: Option<PartMap> = manifest::read_json(&parts_path).filter(|m: &PartMap| {
+        m.size == fresh.size
+            && m.e_tag == fresh.e_tag
+            && m.last_modified == fresh.last_modified
+            && m.part_size == part_size
+            && m.done.len() == fresh.done.len()
+            && std::fs::metadata(&partial).is_ok_and(|meta| meta.len() == file.size)
+    });
+    let map = match resumed {
+        Some(map) => map,
+        None => {
+            let f = std::fs::File::create(&partial).map_err(|e| SyncError::io(&partial, e))?;
+            f.set_len(file.size).map_err(|e| SyncError::io(&partial, e))?;
+            manifest::write_json(&parts_path, &fresh)?;
+            fresh
+        }
+    };
+    let todo: Vec<u64> = (0..num_parts).filter(|&i| !map.done[i as usize]).collect();
+    let handle =
+        std::fs::OpenOptions::new().write(true).read(true).open(&partial).map_err(|e| SyncError::io(&partial, e))?;
+    let transfer = Transfer {
+        file: file.clone(),
+        partial,
+        parts_path,
+        handle,
+        parts: std::sync::Mutex::new(map),
+        remaining: AtomicU64::new(todo.len() as u64),
+    };
+    Ok((transfer, todo))
+}
+
+/// Fetches one part into its place in the partial file and records it as done.
+async fn fetch_part(
+    source: &Source,
+    t: &Transfer,
+    part: u64,
+    part_size: u64,
+    fetched: &AtomicU64,
+) -> Result<(), SyncError> {
+    let start = part * part_size;
+    let end = (start + part_size).min(t.file.size);
+    let mut offset = start;
+    if end > start {
+        let mut stream = source.get_range(&t.file, start..end).await?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| SyncError::Download { name: t.file.name.clone(), source: Box::new(e) })?;
+            if offset + chunk.len() as u64 > end {
+                return Err(SyncError::Truncated {
+                    name: t.file.name.clone(),
+                    expected: end - start,
+                    got: offset + chunk.len() as u64 - start,
+                });
+            }
+            t.handle.write_all_at(&chunk, offset).map_err(|e| SyncError::io(&t.partial, e))?;
+            offset += chunk.len() as u64;
+            fetched.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+    }
+    if offset != end {
+        return Err(SyncError::Truncated { name: t.file.name.clone(), expected: end - start, got: offset - start });
+    }
+    let snapshot = {
+        let mut map = t.parts.lock().expect("not poisoned");
+        map.done[part as usize] = true;
+        map.clone()
+    };
+    // The data must be on disk before the map says so, or a crash could skip lost bytes.
+    t.handle.sync_data().map_err(|e| SyncError::io(&t.partial, e))?;
+    manifest::write_json(&t.parts_path, &snapshot)
+}
+
+/// Checks a completed partial file and moves it into place; returns its manifest record.
+fn finish_transfer(dest: &Path, t: &Transfer) -> Result<FileRecord, SyncError> {
+    let size = std::fs::metadata(&t.partial).map_err(|e| SyncError::io(&t.partial, e))?.len();
+    if size != t.file.size {
+        return Err(SyncError::Truncated { name: t.file.name.clone(), expected: t.file.size, got: size });
+    }
+    // S3 gives the MD5 of objects uploaded in one part as their ETag; check it where it is one.
+    if let Some(etag) = t.file.e_tag.as_deref().map(|e| e.trim_matches('"').to_ascii_lowercase()) {
+        let is_md5 = etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_md5 {
+            let got = manifest::md5_file(&t.partial)?;
+            if got != etag {
+                let _ = std::fs::remove_file(&t.partial);
+                let _ = std::fs::remove_file(&t.parts_path);
+                return Err(SyncError::Checksum { name: t.file.name.clone(), expected: etag, got });
+            }
+        }
+    }
+    t.handle.sync_all().map_err(|e| SyncError::io(&t.partial, e))?;
+    let xxh3 = manifest::hash_file(&t.partial)?;
+    let target = dest.join(&t.file.name);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| SyncError::io(parent, e))?;
+    }
+    std::fs::rename(&t.partial, &target).map_err(|e| SyncError::io(&target, e))?;
+    let _ = std::fs::remove_file(&t.parts_path);
+    let meta = std::fs::metadata(&target).map_err(|e| SyncError::io(&target, e))?;
+    Ok(FileRecord {
+        size: t.file.size,
+        e_tag: t.file.e_tag.clone(),
+        last_modified: t.file.last_modified.clone(),
+        mtime_ns: manifest::mtime_ns(&meta),
+        xxh3,
+    })
+}
+
+/// Reports progress while a sync runs: a bar on a terminal, a log line every few seconds
+/// otherwise.
+fn spawn_progress(mode: ProgressMode, total: u64, fetched: Arc<AtomicU64>) -> Option<tokio::task::JoinHandle<()>> {
+    use std::io::IsTerminal;
+    let bar = match mode {
+        ProgressMode::Off => return None,
+        ProgressMode::Auto if std::io::stderr().is_terminal() => {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("the template is valid"),
+            );
+            Some(bar)
+        }
+        _ => None,
+    };
+    Some(tokio::spawn(async move {
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let done = fetched.load(Ordering::Relaxed);
+            match &bar {
+                Some(bar) => bar.set_position(done),
+                None if last_log.elapsed() >= Duration::from_secs(5) => {
+                    last_log = Instant::now();
+                    let rate = done as f64 / started.elapsed().as_secs_f64() / 1e6;
+                    tracing::info!(bytes = done, total, mb_per_s = format!("{rate:.1}"), "sync progress");
+                }
+                None => {}
+            }
+        }
+    }))
+}
+
+/// Syncs `uri` into `dest`. Safe to run again, or next to another sync of the same folder.
+pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSummary, SyncError> {
+    let started = Instant::now();
+    let source = Source::parse(uri, &opts.store)?;
+    let keep = file_filter(opts)?;
+    let state = StatePaths::new(dest);
+    std::fs::create_dir_all(state.dir.join("partial")).map_err(|e| SyncError::io(&state.dir, e))?;
+    let lock_path = state.lock();
+    let _lock =
+        tokio::task::spawn_blocking(move || Lock::acquire(&lock_path)).await.expect("the lock task does not panic")?;
+
+    let files: Vec<RemoteFile> = source.list().await?;
+    if files.is_empty() {
+        return Err(SyncError::Empty { uri: uri.to_string() });
+    }
+    let files: Vec<RemoteFile> = files.into_iter().filter(|f| keep(&f.name)).collect();
+    if !files.iter().any(|f| f.name == "config.json") {
+        return Err(SyncError::NoConfig { uri: uri.to_string() });
+    }
+    if !files.iter().any(|f| f.name.ends_with(".safetensors")) {
+        return Err(SyncError::NoWeights { uri: uri.to_string() });
+    }
+
+    let mut manifest: Manifest = manifest::read_json(&state.manifest()).unwrap_or_default();
+    if manifest.source != uri {
+        manifest = Manifest { source: uri.to_string(), files: BTreeMap::new() };
+    }
+    let (dest_owned, verify) = (dest.to_path_buf(), opts.verify);
+    let (fresh_files, records) = (files.clone(), manifest.files.clone());
+    let needed: Vec<RemoteFile> = tokio::task::spawn_blocking(move || {
+        fresh_files.into_iter().filter(|f| !up_to_date(&dest_owned, f, records.get(&f.name), verify)).collect()
+    })
+    .await
+    .expect("the check does not panic");
+    let num_bytes: u64 = files.iter().map(|f| f.size).sum();
+    if needed.is_empty() {
+        // Files the source no longer has may still be recorded: drop them, then mark complete.
+        finish(dest, &state, &mut manifest, &files)?;
+        let summary = SyncSummary {
+            num_files: files.len(),
+            num_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        tracing::info!(files = summary.num_files, bytes = num_bytes, "model already in sync; nothing downloaded");
+        return Ok(summary);
+    }
+    // The folder is about to change: it is no longer a complete copy until the marker is back.
+    let _ = std::fs::remove_file(state.complete());
+
+    let part_size = opts.part_size.max(1);
+    let mut transfers = Vec::new();
+    let mut tasks: Vec<(usize, u64)> = Vec::new();
+    let mut to_fetch = 0u64;
+    for file in &needed {
+        let (transfer, todo) = start_transfer(&state, file, part_size)?;
+        for &part in &todo {
+            tasks.push((transfers.len(), part));
+            let start = part * part_size;
+            to_fetch += (start + part_size).min(file.size).saturating_sub(start);
+        }
+        transfers.push(transfer);
+    }
+    // Partial files are already allocated, so only the finished copies can need more room than is
+    // free (their partial files are renamed, not copied): a plain check of what is left to fetch.
+    if let Some(available) = available_bytes(dest).filter(|&a| to_fetch > a) {
+        return Err(SyncError::DiskFull { dest: dest.to_path_buf(), needed: to_fetch, available });
+    }
+    tracing::info!(
+        source = uri,
+        dest = %dest.display(),
+        files = needed.len(),
+        bytes = to_fetch,
+        resumed_bytes = needed.iter().map(|f| f.size).sum::<u64>() - to_fetch,
+        "syncing"
+    );
+
+    let fetched = Arc::new(AtomicU64::new(0));
+    let progress = spawn_progress(opts.progress, to_fetch, fetched.clone());
+    let transfers = Arc::new(transfers);
+    let source = Arc::new(source);
+    // Files with nothing left to fetch (fully resumed) finish first.
+    let mut finished: Vec<usize> =
+        (0..transfers.len()).filter(|&i| transfers[i].remaining.load(Ordering::Relaxed) == 0).collect();
+    let results = futures::stream::iter(tasks)
+        .map(|(idx, part)| {
+            let (source, transfers, fetched) = (source.clone(), transfers.clone(), fetched.clone());
+            async move {
+                let t = &transfers[idx];
+                fetch_part(&source, t, part, part_size, &fetched).await?;
+                let left = t.remaining.fetch_sub(1, Ordering::SeqCst) - 1;
+                Ok::<Option<usize>, SyncError>((left == 0).then_some(idx))
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1));
+    let mut results = std::pin::pin!(results);
+    let finish_ready = |finished: &mut Vec<usize>, manifest: &mut Manifest| -> Result<(), SyncError> {
+        for idx in finished.drain(..) {
+            let t = &transfers[idx];
+            let record = finish_transfer(dest, t)?;
+            manifest.files.insert(t.file.name.clone(), record);
+            manifest::write_json(&state.manifest(), manifest)?;
+        }
+        Ok(())
+    };
+    let mut outcome = finish_ready(&mut finished, &mut manifest);
+    while outcome.is_ok() {
+        match results.next().await {
+            None => break,
+            Some(Ok(Some(idx))) => finished.push(idx),
+            Some(Ok(None)) => {}
+            Some(Err(e)) => outcome = Err(e),
+        }
+        if outcome.is_ok() {
+            outcome = finish_ready(&mut finished, &mut manifest);
+        }
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+    outcome?;
+    finish(dest, &state, &mut manifest, &files)?;
+    let summary = SyncSummary {
+        num_files: files.len(),
+        num_downloaded: needed.len(),
+        num_bytes,
+        bytes_downloaded: fetched.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    tracing::info!(
+        files = summary.num_files,
+        downloaded_files = summary.num_downloaded,
+        downloaded_bytes = summary.bytes_downloaded,
+        seconds = format!("{:.2}", summary.seconds),
+        mb_per_s = format!("{:.1}", summary.throughput_mb_s()),
+        "sync finished"
+    );
+    Ok(summary)
+}
+
+/// Removes files an earlier sync of this source wrote that the source no longer has, saves the
+/// manifest and writes the completion marker (last).
+fn finish(dest: &Path, state: &StatePaths, manifest: &mut Manifest, files: &[RemoteFile]) -> Result<(), SyncError> {
+    let current: std::collections::HashSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    let stale: Vec<String> = manifest.files.keys().filter(|n| !current.contains(n.as_str())).cloned().collect();
+    for name in stale {
+        let path = dest.join(&name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(file = %name, "removed: no longer in the source"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SyncError::io(&path, e)),
+        }
+        manifest.files.remove(&name);
+    }
+    manifest::write_json(&state.manifest(), manifest)?;
+    let completion = Completion {
+        source: manifest.source.clone(),
+        num_files: files.len(),
+        num_bytes: files.iter().map(|f| f.size).sum(),
+    };
+    manifest::write_json(&state.complete(), &completion)
+}
+
+/// Whether `dest` holds a complete sync of `uri` (its marker is there).
+pub fn is_complete(uri: &str, dest: &Path) -> bool {
+    manifest::read_json::<Completion>(&StatePaths::new(dest).complete()).is_some_and(|c| c.source == uri)
+}
+
+/// Whether a `--model` value is an object-store URI rather than a local folder.
+pub fn is_remote(model: &str) -> bool {
+    model.contains("://")
+}
+
+/// The folder under `download_dir` a URI syncs to: `s3://bucket/a/b` → `download_dir/s3/bucket/a/b`.
+pub fn local_dir(download_dir: &Path, uri: &str) -> PathBuf {
+    let mut dir = download_dir.to_path_buf();
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("model", uri));
+    dir.push(scheme);
+    for part in rest.split(['/', '?', '#']).filter(|p| !p.is_empty() && *p != "." && *p != "..") {
+        dir.push(part.replace(':', "_"));
+    }
+    dir
+}
+
+/// Where `serve` keeps synced models when `--download-dir` is not given.
+pub fn default_download_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("pagoda/models");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".cache/pagoda/models"),
+        None => PathBuf::from("/var/cache/pagoda/models"),
+    }
+}
+
+/// Syncs `uri` for serving. When the store cannot be reached but an earlier sync completed, the
+/// cached copy is served (with a warning) so a restart does not depend on the store.
+pub async fn ensure_local(uri: &str, download_dir: &Path, opts: &SyncOptions) -> Result<PathBuf, SyncError> {
+    let dest = local_dir(download_dir, uri);
+    match sync(uri, &dest, opts).await {
+        Ok(_) => Ok(dest),
+        Err(e @ SyncError::Store { .. }) if is_complete(uri, &dest) => {
+            tracing::warn!(%e, dest = %dest.display(), "cannot reach the store; serving the copy synced earlier");
+            Ok(dest)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_filter_keeps_model_files_and_patterns_change_it() {
+        let keep = file_filter(&SyncOptions::default()).unwrap();
+        for name in [
+            "model-00001-of-00002.safetensors",
+            "config.json",
+            "tokenizer.model",
+            "chat_template.jinja",
+            "merges.txt",
+            "sub/config.json",
+        ] {
+            assert!(keep(name), "{name}");
+        }
+        for name in ["original/consolidated.00.pth", "README.md", ".gitattributes", ".pagoda-sync/manifest.json"] {
+            assert!(!keep(name), "{name}");
+        }
+        let opts =
+            SyncOptions { include: vec!["*.md".into()], exclude: vec!["*.txt".into()], ..SyncOptions::default() };
+        let keep = file_filter(&opts).unwrap();
+        assert!(keep("README.md") && !keep("merges.txt"));
+        let bad = SyncOptions { include: vec!["[".into()], ..SyncOptions::default() };
+        assert!(file_filter(&bad).err().unwrap().to_string().starts_with("invalid pattern '['"));
+    }
+
+    #[test]
+    fn uris_map_to_folders_under_the_download_dir() {
+        let base = Path::new("/cache");
+        assert_eq!(local_dir(base, "s3://bucket/models/llama/"), PathBuf::from("/cache/s3/bucket/models/llama"));
+        assert_eq!(local_dir(base, "https://host:8080/a/../b"), PathBuf::from("/cache/https/host_8080/a/b"));
+        assert!(is_remote("gs://b/m") && !is_remote("/models/llama"));
+    }
+}

@@ -1,0 +1,344 @@
+//! Model URIs: `s3://`, `gs://`, `az://` (also `azure://` and `https://ACCOUNT.blob.core.windows.net/...`)
+//! and `https://` base URLs, each turned into an `object_store` client built from the environment
+//! the way that cloud's users expect (instance roles, IRSA, workload identity, managed identity).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::http::HttpBuilder;
+use object_store::path::Path as StorePath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+
+use super::SyncError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    S3,
+    Gcs,
+    Azure,
+    Http,
+}
+
+/// Settings that are not in the URI.
+#[derive(Clone, Debug, Default)]
+pub struct StoreOptions {
+    /// A custom endpoint (S3-compatible stores, emulators); also `AWS_ENDPOINT_URL`.
+    pub endpoint: Option<String>,
+    /// Allow plain `http://` endpoints and URLs.
+    pub allow_http: bool,
+}
+
+/// One object under the model's prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteFile {
+    /// Path relative to the prefix, `/`-separated.
+    pub name: String,
+    pub size: u64,
+    pub e_tag: Option<String>,
+    pub last_modified: String,
+    location: StorePath,
+}
+
+pub struct Source {
+    pub uri: String,
+    pub scheme: Scheme,
+    store: Arc<dyn ObjectStore>,
+    prefix: StorePath,
+    /// Which credentials the client will try, for error messages.
+    pub credentials: String,
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty())
+}
+
+/// The credential source each cloud's client will use, read from the same variables it reads.
+fn credential_hint(scheme: Scheme) -> String {
+    let hint = match scheme {
+        Scheme::S3 if env_set("AWS_SKIP_SIGNATURE") => "none (AWS_SKIP_SIGNATURE: anonymous requests)",
+        Scheme::S3 if env_set("AWS_ACCESS_KEY_ID") => "static keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+        Scheme::S3 if env_set("AWS_WEB_IDENTITY_TOKEN_FILE") => {
+            "web identity (AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN: IRSA)"
+        }
+        Scheme::S3 if env_set("AWS_CONTAINER_CREDENTIALS_FULL_URI") => {
+            "EKS Pod Identity (AWS_CONTAINER_CREDENTIALS_FULL_URI)"
+        }
+        Scheme::S3 if env_set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") => "the ECS task role",
+        Scheme::S3 => "the EC2 instance role from instance metadata (no AWS_ACCESS_KEY_ID, no web identity token)",
+        Scheme::Gcs if env_set("GOOGLE_BEARER_TOKEN") => "a static bearer token (GOOGLE_BEARER_TOKEN)",
+        Scheme::Gcs if env_set("GOOGLE_SERVICE_ACCOUNT") || env_set("GOOGLE_SERVICE_ACCOUNT_PATH") => {
+            "the service-account file in GOOGLE_SERVICE_ACCOUNT"
+        }
+        Scheme::Gcs if env_set("GOOGLE_SERVICE_ACCOUNT_KEY") => "the service-account key in GOOGLE_SERVICE_ACCOUNT_KEY",
+        Scheme::Gcs if env_set("GOOGLE_APPLICATION_CREDENTIALS") => {
+            "the credentials file in GOOGLE_APPLICATION_CREDENTIALS"
+        }
+        Scheme::Gcs => "the GCE metadata server (workload identity; no credentials file set)",
+        Scheme::Azure if env_set("AZURE_STORAGE_USE_EMULATOR") => {
+            "the storage emulator's account (AZURE_STORAGE_USE_EMULATOR)"
+        }
+        Scheme::Azure if env_set("AZURE_STORAGE_ACCOUNT_KEY") || env_set("AZURE_STORAGE_ACCESS_KEY") => {
+            "the account key in AZURE_STORAGE_ACCOUNT_KEY"
+        }
+        Scheme::Azure if env_set("AZURE_STORAGE_SAS_KEY") || env_set("AZURE_STORAGE_SAS_TOKEN") => {
+            "a SAS token (AZURE_STORAGE_SAS_KEY)"
+        }
+        Scheme::Azure if env_set("AZURE_FEDERATED_TOKEN_FILE") => "workload identity (AZURE_FEDERATED_TOKEN_FILE)",
+        Scheme::Azure if env_set("AZURE_CLIENT_SECRET") => "a service principal secret (AZURE_CLIENT_SECRET)",
+        Scheme::Azure => "managed identity from instance metadata (no key, SAS or federated token set)",
+        Scheme::Http => "none (anonymous HTTP)",
+    };
+    hint.to_string()
+}
+
+fn client_options(allow_http: bool) -> ClientOptions {
+    // The default 30 s limit covers a whole request with its body, which a 16 MiB part on a slow
+    // link can exceed; a stalled connection is still caught by the connect timeout and retries.
+    ClientOptions::new()
+        .with_allow_http(allow_http)
+        .with_timeout(Duration::from_secs(600))
+        .with_connect_timeout(Duration::from_secs(10))
+}
+
+fn retry_config() -> RetryConfig {
+    RetryConfig { max_retries: 5, retry_timeout: Duration::from_secs(60), ..RetryConfig::default() }
+}
+
+/// Splits `scheme://bucket/prefix` into bucket and prefix.
+fn bucket_and_prefix(url: &url::Url) -> Result<(String, String), String> {
+    let bucket = url.host_str().filter(|h| !h.is_empty()).ok_or("no bucket or container name")?.to_string();
+    Ok((bucket, url.path().trim_matches('/').to_string()))
+}
+
+impl Source {
+    pub fn parse(uri: &str, opts: &StoreOptions) -> Result<Source, SyncError> {
+        let invalid = |reason: &str| SyncError::InvalidUri { uri: uri.to_string(), reason: reason.to_string() };
+        let url = url::Url::parse(uri).map_err(|e| invalid(&e.to_string()))?;
+        let store_err = |scheme, e: object_store::Error| SyncError::Store {
+            uri: uri.to_string(),
+            credentials: credential_hint(scheme),
+            source: Box::new(e),
+        };
+        let allow_http = opts.allow_http || env_set("AWS_ALLOW_HTTP");
+        let (scheme, store, prefix): (Scheme, Arc<dyn ObjectStore>, String) = match url.scheme() {
+            "s3" | "s3a" => {
+                let (bucket, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_client_options(client_options(allow_http))
+                    .with_retry(retry_config());
+                if let Some(endpoint) = &opts.endpoint {
+                    b = b.with_endpoint(endpoint);
+                }
+                (Scheme::S3, Arc::new(b.build().map_err(|e| store_err(Scheme::S3, e))?), prefix)
+            }
+            "gs" => {
+                let (bucket, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_client_options(client_options(allow_http))
+                    .with_retry(retry_config());
+                if let Some(endpoint) = &opts.endpoint {
+                    b = b.with_config(GoogleConfigKey::BaseUrl, endpoint);
+                }
+                (Scheme::Gcs, Arc::new(b.build().map_err(|e| store_err(Scheme::Gcs, e))?), prefix)
+            }
+            "az" | "azure" => {
+                let (container, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
+                let b = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(container)
+                    .with_client_options(client_options(allow_http))
+                    .with_retry(retry_config());
+                (Scheme::Azure, Arc::new(b.build().map_err(|e| store_err(Scheme::Azure, e))?), prefix)
+            }
+            "https" | "http" if url.host_str().is_some_and(|h| h.ends_with(".blob.core.windows.net")) => {
+                // https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX
+                let mut segments = url.path().trim_matches('/').splitn(2, '/');
+                let container =
+                    segments.next().filter(|c| !c.is_empty()).ok_or_else(|| invalid("no container in the path"))?;
+                let prefix = segments.next().unwrap_or("").trim_matches('/').to_string();
+                let account = url.host_str().and_then(|h| h.split('.').next()).unwrap_or_default().to_string();
+                let b = MicrosoftAzureBuilder::from_env()
+                    .with_account(account)
+                    .with_container_name(container)
+                    .with_client_options(client_options(allow_http))
+                    .with_retry(retry_config());
+                (Scheme::Azure, Arc::new(b.build().map_err(|e| store_err(Scheme::Azure, e))?), prefix)
+            }
+            "https" | "http" => {
+                if url.scheme() == "http" && !opts.allow_http {
+                    return Err(SyncError::PlainHttp { uri: uri.to_string() });
+                }
+                // The store is rooted at the server; the URL's path is the prefix, as listings
+                // (WebDAV) name objects from the root.
+                let mut origin = url.clone();
+                origin.set_path("/");
+                origin.set_query(None);
+                let prefix = url.path().trim_matches('/').to_string();
+                let b = HttpBuilder::new()
+                    .with_url(origin.as_str())
+                    .with_client_options(client_options(allow_http))
+                    .with_retry(retry_config());
+                (Scheme::Http, Arc::new(b.build().map_err(|e| store_err(Scheme::Http, e))?), prefix)
+            }
+            other => {
+                return Err(SyncError::UnknownScheme { uri: uri.to_string(), scheme: other.to_string() });
+            }
+        };
+        let prefix = StorePath::parse(&prefix).map_err(|e| invalid(&e.to_string()))?;
+        Ok(Source { uri: uri.to_string(), scheme, store, prefix, credentials: credential_hint(scheme) })
+    }
+
+    fn store_error(&self, e: object_store::Error) -> SyncError {
+        SyncError::Store { uri: self.uri.clone(), credentials: self.credentials.clone(), source: Box::new(e) }
+    }
+
+    /// Every object under the prefix, paging through listings of any length. An HTTP server that
+    /// cannot list (no WebDAV) is asked for the files a Hugging Face model folder holds instead.
+    pub async fn list(&self) -> Result<Vec<RemoteFile>, SyncError> {
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let listed: Result<Vec<_>, _> = self.store.list(prefix).try_collect().await;
+        let metas = match listed {
+            Ok(metas) => metas,
+            Err(e) if self.scheme == Scheme::Http => {
+                tracing::debug!(%e, "the HTTP server cannot list; probing for model files");
+                return self.probe_http().await;
+            }
+            Err(e) => return Err(self.store_error(e)),
+        };
+        let prefix_len = if self.prefix.as_ref().is_empty() { 0 } else { self.prefix.as_ref().len() + 1 };
+        let mut files: Vec<RemoteFile> = metas
+            .into_iter()
+            .filter(|m| m.location.as_ref().len() > prefix_len)
+            .map(|m| RemoteFile {
+                name: m.location.as_ref()[prefix_len..].to_string(),
+                size: m.size,
+                e_tag: m.e_tag,
+                last_modified: m.last_modified.to_rfc3339(),
+                location: m.location,
+            })
+            .collect();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        tracing::debug!(uri = %self.uri, names = ?files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), "listed");
+        Ok(files)
+    }
+
+    /// Asks a plain HTTP server for the files of a model folder by name: the configs, the
+    /// tokenizer, and the weights (the shards the index names, or the single file).
+    async fn probe_http(&self) -> Result<Vec<RemoteFile>, SyncError> {
+        let mut names: Vec<String> = [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "model.safetensors.index.json",
+            "model.safetensors",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut files = Vec::new();
+        let mut idx = 0;
+        while idx < names.len() {
+            let name = names[idx].clone();
+            idx += 1;
+            let location = self.location(&name);
+            let meta = match self.store.head(&location).await {
+                Ok(meta) => meta,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(self.store_error(e)),
+            };
+            if name == "model.safetensors.index.json" {
+                let result = self.store.get(&location).await.map_err(|e| self.store_error(e))?;
+                let bytes = result.bytes().await.map_err(|e| self.store_error(e))?;
+                let index: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| SyncError::InvalidUri {
+                    uri: self.uri.clone(),
+                    reason: format!("{name} is not JSON: {e}"),
+                })?;
+                let mut shards: Vec<String> = index["weight_map"]
+                    .as_object()
+                    .map(|m| m.values().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
+                shards.sort();
+                shards.dedup();
+                let new: Vec<String> = shards.into_iter().filter(|s| !names.contains(s)).collect();
+                names.extend(new);
+            }
+            files.push(RemoteFile {
+                name,
+                size: meta.size,
+                e_tag: meta.e_tag,
+                last_modified: meta.last_modified.to_rfc3339(),
+                location,
+            });
+        }
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(files)
+    }
+
+    /// The store path of `name` under the prefix.
+    fn location(&self, name: &str) -> StorePath {
+        if self.prefix.as_ref().is_empty() {
+            StorePath::from(name)
+        } else {
+            StorePath::from(format!("{}/{name}", self.prefix.as_ref()))
+        }
+    }
+
+    /// The bytes `range` of `file`, refused if the object no longer has the ETag it was listed
+    /// with (it changed during the sync).
+    pub async fn get_range(
+        &self,
+        file: &RemoteFile,
+        range: std::ops::Range<u64>,
+    ) -> Result<futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>, SyncError> {
+        let options =
+            object_store::GetOptions { range: Some(range.into()), if_match: file.e_tag.clone(), ..Default::default() };
+        match self.store.get_opts(&file.location, options).await {
+            Ok(result) if result.meta.size != file.size => Err(SyncError::Changed {
+                name: file.name.clone(),
+                detail: format!("its size went from {} to {} bytes", file.size, result.meta.size),
+            }),
+            Ok(result) => Ok(result.into_stream()),
+            Err(object_store::Error::Precondition { .. }) => Err(SyncError::Changed {
+                name: file.name.clone(),
+                detail: "its ETag no longer matches the listing".into(),
+            }),
+            Err(object_store::Error::NotFound { .. }) => {
+                Err(SyncError::Changed { name: file.name.clone(), detail: "it was deleted".into() })
+            }
+            Err(e) => Err(SyncError::Download { name: file.name.clone(), source: Box::new(e) }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(uri: &str) -> Result<Source, String> {
+        Source::parse(uri, &StoreOptions { allow_http: false, endpoint: Some("http://127.0.0.1:9".into()) })
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn recognises_every_scheme_and_refuses_others() {
+        assert_eq!(parse("s3://bucket/models/llama").unwrap().scheme, Scheme::S3);
+        assert_eq!(parse("gs://bucket/m").unwrap().scheme, Scheme::Gcs);
+        assert_eq!(parse("https://example.com/models/llama").unwrap().scheme, Scheme::Http);
+        assert_eq!(
+            parse("ftp://host/x").err().unwrap(),
+            "unsupported model URI scheme 'ftp' in ftp://host/x: use s3://, gs://, az://, azure:// or https://"
+        );
+        assert_eq!(
+            parse("http://example.com/m").err().unwrap(),
+            "refusing plain http:// for http://example.com/m: pass --allow-http to allow unencrypted downloads"
+        );
+        assert!(parse("s3:///nobucket").err().unwrap().contains("no bucket"));
+    }
+}

@@ -1,0 +1,554 @@
+//! `pagoda sync` and `pagoda serve --model s3://...` against real local servers started here:
+//! moto for S3 (and, through its S3 routing, the GCS client), Azurite for Azure Blob, and rclone
+//! for HTTP. A test whose server is not installed says so and does not run (`./test.sh` installs
+//! them all).
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStoreExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use serde_json::{Value, json};
+
+use crate::common::*;
+use crate::http::{get, post};
+use crate::server::Server;
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn spawn(program: &Path, args: &[&str]) -> Proc {
+    Proc(Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+}
+
+/// A moto S3 server with one bucket.
+struct Moto {
+    _proc: Proc,
+    port: u16,
+}
+
+const BUCKET: &str = "models";
+
+impl Moto {
+    fn start() -> Option<Moto> {
+        let bin = repo_path(".venv/bin/moto_server");
+        if !bin.is_file() {
+            println!("did not run: {} is missing (./test.sh installs moto)", bin.display());
+            return None;
+        }
+        let port = free_port();
+        let proc = spawn(&bin, &["-H", "127.0.0.1", "-p", &port.to_string()]);
+        wait_port(port, "moto");
+        let moto = Moto { _proc: proc, port };
+        let resp = crate::http::request(port, "PUT", &format!("/{BUCKET}"), &[], b"");
+        assert_eq!(resp.status, 200, "creating the bucket: {}", resp.text());
+        Some(moto)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What `pagoda` needs in its environment to reach this server.
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "test".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .to_vec()
+    }
+
+    fn client(&self) -> AmazonS3 {
+        AmazonS3Builder::new()
+            .with_bucket_name(BUCKET)
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .unwrap()
+    }
+
+    fn put(&self, key: &str, bytes: Vec<u8>) {
+        let client = self.client();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(client.put(&object_store::path::Path::from(key), bytes.into())).unwrap();
+    }
+
+    /// Uploads the files of `dir` under `prefix`.
+    fn upload_dir(&self, dir: &Path, prefix: &str) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                let name = path.file_name().unwrap().to_str().unwrap();
+                self.put(&format!("{prefix}/{name}"), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+}
+
+/// The tiny-llama fixture's model files (without the reference outputs).
+fn model_dir() -> PathBuf {
+    copy_fixture("tiny-llama", "sync-model-src")
+}
+
+/// A model folder with a `weights_mib`-MiB weight file of pseudo-random bytes.
+fn big_model_dir(name: &str, weights_mib: usize) -> PathBuf {
+    let dir = copy_fixture("tiny-llama", name);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..weights_mib << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 56) as u8
+        })
+        .collect();
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+    dir
+}
+
+/// Runs `pagoda` with a clean environment plus `env`.
+fn pagoda(args: &[&str], env: &[(String, String)]) -> Output {
+    pagoda_cmd(args, env).output().unwrap()
+}
+
+fn pagoda_cmd(args: &[&str], env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pagoda"));
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("PAGODA_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// `pagoda sync ... --json`, which must succeed; returns its summary.
+fn sync_ok(uri: &str, dest: &Path, extra: &[&str], env: &[(String, String)]) -> Value {
+    let mut args = vec!["sync", uri, dest.to_str().unwrap(), "--json", "--progress", "off"];
+    args.extend_from_slice(extra);
+    let out = pagoda(&args, env);
+    assert!(out.status.success(), "sync failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `pagoda sync` that must fail; returns its one-line error.
+fn sync_err(uri: &str, dest: &Path, extra: &[&str], env: &[(String, String)]) -> String {
+    let mut args = vec!["sync", uri, dest.to_str().unwrap(), "--progress", "off"];
+    args.extend_from_slice(extra);
+    let out = pagoda(&args, env);
+    assert_eq!(out.status.code(), Some(1), "sync should fail: {}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr.lines().last().unwrap_or_default().to_string()
+}
+
+/// Every model file of `src` is in `dest` with the same bytes.
+fn assert_same_files(src: &Path, dest: &Path) {
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(dest.join(name)).unwrap(), "{name:?} differs");
+    }
+}
+
+fn total_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+#[test]
+fn s3_sync_is_byte_identical_idempotent_and_served() {
+    let Some(moto) = Moto::start() else { return };
+    let src = model_dir();
+    moto.upload_dir(&src, "tiny-llama");
+    let uri = format!("s3://{BUCKET}/tiny-llama");
+    let dest = scratch_dir("sync-s3").join("model");
+    let first = sync_ok(&uri, &dest, &[], &moto.env());
+    assert_eq!(first["downloaded_files"], 5);
+    assert_eq!(first["downloaded_bytes"], total_bytes(&src));
+    assert_same_files(&src, &dest);
+    let second = sync_ok(&uri, &dest, &[], &moto.env());
+    assert_eq!((second["downloaded_files"].clone(), second["downloaded_bytes"].clone()), (json!(0), json!(0)));
+
+    // Serving the URI syncs into --download-dir and serves under the URI's name.
+    let cache = scratch_dir("sync-s3-cache");
+    let mut env: Vec<(String, String)> = moto.env();
+    env.push(("PAGODA_DOWNLOAD_DIR".into(), cache.display().to_string()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let server = Server::spawn(&["--model", &uri], &env_refs);
+    server.wait_ready();
+    let models = get(server.port, "/v1/models").json();
+    assert_eq!(models["data"][0]["id"], uri.as_str());
+    let local = cache.join("s3").join(BUCKET).join("tiny-llama");
+    assert_same_files(&src, &local);
+    let reference = reference("tiny-llama");
+    let body =
+        json!({"prompt": reference.prompts[0].prompt_ids, "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+    let served = post(server.port, "/v1/completions", &body).json();
+    let mut engine = engine("tiny-llama", |_| {});
+    let expected = run(&mut engine, vec![request("x", reference.prompts[0].prompt_ids.clone(), greedy(8))]).remove(0);
+    assert_eq!(served["choices"][0]["text"], expected.text.as_str());
+    drop(server);
+
+    // A restart with the store gone serves the complete copy synced before.
+    drop(moto);
+    let server = Server::spawn(&["--model", &uri], &env_refs);
+    server.wait_ready();
+    assert!(server.log().contains("serving the copy synced earlier"), "{}", server.log());
+}
+
+#[test]
+fn an_interrupted_sync_resumes_with_only_the_missing_bytes() {
+    let Some(moto) = Moto::start() else { return };
+    let src = big_model_dir("sync-resume-src", 64);
+    moto.upload_dir(&src, "big");
+    let uri = format!("s3://{BUCKET}/big");
+    let dest = scratch_dir("sync-resume").join("model");
+    let args = [
+        "sync",
+        &uri,
+        dest.to_str().unwrap(),
+        "--progress",
+        "off",
+        "--sync-part-size",
+        "1MiB",
+        "--sync-concurrency",
+        "1",
+    ];
+    let mut child = pagoda_cmd(&args, &moto.env()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let parts = dest.join(".pagoda-sync/partial/model.safetensors.parts.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = std::fs::read(&parts)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .map_or(0, |v| v["done"].as_array().unwrap().iter().filter(|d| d.as_bool() == Some(true)).count());
+        if done >= 8 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress to interrupt");
+        assert!(child.try_wait().unwrap().is_none(), "the sync finished before it could be interrupted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!dest.join("model.safetensors").exists(), "nothing half-written at the model path");
+    let map: Value = serde_json::from_slice(&std::fs::read(&parts).unwrap()).unwrap();
+    let done_parts = map["done"].as_array().unwrap().iter().filter(|d| d.as_bool() == Some(true)).count() as u64;
+    assert!(done_parts < 64, "the download was interrupted halfway");
+
+    let summary = sync_ok(&uri, &dest, &["--sync-part-size", "1MiB"], &moto.env());
+    let weights = 64u64 << 20;
+    let small_files = total_bytes(&src) - weights;
+    // The small files may or may not have finished before the kill; the weights resume.
+    let downloaded = summary["downloaded_bytes"].as_u64().unwrap();
+    let weights_fetched = weights - done_parts * (1 << 20);
+    assert!(
+        downloaded >= weights_fetched && downloaded <= weights_fetched + small_files,
+        "downloaded {downloaded}, expected the missing {weights_fetched} weight bytes (plus at most {small_files})"
+    );
+    assert_same_files(&src, &dest);
+    assert!(!parts.exists(), "the part map is gone once the file is in place");
+}
+
+#[test]
+fn a_corrupted_local_file_is_fetched_again() {
+    let Some(moto) = Moto::start() else { return };
+    let src = model_dir();
+    moto.upload_dir(&src, "tiny-llama");
+    let uri = format!("s3://{BUCKET}/tiny-llama");
+    let dest = scratch_dir("sync-corrupt").join("model");
+    sync_ok(&uri, &dest, &[], &moto.env());
+
+    // Overwrite bytes in place: same size, new modification time.
+    let weights = dest.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes[5000..5010].copy_from_slice(&[0xAA; 10]);
+    std::fs::write(&weights, &bytes).unwrap();
+    let summary = sync_ok(&uri, &dest, &[], &moto.env());
+    assert_eq!(summary["downloaded_files"], 1);
+    assert_same_files(&src, &dest);
+
+    // Corruption that keeps the modification time passes the quick check; --verify hashes.
+    let mtime = std::fs::metadata(&weights).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    std::fs::File::options().write(true).open(&weights).unwrap().set_modified(mtime).unwrap();
+    assert_eq!(sync_ok(&uri, &dest, &[], &moto.env())["downloaded_files"], 0);
+    assert_eq!(sync_ok(&uri, &dest, &["--verify"], &moto.env())["downloaded_files"], 1);
+    assert_same_files(&src, &dest);
+}
+
+#[test]
+fn concurrent_syncs_of_one_folder_do_not_interfere() {
+    let Some(moto) = Moto::start() else { return };
+    let src = big_model_dir("sync-concurrent-src", 24);
+    moto.upload_dir(&src, "big");
+    let uri = format!("s3://{BUCKET}/big");
+    let dest = scratch_dir("sync-concurrent").join("model");
+    let args = ["sync", &uri, dest.to_str().unwrap(), "--json", "--progress", "off", "--sync-part-size", "1MiB"];
+    let children: Vec<Child> = (0..2)
+        .map(|_| pagoda_cmd(&args, &moto.env()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    let mut downloaded = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+        downloaded += summary["downloaded_bytes"].as_u64().unwrap();
+    }
+    assert_eq!(downloaded, total_bytes(&src), "one sync fetched everything, the other waited and fetched nothing");
+    assert_same_files(&src, &dest);
+}
+
+#[test]
+fn a_file_that_changes_during_the_download_fails_cleanly() {
+    let Some(moto) = Moto::start() else { return };
+    let src = big_model_dir("sync-change-src", 48);
+    moto.upload_dir(&src, "big");
+    let uri = format!("s3://{BUCKET}/big");
+    let dest = scratch_dir("sync-change").join("model");
+    let args = [
+        "sync",
+        &uri,
+        dest.to_str().unwrap(),
+        "--progress",
+        "off",
+        "--sync-part-size",
+        "1MiB",
+        "--sync-concurrency",
+        "1",
+    ];
+    let child = pagoda_cmd(&args, &moto.env()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let parts = dest.join(".pagoda-sync/partial/model.safetensors.parts.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&parts).is_ok_and(|t| t.matches("true").count() >= 4) {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    moto.put("big/model.safetensors", vec![7u8; 3 << 20]);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("error: model.safetensors changed during the download ("), "{stderr}");
+    assert!(stderr.contains("run the sync again"), "{stderr}");
+    assert!(!dest.join("model.safetensors").exists(), "nothing half-written at the model path");
+    assert!(!dest.join(".pagoda-sync/complete").exists());
+    // Run again, it fetches the new version.
+    sync_ok(&uri, &dest, &[], &moto.env());
+    assert_eq!(std::fs::read(dest.join("model.safetensors")).unwrap(), vec![7u8; 3 << 20]);
+}
+
+#[test]
+fn bad_sources_and_credentials_get_clear_errors() {
+    let dest = scratch_dir("sync-errors").join("model");
+    let none: Vec<(String, String)> = Vec::new();
+    assert_eq!(
+        sync_err("ftp://host/model", &dest, &[], &none),
+        "error: unsupported model URI scheme 'ftp' in ftp://host/model: use s3://, gs://, az://, azure:// or https://"
+    );
+    assert_eq!(
+        sync_err("http://127.0.0.1:9/model", &dest, &[], &none),
+        "error: refusing plain http:// for http://127.0.0.1:9/model: pass --allow-http to allow unencrypted downloads"
+    );
+    let Some(moto) = Moto::start() else { return };
+    let src = model_dir();
+    let err = sync_err("s3://no-such-bucket/m", &dest, &[], &moto.env());
+    assert!(
+        err.starts_with("error: cannot read s3://no-such-bucket/m (credentials tried: static keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): the bucket or container does not exist: "),
+        "{err}"
+    );
+    assert_eq!(
+        sync_err(&format!("s3://{BUCKET}/empty"), &dest, &[], &moto.env()),
+        format!("error: s3://{BUCKET}/empty holds no files: check the bucket and the prefix")
+    );
+    // No keys at all: the instance role is tried (its metadata endpoint is closed here).
+    let no_keys: Vec<(String, String)> = moto
+        .env()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET"))
+        .chain([("AWS_METADATA_ENDPOINT".to_string(), "http://127.0.0.1:9".to_string())])
+        .collect();
+    moto.upload_dir(&src, "tiny-llama");
+    let err = sync_err(&format!("s3://{BUCKET}/tiny-llama"), &dest, &[], &no_keys);
+    assert!(err.contains("credentials tried: the EC2 instance role from instance metadata"), "{err}");
+
+    // A prefix that is not a model folder, and one without weights.
+    moto.put("weights-only/model.safetensors", vec![0; 16]);
+    assert_eq!(
+        sync_err(&format!("s3://{BUCKET}/weights-only"), &dest, &[], &moto.env()),
+        format!("error: s3://{BUCKET}/weights-only is not a model folder: it has no config.json")
+    );
+    moto.put("config-only/config.json", b"{}".to_vec());
+    assert_eq!(
+        sync_err(&format!("s3://{BUCKET}/config-only"), &dest, &[], &moto.env()),
+        format!("error: s3://{BUCKET}/config-only has no weights: no *.safetensors file")
+    );
+    assert!(!dest.join("config.json").exists(), "a failed sync writes no model file");
+
+    // serve with a bad URI fails at start with the same message.
+    let out = pagoda(
+        &["serve", "--host", "127.0.0.1", "--port", "0", "--model", &format!("s3://{BUCKET}/empty")],
+        &moto.env(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.ends_with(&format!(
+            "error: syncing s3://{BUCKET}/empty: s3://{BUCKET}/empty holds no files: check the bucket and the prefix\n"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_full_disk_is_refused_before_anything_is_written() {
+    let Some(moto) = Moto::start() else { return };
+    let mount = scratch_dir("sync-small-disk");
+    let mounted =
+        Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", mount.to_str().unwrap()]).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        println!("did not run: cannot mount a small tmpfs here (needs root and mount rights)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let src = big_model_dir("sync-disk-src", 4);
+    moto.upload_dir(&src, "big");
+    let dest = mount.join("model");
+    let err = sync_err(&format!("s3://{BUCKET}/big"), &dest, &[], &moto.env());
+    assert!(err.starts_with(&format!("error: not enough disk space in {}: the sync needs ", dest.display())), "{err}");
+    assert!(!dest.join("model.safetensors").exists());
+}
+
+#[test]
+fn gcs_client_path_syncs_from_an_s3_compatible_server() {
+    let Some(moto) = Moto::start() else { return };
+    let src = model_dir();
+    moto.upload_dir(&src, "gcs-model");
+    let env = vec![
+        ("GOOGLE_BASE_URL".to_string(), moto.endpoint()),
+        // moto routes requests carrying this credential string to its S3 backend.
+        ("GOOGLE_BEARER_TOKEN".to_string(), "Credential=gcs/20260101/us-east-1/s3/aws4_request".to_string()),
+    ];
+    let dest = scratch_dir("sync-gcs").join("model");
+    let summary = sync_ok(&format!("gs://{BUCKET}/gcs-model"), &dest, &["--allow-http"], &env);
+    assert_eq!(summary["downloaded_files"], 5);
+    assert_same_files(&src, &dest);
+}
+
+#[test]
+fn azure_blob_syncs_from_azurite_and_a_wrong_key_is_named() {
+    let azurite = repo_path(".ci/cache/node/node_modules/.bin/azurite-blob");
+    let python = repo_path(".venv/bin/python");
+    if !azurite.is_file() || !python.is_file() {
+        println!("did not run: Azurite or the Python SDK is missing (./test.sh installs them)");
+        return;
+    }
+    let port = free_port();
+    let data = scratch_dir("azurite-data");
+    let _proc = spawn(
+        &azurite,
+        &[
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--location",
+            data.to_str().unwrap(),
+            "--silent",
+            "--skipApiVersionCheck",
+            "--disableTelemetry",
+        ],
+    );
+    wait_port(port, "azurite");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let src = model_dir();
+    let status = Command::new(&python)
+        .arg(repo_path("tests/python/azurite_upload.py"))
+        .args([&endpoint, "models", "tiny-llama", src.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let env = vec![
+        ("AZURE_STORAGE_USE_EMULATOR".to_string(), "true".to_string()),
+        ("AZURITE_BLOB_STORAGE_URL".to_string(), endpoint.clone()),
+    ];
+    for uri in ["az://models/tiny-llama", "azure://models/tiny-llama"] {
+        let dest = scratch_dir("sync-azure").join("model");
+        let summary = sync_ok(uri, &dest, &["--allow-http"], &env);
+        assert_eq!(summary["downloaded_files"], 5, "{uri}");
+        assert_same_files(&src, &dest);
+    }
+    let mut wrong = env.clone();
+    wrong.push(("AZURE_STORAGE_ACCOUNT_KEY".to_string(), "d3JvbmcK".to_string()));
+    let dest = scratch_dir("sync-azure-wrong").join("model");
+    let err = sync_err("az://models/tiny-llama", &dest, &["--allow-http"], &wrong);
+    assert!(err.contains("credentials tried: the storage emulator's account"), "{err}");
+    assert!(err.contains("access denied, the credentials were refused"), "{err}");
+}
+
+#[test]
+fn https_sources_sync_with_and_without_listing() {
+    let rclone = std::env::var_os("PATH")
+        .and_then(|p| p.to_str().map(|p| p.split(':').map(|d| PathBuf::from(d).join("rclone")).find(|p| p.is_file())))
+        .flatten();
+    let Some(rclone) = rclone else {
+        println!("did not run: rclone is not installed (./test.sh installs it)");
+        return;
+    };
+    let root = scratch_dir("http-root");
+    let src = model_dir();
+    std::fs::create_dir_all(root.join("tiny-llama")).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, root.join("tiny-llama").join(path.file_name().unwrap())).unwrap();
+    }
+    // WebDAV lists the folder; plain HTTP cannot, so the model's files are asked for by name.
+    for mode in ["webdav", "http"] {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let _proc = spawn(&rclone, &["serve", mode, root.to_str().unwrap(), "--addr", &addr, "--config", "/dev/null"]);
+        wait_port(port, "rclone");
+        let dest = scratch_dir(&format!("sync-http-{mode}")).join("model");
+        let summary = sync_ok(&format!("http://{addr}/tiny-llama"), &dest, &["--allow-http"], &[]);
+        assert_eq!(summary["downloaded_files"], 5, "{mode}");
+        assert_same_files(&src, &dest);
+        assert_eq!(sync_ok(&format!("http://{addr}/tiny-llama"), &dest, &["--allow-http"], &[])["downloaded_bytes"], 0);
+    }
+}
