@@ -111,35 +111,26 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
     meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as i128)
 }
 
-/// XXH3-128 of a file's content, hex.
-pub fn hash_file(path: &Path) -> Result<String, SyncError> {
-    let mut file = File::open(path).map_err(io_error(path))?;
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io_error(path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:032x}", hasher.digest128()))
-}
-
-/// MD5 of a file's content, hex (S3's ETag for objects uploaded in one part).
-pub fn md5_file(path: &Path) -> Result<String, SyncError> {
+/// Content hashes of a file from one read: XXH3-128 (our record) and, when asked, MD5 (S3's ETag
+/// for objects uploaded in one part), both hex.
+pub fn hash_file(path: &Path, with_md5: bool) -> Result<(String, Option<String>), SyncError> {
     use md5::Digest;
     let mut file = File::open(path).map_err(io_error(path))?;
-    let mut hasher = md5::Md5::new();
+    let mut xxh3 = xxhash_rust::xxh3::Xxh3::new();
+    let mut md5 = with_md5.then(md5::Md5::new);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf).map_err(io_error(path))?;
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
+        xxh3.update(&buf[..n]);
+        if let Some(md5) = md5.as_mut() {
+            md5.update(&buf[..n]);
+        }
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    let md5 = md5.map(|m| m.finalize().iter().map(|b| format!("{b:02x}")).collect());
+    Ok((format!("{:032x}", xxh3.digest128()), md5))
 }
 
 /// Holds the destination's lock until dropped.

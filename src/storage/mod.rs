@@ -184,8 +184,8 @@ fn up_to_date(dest: &Path, file: &RemoteFile, record: Option<&FileRecord>, verif
     if !verify && manifest::mtime_ns(&meta) == record.mtime_ns {
         return true;
     }
-    match manifest::hash_file(&path) {
-        Ok(hash) if hash == record.xxh3 => true,
+    match manifest::hash_file(&path, false) {
+        Ok((hash, _)) if hash == record.xxh3 => true,
         _ => {
             tracing::warn!(file = %file.name, "local file does not match what was synced; fetching it again");
             false
@@ -200,6 +200,8 @@ struct Transfer {
     parts_path: PathBuf,
     handle: std::fs::File,
     parts: std::sync::Mutex<PartMap>,
+    /// Parts written but not yet recorded in the saved part map.
+    unsaved: std::sync::Mutex<Vec<u64>>,
     remaining: AtomicU64,
 }
 
@@ -240,6 +242,7 @@ fn start_transfer(state: &StatePaths, file: &RemoteFile, part_size: u64) -> Resu
         parts_path,
         handle,
         parts: std::sync::Mutex::new(map),
+        unsaved: std::sync::Mutex::new(Vec::new()),
         remaining: AtomicU64::new(todo.len() as u64),
     };
     Ok((transfer, todo))
@@ -275,14 +278,32 @@ async fn fetch_part(
     if offset != end {
         return Err(SyncError::Truncated { name: t.file.name.clone(), expected: end - start, got: offset - start });
     }
-    let snapshot = {
-        let mut map = t.parts.lock().expect("not poisoned");
-        map.done[part as usize] = true;
-        map.clone()
+    let checkpoint_due = {
+        let mut unsaved = t.unsaved.lock().expect("not poisoned");
+        unsaved.push(part);
+        unsaved.len() >= CHECKPOINT_PARTS
     };
-    // The data must be on disk before the map says so, or a crash could skip lost bytes.
+    if checkpoint_due { checkpoint(t) } else { Ok(()) }
+}
+
+/// Parts finished between two saves of a part map. Each save syncs the partial file to disk
+/// first (the map must never claim bytes a crash could lose), so saving after every part would
+/// serialise the download on fsync; an interrupted sync re-fetches at most this many parts.
+const CHECKPOINT_PARTS: usize = 8;
+
+/// Makes the parts finished since the last save durable and records them in the part map.
+fn checkpoint(t: &Transfer) -> Result<(), SyncError> {
+    let parts = std::mem::take(&mut *t.unsaved.lock().expect("not poisoned"));
+    if parts.is_empty() {
+        return Ok(());
+    }
     t.handle.sync_data().map_err(|e| SyncError::io(&t.partial, e))?;
-    manifest::write_json(&t.parts_path, &snapshot)
+    // Written under the lock: one writer of the map at a time.
+    let mut map = t.parts.lock().expect("not poisoned");
+    for part in parts {
+        map.done[part as usize] = true;
+    }
+    manifest::write_json(&t.parts_path, &*map)
 }
 
 /// Checks a completed partial file and moves it into place; returns its manifest record.
@@ -292,19 +313,21 @@ fn finish_transfer(dest: &Path, t: &Transfer) -> Result<FileRecord, SyncError> {
         return Err(SyncError::Truncated { name: t.file.name.clone(), expected: t.file.size, got: size });
     }
     // S3 gives the MD5 of objects uploaded in one part as their ETag; check it where it is one.
-    if let Some(etag) = t.file.e_tag.as_deref().map(|e| e.trim_matches('"').to_ascii_lowercase()) {
-        let is_md5 = etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit());
-        if is_md5 {
-            let got = manifest::md5_file(&t.partial)?;
-            if got != etag {
-                let _ = std::fs::remove_file(&t.partial);
-                let _ = std::fs::remove_file(&t.parts_path);
-                return Err(SyncError::Checksum { name: t.file.name.clone(), expected: etag, got });
-            }
-        }
+    let md5_etag = t
+        .file
+        .e_tag
+        .as_deref()
+        .map(|e| e.trim_matches('"').to_ascii_lowercase())
+        .filter(|e| e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit()));
+    let (xxh3, md5) = manifest::hash_file(&t.partial, md5_etag.is_some())?;
+    if let (Some(expected), Some(got)) = (md5_etag, md5)
+        && got != expected
+    {
+        let _ = std::fs::remove_file(&t.partial);
+        let _ = std::fs::remove_file(&t.parts_path);
+        return Err(SyncError::Checksum { name: t.file.name.clone(), expected, got });
     }
     t.handle.sync_all().map_err(|e| SyncError::io(&t.partial, e))?;
-    let xxh3 = manifest::hash_file(&t.partial)?;
     let target = dest.join(&t.file.name);
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(|e| SyncError::io(parent, e))?;
@@ -439,40 +462,40 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
     let progress = spawn_progress(opts.progress, to_fetch, fetched.clone());
     let transfers = Arc::new(transfers);
     let source = Arc::new(source);
+    let record_file = |manifest: &mut Manifest, idx: usize, record: FileRecord| -> Result<(), SyncError> {
+        manifest.files.insert(transfers[idx].file.name.clone(), record);
+        manifest::write_json(&state.manifest(), manifest)
+    };
     // Files with nothing left to fetch (fully resumed) finish first.
-    let mut finished: Vec<usize> =
-        (0..transfers.len()).filter(|&i| transfers[i].remaining.load(Ordering::Relaxed) == 0).collect();
+    let mut outcome = Ok(());
+    for idx in (0..transfers.len()).filter(|&i| transfers[i].remaining.load(Ordering::Relaxed) == 0) {
+        outcome = outcome.and_then(|()| record_file(&mut manifest, idx, finish_transfer(dest, &transfers[idx])?));
+    }
     let results = futures::stream::iter(tasks)
         .map(|(idx, part)| {
-            let (source, transfers, fetched) = (source.clone(), transfers.clone(), fetched.clone());
+            let (source, transfers, fetched, dest) =
+                (source.clone(), transfers.clone(), fetched.clone(), dest.to_path_buf());
             async move {
-                let t = &transfers[idx];
-                fetch_part(&source, t, part, part_size, &fetched).await?;
-                let left = t.remaining.fetch_sub(1, Ordering::SeqCst) - 1;
-                Ok::<Option<usize>, SyncError>((left == 0).then_some(idx))
+                fetch_part(&source, &transfers[idx], part, part_size, &fetched).await?;
+                if transfers[idx].remaining.fetch_sub(1, Ordering::SeqCst) > 1 {
+                    return Ok(None);
+                }
+                // The file's last part: check, hash and place it off the async threads, so the
+                // other parts keep downloading meanwhile.
+                let record = tokio::task::spawn_blocking(move || finish_transfer(&dest, &transfers[idx]))
+                    .await
+                    .expect("finishing a file does not panic")?;
+                Ok::<_, SyncError>(Some((idx, record)))
             }
         })
         .buffer_unordered(opts.concurrency.max(1));
     let mut results = std::pin::pin!(results);
-    let finish_ready = |finished: &mut Vec<usize>, manifest: &mut Manifest| -> Result<(), SyncError> {
-        for idx in finished.drain(..) {
-            let t = &transfers[idx];
-            let record = finish_transfer(dest, t)?;
-            manifest.files.insert(t.file.name.clone(), record);
-            manifest::write_json(&state.manifest(), manifest)?;
-        }
-        Ok(())
-    };
-    let mut outcome = finish_ready(&mut finished, &mut manifest);
     while outcome.is_ok() {
         match results.next().await {
             None => break,
-            Some(Ok(Some(idx))) => finished.push(idx),
+            Some(Ok(Some((idx, record)))) => outcome = record_file(&mut manifest, idx, record),
             Some(Ok(None)) => {}
             Some(Err(e)) => outcome = Err(e),
-        }
-        if outcome.is_ok() {
-            outcome = finish_ready(&mut finished, &mut manifest);
         }
     }
     if let Some(p) = progress {
