@@ -1,5 +1,5 @@
-//! The wire types of the OpenAI API and vLLM's extensions to it. These are the only types in the
-//! crate that derive `Serialize` for clients; field names are the API's.
+//! The wire types of the OpenAI API and vLLM's extensions to it; field names are the API's. With
+//! the sync state files (`storage::manifest`), these are the only types that derive `Serialize`.
 //!
 //! Requests ignore fields they do not know (clients send many); known fields with the wrong type
 //! are rejected with the field named.
