@@ -11,6 +11,8 @@ if ! .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/r
   exit 1
 fi
 export PAGODA_TEST_PYTHON="$PWD/.venv/bin/python"
+# Every tool the tests use is installed here, so a test that finds one missing fails.
+export PAGODA_REQUIRE_TOOLS=1
 
 azurite_version=3.35.0
 if ! grep -q "\"version\": \"$azurite_version\"" .ci/cache/node/node_modules/azurite/package.json 2>/dev/null; then

@@ -147,3 +147,12 @@ pub fn copy_fixture(model: &str, name: &str) -> PathBuf {
     }
     dir
 }
+
+/// Reports that a test cannot run because a tool is absent. Under `./test.sh` (and so in CI),
+/// which installs every tool and sets `PAGODA_REQUIRE_TOOLS=1`, that is a failure, never a pass.
+pub fn tool_missing(why: &str) {
+    if std::env::var("PAGODA_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+        panic!("{why}, and PAGODA_REQUIRE_TOOLS=1 says every tool must be installed");
+    }
+    println!("did not run: {why}");
+}

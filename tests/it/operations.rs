@@ -191,9 +191,7 @@ fn metrics_pass_promtool_and_move_with_traffic() {
     }
 
     let Some(promtool) = tool("promtool") else {
-        println!(
-            "promtool check did not run: promtool is not installed (Debian package 'prometheus'; ./test.sh installs it)"
-        );
+        tool_missing("promtool is not installed (Debian package 'prometheus'; ./test.sh installs it)");
         return;
     };
     let mut child = Command::new(promtool)
@@ -254,7 +252,7 @@ fn the_official_openai_python_client_works_against_the_server() {
     let python = match python_with_openai() {
         Ok(p) => p,
         Err(why) => {
-            println!("openai client test did not run: {why}");
+            tool_missing(&format!("the openai client test needs Python with openai: {why}"));
             return;
         }
     };

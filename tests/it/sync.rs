@@ -58,7 +58,7 @@ impl Moto {
     fn start() -> Option<Moto> {
         let bin = repo_path(".venv/bin/moto_server");
         if !bin.is_file() {
-            println!("did not run: {} is missing (./test.sh installs moto)", bin.display());
+            tool_missing(&format!("{} is missing (./test.sh installs moto)", bin.display()));
             return None;
         }
         let port = free_port();
@@ -502,7 +502,7 @@ fn azure_blob_syncs_from_azurite_and_a_wrong_key_is_named() {
     let azurite = repo_path(".ci/cache/node/node_modules/.bin/azurite-blob");
     let python = repo_path(".venv/bin/python");
     if !azurite.is_file() || !python.is_file() {
-        println!("did not run: Azurite or the Python SDK is missing (./test.sh installs them)");
+        tool_missing("Azurite or the Python SDK is missing (./test.sh installs them)");
         return;
     }
     let port = free_port();
@@ -555,7 +555,7 @@ fn https_sources_sync_with_and_without_listing() {
         .and_then(|p| p.to_str().map(|p| p.split(':').map(|d| PathBuf::from(d).join("rclone")).find(|p| p.is_file())))
         .flatten();
     let Some(rclone) = rclone else {
-        println!("did not run: rclone is not installed (./test.sh installs it)");
+        tool_missing("rclone is not installed (./test.sh installs it)");
         return;
     };
     let root = scratch_dir("http-root");
