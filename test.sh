@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check CI runs, after installing what the tests use: in .venv the `openai` client, moto
-# (S3, and GCS through it) and Azure's SDK; Azurite (npm) under .ci/cache/node; promtool and rclone
-# from Debian when run as root. Safe to run again: it skips what is already there.
+# (S3, and GCS through it), Azure's SDK and the Helm chart's tools (helm-python-sdk,
+# kubernetes-validate, check-jsonschema, pytest); under .ci/cache/node Azurite and the CRD schemas;
+# promtool and rclone from Debian when run as root. Safe to run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,10 +15,13 @@ export PAGODA_TEST_PYTHON="$PWD/.venv/bin/python"
 # Every tool the tests use is installed here, so a test that finds one missing fails.
 export PAGODA_REQUIRE_TOOLS=1
 
-azurite_version=3.35.0
-if ! grep -q "\"version\": \"$azurite_version\"" .ci/cache/node/node_modules/azurite/package.json 2>/dev/null; then
+# Node tools: Azurite (Azure Blob) and the schemas of the CRDs the chart renders.
+node_packages="azurite@3.35.0 @kubernetes-models/prometheus-operator@6.0.0 @kubernetes-models/keda@2.0.0"
+if [ "$(cat .ci/cache/node/installed 2>/dev/null)" != "$node_packages" ]; then
   mkdir -p .ci/cache/node
-  npm install --silent --no-audit --no-fund --prefix .ci/cache/node "azurite@$azurite_version"
+  # shellcheck disable=SC2086
+  npm install --silent --no-audit --no-fund --prefix .ci/cache/node $node_packages
+  echo "$node_packages" > .ci/cache/node/installed
 fi
 
 missing=()
@@ -36,3 +40,7 @@ fi
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
+
+# The Helm chart: schema sanity, then render, lint and validate every values file.
+.venv/bin/check-jsonschema --check-metaschema helm/pagoda/values.schema.json
+.venv/bin/python -m pytest -q tests/helm

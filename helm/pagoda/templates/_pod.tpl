@@ -1,0 +1,229 @@
+{{/* The pod template shared by the Deployment and the StatefulSet. */}}
+{{- define "pagoda.podTemplate" -}}
+metadata:
+  labels:
+    {{- include "pagoda.labels" . | nindent 4 }}
+    {{- if .Values.serviceAccount.azureWorkloadIdentity }}
+    azure.workload.identity/use: "true"
+    {{- end }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "pagoda.serviceAccountName" . }}
+  {{- /* Cloud identities (IRSA, workload identity) are injected by their webhooks; the pods
+  themselves never call the Kubernetes API. */}}
+  automountServiceAccountToken: false
+  {{- with .Values.image.pullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . }}
+    {{- end }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  {{- /* Room for the preStop wait and the drain after SIGTERM. */}}
+  terminationGracePeriodSeconds: {{ add .Values.server.shutdownTimeoutSeconds .Values.server.preStopSleepSeconds 15 }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- $tolerations := .Values.tolerations }}
+  {{- if and .Values.gpu.enabled .Values.gpu.defaultToleration }}
+  {{- $tolerations = append $tolerations (dict "key" .Values.gpu.resourceName "operator" "Exists" "effect" "NoSchedule") }}
+  {{- end }}
+  {{- with $tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if .Values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- range .Values.topologySpreadConstraints }}
+    {{- $c := deepCopy . }}
+    {{- if not $c.labelSelector }}
+    {{- $_ := set $c "labelSelector" (dict "matchLabels" (include "pagoda.selectorLabels" $ | fromYaml)) }}
+    {{- end }}
+    - {{- toYaml $c | nindent 6 }}
+    {{- end }}
+  {{- end }}
+  {{- if .Values.model.uri }}
+  initContainers:
+    - name: model-sync
+      image: {{ include "pagoda.image" . }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      {{- /* Idempotent: an intact cache is checked and nothing is downloaded; an interrupted
+      one resumes; a second pod syncing a shared cache waits on the sync's lock. */}}
+      args:
+        - sync
+        - {{ .Values.model.uri | quote }}
+        - {{ include "pagoda.modelDir" . | quote }}
+        - --progress
+        - log
+        - --sync-concurrency
+        - {{ .Values.model.sync.concurrency | quote }}
+        - --sync-part-size
+        - {{ .Values.model.sync.partSize | quote }}
+        {{- with .Values.model.sync.endpoint }}
+        - --endpoint
+        - {{ . | quote }}
+        {{- end }}
+        {{- if .Values.model.sync.allowHttp }}
+        - --allow-http
+        {{- end }}
+        {{- range .Values.model.sync.include }}
+        - --include
+        - {{ . | quote }}
+        {{- end }}
+        {{- range .Values.model.sync.exclude }}
+        - --exclude
+        - {{ . | quote }}
+        {{- end }}
+      env:
+        - name: PAGODA_LOG_FORMAT
+          value: {{ .Values.server.logFormat | quote }}
+      {{- with .Values.model.credentials.existingSecret }}
+      envFrom:
+        - secretRef:
+            name: {{ . }}
+      {{- end }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      resources:
+        {{- toYaml .Values.model.sync.resources | nindent 8 }}
+      volumeMounts:
+        - name: cache
+          mountPath: {{ .Values.cache.mountPath }}
+        - name: tmp
+          mountPath: /tmp
+  {{- end }}
+  containers:
+    - name: pagoda
+      image: {{ include "pagoda.image" . }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      args:
+        - serve
+        - --host
+        - "0.0.0.0"
+        - --port
+        - {{ .Values.server.port | quote }}
+        {{- if .Values.model.uri }}
+        - --model
+        - {{ include "pagoda.modelDir" . | quote }}
+        - --served-model-name
+        - {{ include "pagoda.servedModelName" . | quote }}
+        {{- else if .Values.model.servedModelName }}
+        - --served-model-name
+        - {{ .Values.model.servedModelName | quote }}
+        {{- end }}
+        - --dtype
+        - {{ .Values.server.dtype | quote }}
+        - --shutdown-timeout
+        - {{ .Values.server.shutdownTimeoutSeconds | quote }}
+        {{- range $flag, $value := dict "--max-model-len" .Values.server.maxModelLen "--max-num-seqs" .Values.server.maxNumSeqs "--max-num-batched-tokens" .Values.server.maxNumBatchedTokens "--max-queue" .Values.server.maxQueue }}
+        {{- if not (kindIs "invalid" $value) }}
+        - {{ $flag }}
+        - {{ $value | quote }}
+        {{- end }}
+        {{- end }}
+        {{- range .Values.server.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      env:
+        - name: PAGODA_LOG_FORMAT
+          value: {{ .Values.server.logFormat | quote }}
+        {{- if include "pagoda.apiKeyEnabled" . }}
+        - name: PAGODA_API_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "pagoda.apiKeySecretName" . }}
+              key: {{ .Values.apiKey.secretKey }}
+        {{- end }}
+        {{- with .Values.server.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      ports:
+        - name: http
+          containerPort: {{ .Values.server.port }}
+          protocol: TCP
+      {{- /* Startup waits for the model (sync and load) for up to model.expectedStartupSeconds;
+      liveness and readiness start once it is ready. */}}
+      startupProbe:
+        httpGet:
+          path: /ready
+          port: http
+        periodSeconds: {{ .Values.server.startupProbe.periodSeconds }}
+        failureThreshold: {{ include "pagoda.startupFailureThreshold" . }}
+        timeoutSeconds: 5
+      livenessProbe:
+        httpGet:
+          path: /health
+          port: http
+        periodSeconds: {{ .Values.server.livenessProbe.periodSeconds }}
+        failureThreshold: {{ .Values.server.livenessProbe.failureThreshold }}
+        timeoutSeconds: {{ .Values.server.livenessProbe.timeoutSeconds }}
+      readinessProbe:
+        httpGet:
+          path: /ready
+          port: http
+        periodSeconds: {{ .Values.server.readinessProbe.periodSeconds }}
+        failureThreshold: {{ .Values.server.readinessProbe.failureThreshold }}
+        timeoutSeconds: {{ .Values.server.readinessProbe.timeoutSeconds }}
+      lifecycle:
+        preStop:
+          {{- /* Keep serving while the endpoints controller removes the pod, then SIGTERM
+          starts the drain. */}}
+          sleep:
+            seconds: {{ .Values.server.preStopSleepSeconds }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      resources:
+        {{- $resources := deepCopy .Values.server.resources }}
+        {{- if .Values.gpu.enabled }}
+        {{- $limits := default dict $resources.limits }}
+        {{- $_ := set $limits .Values.gpu.resourceName (.Values.gpu.count | toString) }}
+        {{- $_ := set $resources "limits" $limits }}
+        {{- $requests := default dict $resources.requests }}
+        {{- $_ := set $requests .Values.gpu.resourceName (.Values.gpu.count | toString) }}
+        {{- $_ := set $resources "requests" $requests }}
+        {{- end }}
+        {{- toYaml $resources | nindent 8 }}
+      volumeMounts:
+        - name: cache
+          mountPath: {{ .Values.cache.mountPath }}
+          readOnly: true
+        - name: shm
+          mountPath: /dev/shm
+        - name: tmp
+          mountPath: /tmp
+  volumes:
+    {{- if not (and (eq .Values.workload.kind "StatefulSet") (eq .Values.cache.type "pvc")) }}
+    - name: cache
+      {{- if eq .Values.cache.type "emptyDir" }}
+      emptyDir:
+        {{- with .Values.cache.emptyDir.sizeLimit }}
+        sizeLimit: {{ . }}
+        {{- end }}
+      {{- else }}
+      persistentVolumeClaim:
+        claimName: {{ include "pagoda.cacheClaimName" . }}
+      {{- end }}
+    {{- end }}
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ .Values.shm.sizeLimit }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: 1Gi
+{{- end }}

@@ -1,0 +1,405 @@
+"""The Helm chart, rendered and checked without a cluster.
+
+Every values file (the defaults, the CPU demo file, and one per feature under helm/pagoda/ci/) is
+rendered with the Helm library (helm-python-sdk, `helm template`'s code path) for the oldest and the
+newest Kubernetes minor the chart supports, linted strictly, and every object is validated: the
+built-in kinds against Kubernetes' schemas (kubernetes-validate, strict) and the custom resources
+against the operators' own schemas (@kubernetes-models, in Node). Then the tests check what no
+schema catches: selectors match the pods, autoscalers target the workload, the startup budget
+covers the declared startup time, names fit in 63 characters, the pods run locked down.
+"""
+
+import copy
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "pagoda"
+NODE_MODULES = ROOT / ".ci" / "cache" / "node" / "node_modules"
+# The oldest and the newest Kubernetes minor the chart supports (Chart.yaml's kubeVersion).
+KUBE_VERSIONS = ["1.30.0", "1.37.0"]
+PROMETHEUS_OPERATOR_API = ["monitoring.coreos.com/v1"]
+VALUES_FILES = ["(defaults)", "values-cpu.yaml"] + sorted(f"ci/{p.name}" for p in (CHART / "ci").glob("*.yaml"))
+
+# The Helm library wants a writable home for its config and cache.
+os.environ["HOME"] = tempfile.mkdtemp(prefix="pagoda-helm-home-")
+
+from helm_python import Chart, Config, HelmError, _native, lint  # noqa: E402
+
+
+class Renderer:
+    """Keeps the chart and the configuration alive across native calls (the library frees
+    handles whose Python objects are gone)."""
+
+    def __init__(self):
+        self.chart = Chart.load(str(CHART))
+        self.config = Config(storage_driver="memory")
+
+    def install(self, values, kube_version=KUBE_VERSIONS[-1], api_versions=(), name="rel"):
+        """`helm template`: the manifest's objects (hooks excluded) and the notes."""
+        handle, ref = self.config._chart_args(self.chart)
+        options = {
+            "dry_run": "client",
+            "namespace": "serving",
+            "kube_version": kube_version,
+            "api_versions": list(api_versions),
+        }
+        payload = _native.call_string(
+            "helm_install", self.config._raw(), self.config._context_arg(None), handle, ref, name,
+            json.dumps(values), json.dumps(options),
+        )
+        release = json.loads(payload)
+        docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
+        return docs, release["notes"]
+
+    def hooks(self, values, name="rel"):
+        """The helm test pods, which `install` leaves out of the manifest."""
+        rendered = self.chart.render(values, name=name, namespace="serving")
+        return [
+            d
+            for path, text in rendered.items()
+            if "/templates/tests/" in path
+            for d in yaml.safe_load_all(text)
+            if d
+        ]
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return Renderer()
+
+
+def load_values(name):
+    if name == "(defaults)":
+        return {}
+    return yaml.safe_load((CHART / name).read_text()) or {}
+
+
+def merged(overrides):
+    """values.yaml with `overrides` merged in, as Helm merges them."""
+    def merge(base, extra):
+        for key, value in extra.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                merge(base[key], value)
+            else:
+                base[key] = value
+        return base
+    return merge(copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text())), overrides)
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs, kind):
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def selects(selector, labels):
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def workload_of(docs):
+    workloads = by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet")
+    assert len(workloads) == 1, "exactly one workload"
+    return workloads[0]
+
+
+def check_semantics(docs, values, kube_version):
+    """What schemas cannot check."""
+    v = merged(values)
+    workload = workload_of(docs)
+    pod = workload["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    pod_spec = pod["spec"]
+    assert workload["kind"] == v["workload"]["kind"]
+    assert selects(workload["spec"]["selector"]["matchLabels"], pod_labels), "the workload selects its own pods"
+
+    for service in by_kind(docs, "Service"):
+        assert selects(service["spec"]["selector"], pod_labels), f"Service {service['metadata']['name']} selects the pods"
+        assert service["spec"]["ports"][0]["targetPort"] == "http"
+    container = next(c for c in pod_spec["containers"] if c["name"] == "pagoda")
+    assert any(p["name"] == "http" for p in container["ports"])
+
+    for pdb in by_kind(docs, "PodDisruptionBudget"):
+        assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels), "the PDB selects the pods"
+    for policy in by_kind(docs, "NetworkPolicy"):
+        assert selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels), "the NetworkPolicy applies to the pods"
+    for monitor in by_kind(docs, "ServiceMonitor"):
+        service = next(s for s in by_kind(docs, "Service") if "clusterIP" not in s["spec"])
+        assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    for monitor in by_kind(docs, "PodMonitor"):
+        assert selects(monitor["spec"]["selector"]["matchLabels"], pod_labels)
+
+    # Autoscalers target the workload, and the workload leaves the count to them.
+    autoscalers = by_kind(docs, "HorizontalPodAutoscaler") + by_kind(docs, "ScaledObject")
+    assert len(autoscalers) <= 1, "never both an HPA and KEDA"
+    for scaler in autoscalers:
+        target = scaler["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == (workload["kind"], workload["metadata"]["name"])
+        assert "replicas" not in workload["spec"], "no replicas field with an autoscaler"
+    if not autoscalers:
+        assert workload["spec"]["replicas"] == v["workload"]["replicas"]
+    for hpa in by_kind(docs, "HorizontalPodAutoscaler"):
+        assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm:num_requests_waiting"
+        assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+    # The startup probe covers the declared startup time, and the rollout deadline covers it.
+    startup = container["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"] + startup.get("initialDelaySeconds", 0)
+    assert budget >= v["model"]["expectedStartupSeconds"], f"startup budget {budget} s"
+    assert startup["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    if workload["kind"] == "Deployment":
+        assert workload["spec"]["progressDeadlineSeconds"] > budget
+    # The drain fits in the grace period.
+    drain = v["server"]["shutdownTimeoutSeconds"] + container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod_spec["terminationGracePeriodSeconds"] > drain
+
+    # Names fit Kubernetes' 63-character limits (StatefulSet pods add "-<ordinal>").
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        assert len(name) <= 63, f"{doc['kind']} name {name!r} is too long"
+        for key, value in doc["metadata"].get("labels", {}).items():
+            assert len(str(value)) <= 63, f"label {key}={value!r}"
+    if workload["kind"] == "StatefulSet":
+        assert len(workload["metadata"]["name"]) <= 52, "StatefulSet names leave room for the revision hash label"
+
+    # Locked down: non-root, read-only root, no capabilities, seccomp; writable mounts only.
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    assert pod_spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod_spec["automountServiceAccountToken"] is False
+    for c in pod_spec["containers"] + pod_spec.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+    shm = next(vol for vol in pod_spec["volumes"] if vol["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+
+    # GPUs and their toleration, or neither.
+    gpu = v["gpu"]["resourceName"]
+    if v["gpu"]["enabled"]:
+        assert container["resources"]["limits"][gpu] == str(v["gpu"]["count"])
+        assert any(t.get("key") == gpu for t in pod_spec["tolerations"])
+    else:
+        assert gpu not in container["resources"].get("limits", {})
+
+    # Model sync: an init container from the URI into the cache, credentials only by reference.
+    inits = pod_spec.get("initContainers", [])
+    if v["model"]["uri"]:
+        assert [i["name"] for i in inits] == ["model-sync"]
+        sync = inits[0]
+        assert sync["args"][:3] == ["sync", v["model"]["uri"], v["cache"]["mountPath"].rstrip("/") + "/model"]
+        assert container["args"][container["args"].index("--model") + 1] == sync["args"][2]
+        for env in sync.get("env", []) + container.get("env", []):
+            assert "value" not in env or not any(s in env["name"] for s in ("SECRET", "KEY", "TOKEN", "PASSWORD")), env
+    else:
+        assert not inits and "--model" not in container["args"]
+    cache = [vol for vol in pod_spec["volumes"] if vol["name"] == "cache"]
+    claims = workload["spec"].get("volumeClaimTemplates", [])
+    assert len(cache) + len(claims) == 1, "exactly one cache volume"
+
+
+def validate_builtin(docs, kube_version):
+    for doc in docs:
+        if doc["apiVersion"] in ("monitoring.coreos.com/v1", "keda.sh/v1alpha1"):
+            continue
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} is invalid for Kubernetes {kube_version}: {e.message}")
+
+
+def validate_custom(docs):
+    custom = [d for d in docs if d["apiVersion"] in ("monitoring.coreos.com/v1", "keda.sh/v1alpha1")]
+    if not custom:
+        return
+    node = shutil.which("node")
+    if not node or not (NODE_MODULES / "@kubernetes-models" / "keda").is_dir():
+        if os.environ.get("PAGODA_REQUIRE_TOOLS") == "1":
+            pytest.fail("the @kubernetes-models validators are not installed (./test.sh installs them)")
+        print("custom resources not validated: the @kubernetes-models packages are missing")
+        return
+    result = subprocess.run(
+        [node, str(pathlib.Path(__file__).with_name("validate_crds.mjs")), str(NODE_MODULES)],
+        input=json.dumps(custom), capture_output=True, text=True,
+    )
+    assert result.returncode == 0, f"custom resources invalid: {result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_every_values_file_renders_lints_and_validates(renderer, values_file, kube_version):
+    values = load_values(values_file)
+    docs, notes = renderer.install(values, kube_version=kube_version, api_versions=PROMETHEUS_OPERATOR_API)
+    report = lint(str(CHART), values, strict=True, kube_version=f"v{kube_version}", namespace="serving")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report.get("errors", [])
+    assert not problems, f"helm lint --strict: {problems}"
+    validate_builtin(docs, kube_version)
+    validate_custom(docs)
+    check_semantics(docs, values, kube_version)
+    tests = renderer.hooks(values)
+    validate_builtin(tests, kube_version)
+    assert "port-forward" in notes and "curl http://127.0.0.1:8000/v1/completions" in notes
+
+
+def test_feature_files_render_their_feature(renderer):
+    def render(name, apis=PROMETHEUS_OPERATOR_API):
+        return renderer.install(load_values(name), api_versions=apis)[0]
+
+    assert by_kind(render("ci/statefulset-values.yaml"), "StatefulSet")[0]["spec"]["volumeClaimTemplates"]
+    pvc = one(render("ci/pvc-values.yaml"), "PersistentVolumeClaim")
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    existing = workload_of(render("ci/existing-claim-values.yaml"))
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "models-cache" for v in existing["spec"]["template"]["spec"]["volumes"])
+    one(render("ci/hpa-values.yaml"), "HorizontalPodAutoscaler")
+    keda = one(render("ci/keda-values.yaml"), "ScaledObject")
+    assert 'vllm:num_requests_waiting{namespace="serving"' in keda["spec"]["triggers"][0]["metadata"]["query"]
+    one(render("ci/networkpolicy-values.yaml"), "NetworkPolicy")
+    one(render("ci/podmonitor-values.yaml"), "PodMonitor")
+    docs = render("ci/servicemonitor-values.yaml")
+    assert one(docs, "ServiceMonitor")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    secret = one(docs, "Secret")
+    assert secret["data"]["api-key"], "a generated API key"
+    # Without the Prometheus operator's API, no monitor is rendered (it would fail to apply).
+    assert not by_kind(render("ci/servicemonitor-values.yaml", apis=()), "ServiceMonitor")
+    # Cloud identities: annotations on the ServiceAccount, credentials from a Secret by name.
+    sa = one(render("ci/s3-values.yaml"), "ServiceAccount")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    azure = workload_of(render("ci/azure-values.yaml"))
+    assert azure["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    minio = workload_of(render("ci/s3-compatible-values.yaml"))
+    sync = minio["spec"]["template"]["spec"]["initContainers"][0]
+    assert sync["envFrom"] == [{"secretRef": {"name": "minio-credentials"}}]
+    assert ["--endpoint", "http://minio.storage.svc:9000"] == sync["args"][sync["args"].index("--endpoint"):][:2]
+
+
+def test_the_cpu_file_runs_the_demo_model_without_gpu_or_store(renderer):
+    docs, notes = renderer.install(load_values("values-cpu.yaml"))
+    pod = workload_of(docs)["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert "tolerations" not in pod
+    container = pod["containers"][0]
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    assert "--model" not in container["args"]
+    assert "embedded demo model" in notes
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"gpuu": {"enabled": False}}, "gpuu"),
+        ({"server": {"port": "eighty"}}, "port"),
+        ({"cache": {"pvc": {"size": "16 Gi"}}}, "size"),
+        ({"model": {"uri": "ftp://models/x"}}, "uri"),
+        ({"workload": {"kind": "DaemonSet"}}, "kind"),
+    ],
+)
+def test_the_values_schema_rejects_typos_and_wrong_types(renderer, values, message):
+    with pytest.raises(HelmError) as err:
+        renderer.install(values)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            {"workload": {"replicas": 2}, "model": {"uri": "s3://a/b"}, "cache": {"type": "pvc"}},
+            "a ReadWriteOnce claim cannot be shared by up to 2 replicas",
+        ),
+        (
+            {"autoscaling": {"hpa": {"enabled": True, "maxReplicas": 3}}, "cache": {"type": "existingClaim", "existingClaim": {"name": "c"}}},
+            "a ReadWriteOnce claim cannot be shared by up to 3 replicas",
+        ),
+        ({"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True}}}, "enable the HPA or KEDA, not both"),
+        ({"cache": {"type": "existingClaim"}}, "cache.existingClaim.name is required"),
+        ({"metrics": {"podMonitor": {"enabled": True}}}, "enable the ServiceMonitor or the PodMonitor, not both"),
+    ],
+)
+def test_impossible_combinations_fail_at_render_time(renderer, values, message):
+    with pytest.raises(HelmError) as err:
+        renderer.install(values)
+    assert message in str(err.value)
+
+
+def test_quantities_are_accepted_as_strings_and_numbers(renderer):
+    values = {"shm": {"sizeLimit": "512Mi"}, "server": {"resources": {"requests": {"cpu": 2, "memory": "8Gi"}}}, "gpu": {"enabled": False}}
+    docs, _ = renderer.install(values)
+    container = workload_of(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"] == {"cpu": 2, "memory": "8Gi"}
+
+
+def test_long_release_names_stay_within_limits(renderer):
+    name = "a-very-long-release-name-that-goes-on-and-on-and-on-beyond-reason"[:53]
+    docs, _ = renderer.install(load_values("ci/statefulset-values.yaml"), name=name)
+    for doc in docs:
+        assert len(doc["metadata"]["name"]) <= 63
+    for pod in renderer.hooks({}, name=name):
+        assert len(pod["metadata"]["name"]) <= 63
+
+
+def test_helm_tests_check_health_and_a_completion(renderer):
+    pods = renderer.hooks({"apiKey": {"create": True}})
+    assert {p["metadata"]["annotations"]["helm.sh/hook"] for p in pods} == {"test"}
+    health = next(p for p in pods if p["metadata"]["name"].endswith("-test-health"))
+    assert health["spec"]["containers"][0]["args"][-1] == "http://rel-pagoda:8000/health"
+    completion = next(p for p in pods if p["metadata"]["name"].endswith("-test-completion"))
+    script = completion["spec"]["containers"][0]["args"][0]
+    assert "/v1/completions" in script and "Authorization: Bearer $API_KEY" in script
+    assert completion["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "rel-pagoda-api-key"
+
+
+def test_the_dashboard_is_the_shipped_file_and_uses_real_metrics(renderer):
+    docs, _ = renderer.install({})
+    config_map = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard"))
+    shipped = (CHART / "files" / "grafana" / "pagoda.json").read_text()
+    assert json.loads(config_map["data"]["pagoda.json"]) == json.loads(shipped)
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    exported = {
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
+        "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+        "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
+        "pagoda_build_info", "pagoda_cloud_info",
+    }
+    import re
+    used = set(re.findall(r"(vllm:[a-z0-9_]+|pagoda_[a-z0-9_]+)", shipped))
+    assert used <= exported, f"the dashboard queries metrics Pagoda does not export: {used - exported}"
+
+
+def test_every_value_has_a_comment():
+    """Each key is documented by a comment right above it, or sits inside a documented value (the
+    keys of a Kubernetes object given as a value, such as `resources`)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    documented = []  # (indent, documented) of the keys enclosing the current line
+    for idx, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.startswith("- ") or ":" not in stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        while documented and documented[-1][0] >= indent:
+            documented.pop()
+        has_comment = lines[idx - 1].strip().startswith("#")
+        inherited = any(d for _, d in documented)
+        key, _, rest = stripped.partition(":")
+        is_parent = rest.strip() == "" and idx + 1 < len(lines) and (
+            len(lines[idx + 1]) - len(lines[idx + 1].lstrip()) > indent
+        )
+        assert has_comment or inherited or is_parent, f"values.yaml line {idx + 1}: '{key}' has no comment"
+        documented.append((indent, has_comment or inherited))
