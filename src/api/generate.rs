@@ -12,9 +12,10 @@ use serde_json::Value;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::openai::*;
-use super::{ApiError, AppState, InFlight, Loaded, ResponseBody, json_response, sse_response, unix_now};
+use super::{ApiError, AppState, InFlight, Loaded, ResponseBody, json_response, sse_response, unix_now, with_guard};
 use crate::engine::{EngineRequest, FinishReason, RequestId, RequestOutput, SamplingParams, StopReason, TokenLogprobs};
 use crate::tokenizer::Tokenizer;
+use tracing::Instrument;
 
 /// Chunks buffered between the engine and a slow client before the stream waits.
 const STREAM_BUFFER: usize = 64;
@@ -80,16 +81,26 @@ struct Run {
 }
 
 impl Run {
-    /// Checks every prompt and the queue, then submits one engine request per prompt.
+    /// Checks every prompt and the queue, then submits one engine request per prompt. A
+    /// `max_tokens` the client did not send (a default) is fitted to each prompt's room in the
+    /// context, as vLLM does; one the client sent is checked and refused if it does not fit.
     fn start(
         state: &AppState,
         loaded: &Loaded,
-        id: &str,
         prompts: Vec<Vec<u32>>,
         params: SamplingParams,
+        max_tokens_explicit: bool,
     ) -> Result<Run, ApiError> {
+        let max_model_len = loaded.info.max_model_len;
+        let mut per_prompt = Vec::with_capacity(prompts.len());
         for prompt in &prompts {
-            crate::engine::check_request(prompt, &params, loaded.vocab_size, loaded.info.max_model_len)?;
+            let mut p = params.clone();
+            if !max_tokens_explicit {
+                let room = max_model_len.saturating_sub(prompt.len());
+                p.max_tokens = p.max_tokens.map(|m| m.min(room)).filter(|&m| m > 0);
+            }
+            crate::engine::check_request(prompt, &p, loaded.vocab_size, max_model_len)?;
+            per_prompt.push(p);
         }
         let num_seqs = prompts.len() * params.n;
         if num_seqs > state.config.max_queue {
@@ -107,15 +118,16 @@ impl Run {
         let (tx, rx) = unbounded_channel();
         let mut prompt_of = HashMap::new();
         let prompt_lens = prompts.iter().map(Vec::len).collect();
-        let n = params.n;
         let arrival = Instant::now();
-        for (idx, prompt) in prompts.into_iter().enumerate() {
-            let request_id = RequestId(format!("{id}-{idx}"));
+        // Engine ids are ours alone: a client's x-request-id may repeat.
+        let base = uuid::Uuid::new_v4().simple().to_string();
+        for (idx, (prompt, params)) in prompts.into_iter().zip(per_prompt).enumerate() {
+            let request_id = RequestId(format!("{base}-{idx}"));
             prompt_of.insert(request_id.clone(), idx);
-            let request = EngineRequest { id: request_id, prompt_token_ids: prompt, params: params.clone(), arrival };
+            let request = EngineRequest { id: request_id, prompt_token_ids: prompt, params, arrival };
             loaded.engine.submit_to(request, tx.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
         }
-        Ok(Run { rx, prompt_of, n, prompt_lens })
+        Ok(Run { rx, prompt_of, n: params.n, prompt_lens })
     }
 
     /// The next output and the choice index it belongs to (`prompt * n + sequence`).
@@ -130,9 +142,18 @@ impl Run {
     }
 }
 
+/// The error for sequences the engine dropped without finishing them (it stopped or failed).
+fn unfinished() -> ApiError {
+    ApiError::Internal("the engine stopped before finishing this request".into())
+}
+
 /// Drains a run for a non-streamed response: each output goes to `apply` with its choice index;
 /// returns the usage. Logs the finished request.
-async fn collect(mut run: Run, user: Option<&str>, mut apply: impl FnMut(usize, &RequestOutput)) -> Usage {
+async fn collect(
+    mut run: Run,
+    user: Option<&str>,
+    mut apply: impl FnMut(usize, &RequestOutput),
+) -> Result<Usage, ApiError> {
     let started = Instant::now();
     let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
     let mut reasons = vec![None; run.num_choices()];
@@ -142,8 +163,60 @@ async fn collect(mut run: Run, user: Option<&str>, mut apply: impl FnMut(usize, 
         apply(idx, &out);
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    if reasons.iter().any(Option::is_none) {
+        tracing::error!("the engine dropped a request without finishing it");
+        return Err(unfinished());
+    }
     log_finished(started, &usage, &reasons, user);
-    usage
+    Ok(usage)
+}
+
+/// Drives a run for a streamed response: `opening` chunks first, then `render`'s chunk for each
+/// output (none to skip it), the usage chunk if `usage_chunk` gives one, and `[DONE]`. A client
+/// that goes away cancels the run at once (dropping it aborts its sequences), even while no chunk
+/// is due; a sequence the engine dropped ends the stream with an error event.
+async fn stream(
+    mut run: Run,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    opening: Vec<Bytes>,
+    mut render: impl FnMut(usize, &RequestOutput) -> Option<Bytes>,
+    usage_chunk: impl FnOnce(Usage) -> Option<Bytes>,
+    user: Option<String>,
+) {
+    let started = Instant::now();
+    for chunk in opening {
+        if tx.send(chunk).await.is_err() {
+            return;
+        }
+    }
+    let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
+    let mut reasons = vec![None; run.num_choices()];
+    loop {
+        let next = tokio::select! {
+            next = run.next() => next,
+            _ = tx.closed() => return,
+        };
+        let Some((idx, out)) = next else { break };
+        usage.completion_tokens += out.token_ids.len();
+        reasons[idx] = finish_reason(&out).or(reasons[idx]);
+        if let Some(chunk) = render(idx, &out)
+            && tx.send(chunk).await.is_err()
+        {
+            return;
+        }
+    }
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    if reasons.iter().any(Option::is_none) {
+        tracing::error!("the engine dropped a streamed request without finishing it");
+        let _ = tx.send(sse_event(&unfinished().body())).await;
+        let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
+        return;
+    }
+    if let Some(chunk) = usage_chunk(usage) {
+        let _ = tx.send(chunk).await;
+    }
+    let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
+    log_finished(started, &usage, &reasons, user.as_deref());
 }
 
 fn finish_reason(out: &RequestOutput) -> Option<&'static str> {
@@ -255,82 +328,61 @@ pub async fn completions(
         (Prompt::Texts(texts), true) => texts.clone(),
         (Prompt::Tokens(lists), true) => lists.iter().map(|ids| tok.decode(ids, false)).collect(),
     };
-    let run = Run::start(&state, loaded, request_id, prompts, params)?;
+    let run = Run::start(&state, loaded, prompts, params, req.max_tokens.is_some())?;
     let guard = InFlight::new(&state);
     let id = format!("cmpl-{request_id}");
     let model = state.served_model_name.clone();
     let created = unix_now();
     let want_logprobs = req.logprobs.is_some();
+    let n = run.n;
 
-    let user = req.sampling.user.clone();
     if req.stream {
         let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let started = Instant::now();
-            let mut run = run;
-            let n = run.n;
-            let mut offsets = vec![0usize; run.num_choices()];
-            let mut started_choice = vec![false; run.num_choices()];
-            let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
-            let mut reasons = vec![None; run.num_choices()];
-            while let Some((idx, out)) = run.next().await {
-                let mut text = String::new();
-                if !started_choice[idx] {
-                    started_choice[idx] = true;
-                    text.push_str(&echo_texts[idx / n]);
-                    offsets[idx] = text.chars().count();
-                }
-                text.push_str(&out.text);
-                usage.completion_tokens += out.token_ids.len();
-                reasons[idx] = finish_reason(&out);
-                let logprobs = want_logprobs.then(|| {
-                    let mut lp = CompletionLogprobs::default();
-                    extend_completion_logprobs(&tok, &mut lp, &out.logprobs, &mut offsets[idx]);
-                    lp
-                });
-                if text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
-                    continue;
-                }
-                let chunk = CompletionResponse {
-                    id: id.clone(),
-                    object: "text_completion",
-                    created,
-                    model: model.clone(),
-                    choices: vec![CompletionChoice {
-                        index: idx,
-                        text,
-                        logprobs,
-                        finish_reason: finish_reason(&out),
-                        stop_reason: stop_reason(&out),
-                    }],
-                    usage: None,
-                };
-                if tx.send(sse_event(&chunk)).await.is_err() {
-                    // The client has gone; dropping `run` cancels its sequences.
-                    return;
-                }
+        let mut offsets = vec![0usize; run.num_choices()];
+        let mut started_choice = vec![false; run.num_choices()];
+        let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
+            id: id.clone(),
+            object: "text_completion",
+            created,
+            model: model.clone(),
+            choices,
+            usage,
+        };
+        let usage_chunk = {
+            let chunk = chunk.clone();
+            move |usage| include_usage.then(|| sse_event(&chunk(vec![], Some(usage))))
+        };
+        let render = move |idx: usize, out: &RequestOutput| {
+            let mut text = String::new();
+            if !started_choice[idx] {
+                started_choice[idx] = true;
+                text.push_str(&echo_texts[idx / n]);
+                offsets[idx] = text.chars().count();
             }
-            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-            if include_usage {
-                let last = CompletionResponse {
-                    id,
-                    object: "text_completion",
-                    created,
-                    model,
-                    choices: vec![],
-                    usage: Some(usage),
-                };
-                let _ = tx.send(sse_event(&last)).await;
+            text.push_str(&out.text);
+            if text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
+                return None;
             }
-            let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
-            log_finished(started, &usage, &reasons, user.as_deref());
-        });
-        return Ok(sse_response(rx));
+            let logprobs = want_logprobs.then(|| {
+                let mut lp = CompletionLogprobs::default();
+                extend_completion_logprobs(&tok, &mut lp, &out.logprobs, &mut offsets[idx]);
+                lp
+            });
+            let choice = CompletionChoice {
+                index: idx,
+                text,
+                logprobs,
+                finish_reason: finish_reason(out),
+                stop_reason: stop_reason(out),
+            };
+            Some(sse_event(&chunk(vec![choice], None)))
+        };
+        let user = req.sampling.user.clone();
+        tokio::spawn(stream(run, tx, Vec::new(), render, usage_chunk, user).instrument(tracing::Span::current()));
+        return Ok(with_guard(sse_response(rx), guard));
     }
 
-    let n = run.n;
     let mut choices: Vec<CompletionChoice> = (0..run.num_choices())
         .map(|idx| CompletionChoice {
             index: idx,
@@ -352,17 +404,9 @@ pub async fn completions(
             choice.stop_reason = stop_reason(out);
         }
     })
-    .await;
-    drop(guard);
-    let response = CompletionResponse {
-        id,
-        object: "text_completion",
-        created,
-        model: state.served_model_name.clone(),
-        choices,
-        usage: Some(usage),
-    };
-    Ok(json_response(StatusCode::OK, &response))
+    .await?;
+    let response = CompletionResponse { id, object: "text_completion", created, model, choices, usage: Some(usage) };
+    Ok(with_guard(json_response(StatusCode::OK, &response), guard))
 }
 
 /// Renders chat messages with the model's template; returns the prompt text.
@@ -431,64 +475,52 @@ pub async fn chat(
     )?;
     let tok = loaded.tokenizer.clone();
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad_request(e.message, Some("messages")))?;
-    let run = Run::start(&state, loaded, request_id, vec![prompt], params)?;
+    let run = Run::start(&state, loaded, vec![prompt], params, max_tokens.is_some())?;
     let guard = InFlight::new(&state);
     let id = format!("chatcmpl-{request_id}");
     let model = state.served_model_name.clone();
     let created = unix_now();
 
-    let user = req.sampling.user.clone();
     if req.stream {
         let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let started = Instant::now();
-            let mut run = run;
-            let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>| ChatChunk {
-                id: id.clone(),
-                object: "chat.completion.chunk",
-                created,
-                model: model.clone(),
-                choices,
-                usage,
-            };
-            let usage_field = |u: Option<Usage>| include_usage.then_some(u);
-            // Every choice opens with the assistant role.
-            for index in 0..run.num_choices() {
+        let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>| ChatChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk",
+            created,
+            model: model.clone(),
+            choices,
+            usage,
+        };
+        // Every choice opens with the assistant role.
+        let usage_field = move |u: Option<Usage>| include_usage.then_some(u);
+        let opening = (0..run.num_choices())
+            .map(|index| {
                 let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
                 let first = ChatChunkChoice { index, delta, logprobs: None, finish_reason: None, stop_reason: None };
-                if tx.send(sse_event(&chunk(vec![first], usage_field(None)))).await.is_err() {
-                    return;
-                }
+                sse_event(&chunk(vec![first], usage_field(None)))
+            })
+            .collect();
+        let usage_chunk = {
+            let chunk = chunk.clone();
+            move |usage| include_usage.then(|| sse_event(&chunk(vec![], Some(Some(usage)))))
+        };
+        let render = move |index: usize, out: &RequestOutput| {
+            if out.text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
+                return None;
             }
-            let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
-            let mut reasons = vec![None; run.num_choices()];
-            while let Some((index, out)) = run.next().await {
-                usage.completion_tokens += out.token_ids.len();
-                reasons[index] = finish_reason(&out);
-                if out.text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
-                    continue;
-                }
-                let choice = ChatChunkChoice {
-                    index,
-                    delta: ChatDelta { role: None, content: Some(out.text.clone()) },
-                    logprobs: logprobs.map(|_| chat_logprobs(&tok, &out.logprobs)),
-                    finish_reason: finish_reason(&out),
-                    stop_reason: stop_reason(&out),
-                };
-                if tx.send(sse_event(&chunk(vec![choice], usage_field(None)))).await.is_err() {
-                    return;
-                }
-            }
-            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-            if include_usage {
-                let _ = tx.send(sse_event(&chunk(vec![], Some(Some(usage))))).await;
-            }
-            let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
-            log_finished(started, &usage, &reasons, user.as_deref());
-        });
-        return Ok(sse_response(rx));
+            let choice = ChatChunkChoice {
+                index,
+                delta: ChatDelta { role: None, content: Some(out.text.clone()) },
+                logprobs: logprobs.map(|_| chat_logprobs(&tok, &out.logprobs)),
+                finish_reason: finish_reason(out),
+                stop_reason: stop_reason(out),
+            };
+            Some(sse_event(&chunk(vec![choice], usage_field(None))))
+        };
+        let user = req.sampling.user.clone();
+        tokio::spawn(stream(run, tx, opening, render, usage_chunk, user).instrument(tracing::Span::current()));
+        return Ok(with_guard(sse_response(rx), guard));
     }
 
     let mut choices: Vec<ChatChoice> = (0..run.num_choices())
@@ -511,10 +543,9 @@ pub async fn chat(
             choice.stop_reason = stop_reason(out);
         }
     })
-    .await;
-    drop(guard);
+    .await?;
     let response = ChatResponse { id, object: "chat.completion", created, model, choices, usage };
-    Ok(json_response(StatusCode::OK, &response))
+    Ok(with_guard(json_response(StatusCode::OK, &response), guard))
 }
 
 pub fn tokenize(state: &AppState, req: TokenizeRequest) -> Result<Response<ResponseBody>, ApiError> {

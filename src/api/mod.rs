@@ -163,6 +163,38 @@ impl Drop for InFlight {
 
 pub type ResponseBody = BoxBody<Bytes, Infallible>;
 
+/// A body that counts its request as in flight until hyper has taken its last byte (and drops
+/// it), so a drain waits for responses still being written.
+struct GuardedBody {
+    inner: ResponseBody,
+    _guard: InFlight,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Ties `guard` to the response's body.
+fn with_guard(response: Response<ResponseBody>, guard: InFlight) -> Response<ResponseBody> {
+    response.map(|inner| GuardedBody { inner, _guard: guard }.boxed())
+}
+
 /// A response body fed chunk by chunk from a channel (server-sent events).
 struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
 

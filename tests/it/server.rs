@@ -270,6 +270,26 @@ fn stop_strings_echo_and_vllm_fields_work_over_http() {
 }
 
 #[test]
+fn default_max_tokens_fit_the_context_while_explicit_ones_are_checked() {
+    // generation_config.json recommends more new tokens than the 512-token context holds.
+    let dir = copy_fixture("tiny-llama", "server-gen-defaults");
+    let gen_path = dir.join("generation_config.json");
+    let mut generation: Value = serde_json::from_str(&std::fs::read_to_string(&gen_path).unwrap()).unwrap();
+    generation["max_new_tokens"] = json!(1000);
+    std::fs::write(&gen_path, generation.to_string()).unwrap();
+    let server = Server::start(&["--model", dir.to_str().unwrap(), "--num-gpu-blocks-override", "64"]);
+    let messages = json!([{"role": "user", "content": "Hello there"}]);
+    let body = json!({"messages": messages, "temperature": 0, "ignore_eos": true});
+    let v = post(server.port, "/v1/chat/completions", &body).json();
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap(), 512 - prompt, "the default is cut to the room left");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let body = json!({"messages": messages, "max_tokens": 1000});
+    let resp = post(server.port, "/v1/chat/completions", &body);
+    assert_error(&resp, 400, "BadRequestError", "maximum context length is 512 tokens");
+}
+
+#[test]
 fn every_error_status_has_an_openai_shaped_body() {
     let model = fixture("tiny-llama");
     let server = Server::start(&[
@@ -428,6 +448,22 @@ fn info_endpoints_and_request_ids() {
     assert_eq!(resp.json()["id"], "cmpl-trace-me-42");
     let generated = get(server.port, "/version");
     assert_eq!(generated.header("x-request-id").unwrap().len(), 32);
+    // A client's request id may repeat (retries, proxies): concurrent requests with one id both work.
+    let port = server.port;
+    let same_id: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let body = br#"{"prompt": "a", "max_tokens": 20, "ignore_eos": true}"#;
+                request(port, "POST", "/v1/completions", &[("x-request-id", "dup-1")], body)
+            })
+        })
+        .collect();
+    for handle in same_id {
+        let resp = handle.join().unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.json()["choices"][0]["finish_reason"], "length");
+        assert_eq!(resp.json()["usage"]["completion_tokens"], 20);
+    }
     std::thread::sleep(Duration::from_millis(100));
     assert!(server.log().contains("trace-me-42"), "the request id is in the logs");
 }
