@@ -248,7 +248,11 @@ fn extend_completion_logprobs(
         *offset += text.chars().count();
         target.tokens.push(text);
         target.token_logprobs.push(Some(lp.logprob));
-        target.top_logprobs.push(Some(lp.top.iter().map(|&(id, v)| (token_text(tok, id), v)).collect()));
+        let mut top = serde_json::Map::new();
+        for &(id, logprob) in &lp.top {
+            top.entry(token_text(tok, id)).or_insert(Value::from(logprob));
+        }
+        target.top_logprobs.push(Some(top));
     }
 }
 

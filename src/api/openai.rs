@@ -74,8 +74,14 @@ impl<'de> Deserialize<'de> for Stop {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct StreamOptions {
-    #[serde(default)]
+    /// `null` means false, as in vLLM.
+    #[serde(default, deserialize_with = "null_is_false")]
     pub include_usage: bool,
+}
+
+/// A boolean that may also be sent as `null` (meaning false), as clients do.
+fn null_is_false<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 /// Sampling fields shared by completions and chat completions.
@@ -107,11 +113,11 @@ pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: Prompt,
     pub max_tokens: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub logprobs: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub echo: bool,
     pub best_of: Option<u32>,
     pub suffix: Option<String>,
@@ -191,16 +197,16 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub logprobs: bool,
     pub top_logprobs: Option<u32>,
     pub tools: Option<Value>,
     // vLLM's extensions.
     pub add_generation_prompt: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub continue_final_message: bool,
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// Read from the same JSON object separately (see `api::read_request`).
@@ -216,10 +222,10 @@ pub struct TokenizeRequest {
     pub messages: Option<Vec<ChatMessage>>,
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub continue_final_message: bool,
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub return_token_strs: bool,
 }
 
@@ -254,7 +260,9 @@ pub struct Usage {
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<Option<f32>>,
-    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    /// In rank order (the JSON object keeps insertion order); tokens with the same text share
+    /// one key, as in OpenAI's format.
+    pub top_logprobs: Vec<Option<serde_json::Map<String, Value>>>,
     pub text_offset: Vec<usize>,
 }
 
@@ -414,6 +422,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("'image_url' are not supported"));
+    }
+
+    #[test]
+    fn null_booleans_mean_false() {
+        let r: CompletionRequest = serde_json::from_str(r#"{"prompt": "a", "stream": null, "echo": null}"#).unwrap();
+        assert!(!r.stream && !r.echo);
+        let r: ChatRequest =
+            serde_json::from_str(r#"{"messages": [], "logprobs": null, "stream_options": {"include_usage": null}}"#)
+                .unwrap();
+        assert!(!r.logprobs && !r.stream_options.unwrap().include_usage);
     }
 
     #[test]

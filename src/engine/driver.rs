@@ -66,7 +66,9 @@ impl EngineStatus {
 
     /// Whether the engine thread is running and turned its loop within `stall`.
     pub fn is_healthy(&self, stall: Duration) -> bool {
-        let since = self.started.elapsed().as_millis() as u64 - self.heartbeat_ms.load(Ordering::Relaxed);
+        // The heartbeat may be newer than this reading of the clock.
+        let since =
+            (self.started.elapsed().as_millis() as u64).saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed));
         self.alive.load(Ordering::Relaxed) && since <= stall.as_millis() as u64
     }
 
@@ -258,7 +260,7 @@ fn run(
                 Err(err) => {
                     // A failed forward pass leaves the batch's KV in doubt: fail what was running.
                     tracing::error!(%err, "engine step failed; aborting all requests");
-                    outputs.extend(engine.abort_all());
+                    outputs.extend(engine.recover_from_failed_step());
                 }
             }
         }

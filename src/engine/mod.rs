@@ -65,6 +65,8 @@ struct SeqRuntime {
     request_id: RequestId,
     index: usize,
     params: Arc<SamplingParams>,
+    /// EOS (unless ignored) and the request's stop token ids, masked before `min_tokens`.
+    stop_token_ids: Vec<u32>,
     num_prompt_tokens: usize,
     max_tokens: usize,
     rng: ChaCha8Rng,
@@ -173,6 +175,7 @@ impl Engine {
                     request_id: request.id.clone(),
                     index,
                     params: params.clone(),
+                    stop_token_ids: stop_tokens(&params, &self.eos_token_ids).collect(),
                     num_prompt_tokens: request.prompt_token_ids.len(),
                     max_tokens,
                     rng,
@@ -223,6 +226,14 @@ impl Engine {
     pub fn abort_all(&mut self) -> Vec<RequestOutput> {
         let ids: Vec<RequestId> = self.requests.keys().cloned().collect();
         ids.iter().flat_map(|id| self.abort_request(id)).collect()
+    }
+
+    /// After a failed step: cancels everything and forgets cached prefixes, since blocks of that
+    /// step were registered before their KV was written.
+    pub fn recover_from_failed_step(&mut self) -> Vec<RequestOutput> {
+        let outputs = self.abort_all();
+        self.scheduler.reset_prefix_cache();
+        outputs
     }
 
     pub fn has_unfinished(&self) -> bool {
@@ -285,11 +296,10 @@ impl Engine {
             let runtime = self.seqs.get_mut(&seq).expect("sampled sequences have runtime state");
             let params = runtime.params.clone();
             let tokens = self.scheduler.tokens(seq);
-            let stop_token_ids: Vec<u32> = stop_tokens(&params, &self.eos_token_ids).collect();
             let ctx = SamplingContext {
                 prompt_ids: &tokens[..runtime.num_prompt_tokens],
                 output_ids: &tokens[runtime.num_prompt_tokens..],
-                stop_token_ids: &stop_token_ids,
+                stop_token_ids: &runtime.stop_token_ids,
             };
             let (token, logprobs) = sampler::sample(row, &params, &ctx, &mut runtime.rng);
             self.scheduler.append_token(seq, token);

@@ -18,6 +18,10 @@ impl fmt::Display for RequestId {
 pub const MAX_N: usize = 128;
 pub const MAX_LOGPROBS: usize = 20;
 pub const MAX_STOP_STRINGS: usize = 64;
+/// Longest stop string, in bytes: each generated token is checked against every stop string.
+pub const MAX_STOP_STRING_BYTES: usize = 1024;
+/// Most entries of `stop_token_ids` and of `logit_bias`.
+pub const MAX_TOKEN_LIST: usize = 1024;
 
 /// How tokens are chosen and when generation stops; names and meanings follow vLLM.
 #[derive(Clone, Debug, PartialEq)]
@@ -138,6 +142,24 @@ impl SamplingParams {
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop", "stop strings must not be empty".into());
+        }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+            return bad(
+                "stop",
+                format!("stop strings are limited to {MAX_STOP_STRING_BYTES} bytes, got {}", long.len()),
+            );
+        }
+        if self.stop_token_ids.len() > MAX_TOKEN_LIST {
+            return bad(
+                "stop_token_ids",
+                format!("at most {MAX_TOKEN_LIST} stop token ids are allowed, got {}", self.stop_token_ids.len()),
+            );
+        }
+        if self.logit_bias.len() > MAX_TOKEN_LIST {
+            return bad(
+                "logit_bias",
+                format!("logit_bias is limited to {MAX_TOKEN_LIST} tokens, got {}", self.logit_bias.len()),
+            );
         }
         if let Some(&t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return bad("stop_token_ids", format!("stop token id {t} is outside the vocabulary of {vocab_size}"));

@@ -237,6 +237,11 @@ impl Scheduler {
         self.kv.num_blocks()
     }
 
+    /// See [`KvCacheManager::reset_prefix_cache`]; call with no sequence holding blocks.
+    pub fn reset_prefix_cache(&mut self) {
+        self.kv.reset_prefix_cache();
+    }
+
     pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
         self.kv.stats()
     }

@@ -162,6 +162,12 @@ impl BlockPool {
         self.cached.entry(hash).or_insert(block);
     }
 
+    /// Drops every cached-prefix registration (the blocks' contents are no longer trusted).
+    pub fn forget_cached(&mut self) {
+        self.cached.clear();
+        self.hash.iter_mut().for_each(|h| *h = None);
+    }
+
     pub fn lookup(&self, hash: BlockHash) -> Option<BlockId> {
         self.cached.get(&hash).copied()
     }

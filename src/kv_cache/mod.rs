@@ -133,8 +133,6 @@ impl KvCacheManager {
         let hashes = &self.seqs[&seq].hashes;
         let blocks: Vec<BlockId> = hashes.iter().take(max_blocks).map_while(|&h| self.pool.lookup(h)).collect();
         let num_tokens = blocks.len() * self.block_size;
-        self.stats.queries += tokens.len() as u64;
-        self.stats.hits += num_tokens as u64;
         ComputedBlocks { blocks, num_tokens }
     }
 
@@ -161,6 +159,12 @@ impl KvCacheManager {
         if num_new_blocks + num_revived > self.pool.num_free_blocks() {
             return false;
         }
+        if self.enable_prefix_caching && num_held == 0 && num_computed_tokens == 0 {
+            // An admission: count the lookup now that it took effect (a sequence that has to wait
+            // is looked up again next step and must not count twice).
+            self.stats.queries += tokens.len() as u64;
+            self.stats.hits += computed.num_tokens as u64;
+        }
         self.pool.touch(&computed.blocks);
         let new_blocks = self.pool.take(num_new_blocks);
         let entry = self.seqs.entry(seq).or_default();
@@ -178,6 +182,14 @@ impl KvCacheManager {
             entry.num_cached_blocks = entry.num_cached_blocks.max(num_full);
         }
         true
+    }
+
+    /// Forgets every cached prefix. Called after a failed step, whose blocks may have been
+    /// registered before their KV was written; only valid when no sequence holds blocks.
+    pub fn reset_prefix_cache(&mut self) {
+        debug_assert!(self.seqs.values().all(|s| s.blocks.is_empty()));
+        self.pool.forget_cached();
+        self.seqs.clear();
     }
 
     /// Releases every block of `seq` (finished, aborted or preempted).
@@ -257,6 +269,19 @@ mod tests {
         assert!(kv.allocate_slots(SeqId(1), &a, 0, 5, &ComputedBlocks::default()));
         // b's second block has the same tokens as a's, but a different parent: no hit.
         assert_eq!(kv.get_computed_blocks(SeqId(2), &b).num_tokens, 0);
+    }
+
+    #[test]
+    fn a_reset_forgets_every_cached_prefix() {
+        let mut kv = KvCacheManager::new(8, 4, true);
+        let a = tokens(9, 0);
+        assert!(kv.allocate_slots(SeqId(1), &a, 0, 9, &ComputedBlocks::default()));
+        kv.free(SeqId(1));
+        assert_eq!(kv.get_computed_blocks(SeqId(2), &a).num_tokens, 8);
+        kv.free(SeqId(2));
+        kv.reset_prefix_cache();
+        assert_eq!(kv.get_computed_blocks(SeqId(3), &a).num_tokens, 0);
+        assert_eq!(kv.num_free_blocks(), 8);
     }
 
     #[test]

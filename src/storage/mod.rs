@@ -48,8 +48,8 @@ pub enum SyncError {
     Changed { name: String, detail: String },
     #[error("{name}: received {got} bytes where {expected} were expected")]
     Truncated { name: String, expected: u64, got: u64 },
-    #[error("{name}: the content does not match the store's checksum (MD5 {expected}, got {got})")]
-    Checksum { name: String, expected: String, got: String },
+    #[error("{uri} lists an unsafe file name '{name}': names must stay inside the model folder")]
+    UnsafeName { uri: String, name: String },
     #[error("downloading {name} failed: {source}")]
     Download { name: String, source: Box<object_store::Error> },
     #[error("not enough disk space in {dest}: the sync needs {needed} more bytes and {available} are free")]
@@ -159,6 +159,15 @@ fn file_filter(opts: &SyncOptions) -> Result<impl Fn(&str) -> bool + use<>, Sync
             && (include.is_match(name) || include.is_match(file_name))
             && !(exclude.is_match(name) || exclude.is_match(file_name))
     })
+}
+
+/// Whether a listed name stays inside the destination: relative, no `.`/`..`/empty components,
+/// no backslashes.
+fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('/')
+        && !name.contains('\\')
+        && name.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// Free bytes on the filesystem holding `path`.
@@ -320,12 +329,13 @@ fn finish_transfer(dest: &Path, t: &Transfer) -> Result<FileRecord, SyncError> {
         .map(|e| e.trim_matches('"').to_ascii_lowercase())
         .filter(|e| e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit()));
     let (xxh3, md5) = manifest::hash_file(&t.partial, md5_etag.is_some())?;
-    if let (Some(expected), Some(got)) = (md5_etag, md5)
-        && got != expected
+    // Not every 32-hex ETag is an MD5 (SSE-KMS and SSE-C objects, some S3-compatible stores), so a
+    // mismatch is reported, not fatal: the size was checked and every part was read pinned to the
+    // listed ETag, so the bytes are the object's.
+    if let (Some(etag), Some(md5)) = (md5_etag, md5)
+        && md5 != etag
     {
-        let _ = std::fs::remove_file(&t.partial);
-        let _ = std::fs::remove_file(&t.parts_path);
-        return Err(SyncError::Checksum { name: t.file.name.clone(), expected, got });
+        tracing::warn!(file = %t.file.name, %etag, %md5, "the ETag is not the content's MD5 (server-side encryption?); keeping the file");
     }
     t.handle.sync_all().map_err(|e| SyncError::io(&t.partial, e))?;
     let target = dest.join(&t.file.name);
@@ -389,12 +399,17 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
     let state = StatePaths::new(dest);
     std::fs::create_dir_all(state.dir.join("partial")).map_err(|e| SyncError::io(&state.dir, e))?;
     let lock_path = state.lock();
-    let _lock =
-        tokio::task::spawn_blocking(move || Lock::acquire(&lock_path)).await.expect("the lock task does not panic")?;
+    // Shared with the tasks that finish files, so the lock outlives any still running after an error.
+    let lock = Arc::new(
+        tokio::task::spawn_blocking(move || Lock::acquire(&lock_path)).await.expect("the lock task does not panic")?,
+    );
 
     let files: Vec<RemoteFile> = source.list().await?;
     if files.is_empty() {
         return Err(SyncError::Empty { uri: uri.to_string() });
+    }
+    if let Some(bad) = files.iter().find(|f| !is_safe_name(&f.name)) {
+        return Err(SyncError::UnsafeName { uri: uri.to_string(), name: bad.name.clone() });
     }
     let files: Vec<RemoteFile> = files.into_iter().filter(|f| keep(&f.name)).collect();
     if !files.iter().any(|f| f.name == "config.json") {
@@ -475,6 +490,7 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
         .map(|(idx, part)| {
             let (source, transfers, fetched, dest) =
                 (source.clone(), transfers.clone(), fetched.clone(), dest.to_path_buf());
+            let lock = lock.clone();
             async move {
                 fetch_part(&source, &transfers[idx], part, part_size, &fetched).await?;
                 if transfers[idx].remaining.fetch_sub(1, Ordering::SeqCst) > 1 {
@@ -482,9 +498,12 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
                 }
                 // The file's last part: check, hash and place it off the async threads, so the
                 // other parts keep downloading meanwhile.
-                let record = tokio::task::spawn_blocking(move || finish_transfer(&dest, &transfers[idx]))
-                    .await
-                    .expect("finishing a file does not panic")?;
+                let record = tokio::task::spawn_blocking(move || {
+                    let _lock = lock;
+                    finish_transfer(&dest, &transfers[idx])
+                })
+                .await
+                .expect("finishing a file does not panic")?;
                 Ok::<_, SyncError>(Some((idx, record)))
             }
         })
@@ -526,6 +545,9 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
 fn finish(dest: &Path, state: &StatePaths, manifest: &mut Manifest, files: &[RemoteFile]) -> Result<(), SyncError> {
     let current: std::collections::HashSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
     let stale: Vec<String> = manifest.files.keys().filter(|n| !current.contains(n.as_str())).cloned().collect();
+    if !stale.is_empty() {
+        let _ = std::fs::remove_file(state.complete());
+    }
     for name in stale {
         let path = dest.join(&name);
         match std::fs::remove_file(&path) {
@@ -616,6 +638,16 @@ mod tests {
         assert!(keep("README.md") && !keep("merges.txt"));
         let bad = SyncOptions { include: vec!["[".into()], ..SyncOptions::default() };
         assert!(file_filter(&bad).err().unwrap().to_string().starts_with("invalid pattern '['"));
+    }
+
+    #[test]
+    fn names_that_would_leave_the_folder_are_unsafe() {
+        for ok in ["config.json", "sub/model.safetensors", "a.b/c..d"] {
+            assert!(is_safe_name(ok), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./x", "a\\b"] {
+            assert!(!is_safe_name(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::http::HttpBuilder;
 use object_store::path::Path as StorePath;
@@ -149,10 +149,13 @@ impl Source {
             }
             "az" | "azure" => {
                 let (container, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
-                let b = MicrosoftAzureBuilder::from_env()
+                let mut b = MicrosoftAzureBuilder::from_env()
                     .with_container_name(container)
                     .with_client_options(client_options(allow_http))
                     .with_retry(retry_config());
+                if let Some(endpoint) = &opts.endpoint {
+                    b = b.with_config(AzureConfigKey::Endpoint, endpoint);
+                }
                 (Scheme::Azure, Arc::new(b.build().map_err(|e| store_err(Scheme::Azure, e))?), prefix)
             }
             "https" | "http" if url.host_str().is_some_and(|h| h.ends_with(".blob.core.windows.net")) => {
@@ -172,6 +175,11 @@ impl Source {
             "https" | "http" => {
                 if url.scheme() == "http" && !opts.allow_http {
                     return Err(SyncError::PlainHttp { uri: uri.to_string() });
+                }
+                if opts.endpoint.is_some() {
+                    return Err(invalid(
+                        "--endpoint applies to s3://, gs:// and az:// sources; an https:// URI is its own endpoint",
+                    ));
                 }
                 // The store is rooted at the server; the URL's path is the prefix, as listings
                 // (WebDAV) name objects from the root.
@@ -322,8 +330,7 @@ mod tests {
     use super::*;
 
     fn parse(uri: &str) -> Result<Source, String> {
-        Source::parse(uri, &StoreOptions { allow_http: false, endpoint: Some("http://127.0.0.1:9".into()) })
-            .map_err(|e| e.to_string())
+        Source::parse(uri, &StoreOptions::default()).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -340,5 +347,10 @@ mod tests {
             "refusing plain http:// for http://example.com/m: pass --allow-http to allow unencrypted downloads"
         );
         assert!(parse("s3:///nobucket").err().unwrap().contains("no bucket"));
+        let with_endpoint = StoreOptions { endpoint: Some("http://127.0.0.1:9".into()), allow_http: true };
+        let err = Source::parse("https://example.com/m", &with_endpoint).err().unwrap().to_string();
+        assert!(
+            err.ends_with("--endpoint applies to s3://, gs:// and az:// sources; an https:// URI is its own endpoint")
+        );
     }
 }

@@ -84,42 +84,108 @@ fn describe(e: &Error) -> String {
     text
 }
 
-/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`, which is what transformers'
-/// `tojson` filter calls. minijinja's own `tojson` escapes HTML characters, which would change
-/// what the model sees.
+/// Python's `json.dumps`, which transformers' `tojson` filter calls (`ensure_ascii=False` unless
+/// the template asks otherwise; `indent`, `sort_keys` and `separators` as templates pass them).
+/// minijinja's own `tojson` escapes HTML characters, which would change what the model sees.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
+    let (item_sep, key_sep) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be two strings")),
+        // Python's defaults: no space after commas when indenting.
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+    };
     let json =
         serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let mut out = Vec::new();
-    let result = match indent {
-        Some(n) => {
-            let pad = vec![b' '; n];
-            let mut ser =
-                serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(&pad));
-            json.serialize(&mut ser)
-        }
-        None => json.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter)),
+    let style = JsonStyle {
+        indent,
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+        sort_keys: sort_keys.unwrap_or(false),
+        item_sep,
+        key_sep,
     };
-    result.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    Ok(Value::from_safe_string(String::from_utf8(out).expect("serde_json writes UTF-8")))
+    let mut out = String::new();
+    style.write(&json, 0, &mut out);
+    Ok(Value::from_safe_string(out))
 }
 
-/// `json.dumps`' default separators: `", "` between items and `": "` after keys.
-struct PythonFormatter;
+struct JsonStyle {
+    indent: Option<usize>,
+    ensure_ascii: bool,
+    sort_keys: bool,
+    item_sep: String,
+    key_sep: String,
+}
 
-impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
-        if first { Ok(()) } else { writer.write_all(b", ") }
+impl JsonStyle {
+    fn newline(&self, level: usize, out: &mut String) {
+        if let Some(n) = self.indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
     }
 
-    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
-        if first { Ok(()) } else { writer.write_all(b", ") }
+    fn string(&self, s: &str, out: &mut String) {
+        let quoted = serde_json::to_string(s).expect("strings serialize");
+        if !self.ensure_ascii {
+            out.push_str(&quoted);
+            return;
+        }
+        for c in quoted.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
     }
 
-    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
-        writer.write_all(b": ")
+    fn write(&self, value: &serde_json::Value, level: usize, out: &mut String) {
+        use serde_json::Value as J;
+        match value {
+            J::Array(items) if items.is_empty() => out.push_str("[]"),
+            J::Object(map) if map.is_empty() => out.push_str("{}"),
+            J::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(level + 1, out);
+                    self.write(item, level + 1, out);
+                }
+                self.newline(level, out);
+                out.push(']');
+            }
+            J::Object(map) => {
+                let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(b.0));
+                }
+                out.push('{');
+                for (i, (key, item)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(level + 1, out);
+                    self.string(key, out);
+                    out.push_str(&self.key_sep);
+                    self.write(item, level + 1, out);
+                }
+                self.newline(level, out);
+                out.push('}');
+            }
+            J::String(s) => self.string(s, out),
+            other => out.push_str(&other.to_string()),
+        }
     }
 }
 
@@ -222,8 +288,17 @@ mod tests {
     fn tojson_writes_what_python_json_dumps_writes() {
         let out = render("{{ messages[0] | tojson }}", json!([{"a": [1, "é<"], "b": {"c": null}}])).unwrap();
         assert_eq!(out, r#"{"a": [1, "é<"], "b": {"c": null}}"#);
-        let out = render("{{ messages[0] | tojson(indent=2) }}", json!([{"a": 1}])).unwrap();
-        assert_eq!(out, "{\n  \"a\": 1\n}");
+        let out = render("{{ messages[0] | tojson(indent=2) }}", json!([{"a": 1, "b": [2, 3]}])).unwrap();
+        assert_eq!(out, "{\n  \"a\": 1,\n  \"b\": [\n    2,\n    3\n  ]\n}");
+        // Keys keep the order the client sent them in, unless sorted.
+        let out = render("{{ messages[0] | tojson }}", json!([{"z": 1, "a": 2}])).unwrap();
+        assert_eq!(out, r#"{"z": 1, "a": 2}"#);
+        let out =
+            render("{{ messages[0] | tojson(sort_keys=true, separators=[',', ':']) }}", json!([{"z": 1, "a": "é"}]))
+                .unwrap();
+        assert_eq!(out, r#"{"a":"é","z":1}"#);
+        let out = render("{{ messages[0] | tojson(ensure_ascii=true) }}", json!([{"a": "é🚀"}])).unwrap();
+        assert_eq!(out, r#"{"a": "\u00e9\ud83d\ude80"}"#);
     }
 
     #[test]
