@@ -226,16 +226,12 @@ fn s3_sync_is_byte_identical_idempotent_and_served() {
     assert!(server.log().contains("serving the copy synced earlier"), "{}", server.log());
 }
 
-#[test]
-fn an_interrupted_sync_resumes_with_only_the_missing_bytes() {
-    let Some(moto) = Moto::start() else { return };
-    let src = big_model_dir("sync-resume-src", 64);
-    moto.upload_dir(&src, "big");
-    let uri = format!("s3://{BUCKET}/big");
-    let dest = scratch_dir("sync-resume").join("model");
+/// Starts a slow sync of `uri` (1 MiB parts, one at a time) and returns it once the weights' part
+/// map records `min_parts` finished parts, with the map's path.
+fn sync_until_parts_done(moto: &Moto, uri: &str, dest: &Path, min_parts: usize) -> (Child, PathBuf) {
     let args = [
         "sync",
-        &uri,
+        uri,
         dest.to_str().unwrap(),
         "--progress",
         "off",
@@ -244,26 +240,39 @@ fn an_interrupted_sync_resumes_with_only_the_missing_bytes() {
         "--sync-concurrency",
         "1",
     ];
-    let mut child = pagoda_cmd(&args, &moto.env()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = pagoda_cmd(&args, &moto.env()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let parts = dest.join(".pagoda-sync/partial/model.safetensors.parts.json");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let done = std::fs::read(&parts)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .map_or(0, |v| v["done"].as_array().unwrap().iter().filter(|d| d.as_bool() == Some(true)).count());
-        if done >= 8 {
-            break;
+        if done_parts(&parts) >= min_parts {
+            return (child, parts);
         }
         assert!(Instant::now() < deadline, "no progress to interrupt");
         assert!(child.try_wait().unwrap().is_none(), "the sync finished before it could be interrupted");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Parts a part map records as finished (0 when it is not there yet).
+fn done_parts(parts: &Path) -> usize {
+    std::fs::read(parts)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .map_or(0, |v| v["done"].as_array().unwrap().iter().filter(|d| d.as_bool() == Some(true)).count())
+}
+
+#[test]
+fn an_interrupted_sync_resumes_with_only_the_missing_bytes() {
+    let Some(moto) = Moto::start() else { return };
+    let src = big_model_dir("sync-resume-src", 64);
+    moto.upload_dir(&src, "big");
+    let uri = format!("s3://{BUCKET}/big");
+    let dest = scratch_dir("sync-resume").join("model");
+    let (mut child, parts) = sync_until_parts_done(&moto, &uri, &dest, 8);
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!dest.join("model.safetensors").exists(), "nothing half-written at the model path");
-    let map: Value = serde_json::from_slice(&std::fs::read(&parts).unwrap()).unwrap();
-    let done_parts = map["done"].as_array().unwrap().iter().filter(|d| d.as_bool() == Some(true)).count() as u64;
+    let done_parts = done_parts(&parts) as u64;
     assert!(done_parts < 64, "the download was interrupted halfway");
 
     let summary = sync_ok(&uri, &dest, &["--sync-part-size", "1MiB"], &moto.env());
@@ -363,24 +372,7 @@ fn a_file_that_changes_during_the_download_fails_cleanly() {
     moto.upload_dir(&src, "big");
     let uri = format!("s3://{BUCKET}/big");
     let dest = scratch_dir("sync-change").join("model");
-    let args = [
-        "sync",
-        &uri,
-        dest.to_str().unwrap(),
-        "--progress",
-        "off",
-        "--sync-part-size",
-        "1MiB",
-        "--sync-concurrency",
-        "1",
-    ];
-    let child = pagoda_cmd(&args, &moto.env()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let parts = dest.join(".pagoda-sync/partial/model.safetensors.parts.json");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&parts).is_ok_and(|t| t.matches("true").count() >= 4) {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let (child, _) = sync_until_parts_done(&moto, &uri, &dest, 4);
     moto.put("big/model.safetensors", vec![7u8; 3 << 20]);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
