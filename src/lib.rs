@@ -7,6 +7,7 @@ pub mod cli;
 pub mod engine;
 pub mod kv_cache;
 pub mod launch;
+pub mod metadata;
 pub mod model;
 pub mod storage;
 pub mod telemetry;

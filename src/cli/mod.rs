@@ -4,6 +4,7 @@
 
 mod generate;
 mod info;
+mod metadata;
 mod serve;
 mod sync;
 
@@ -43,6 +44,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Show the platform, the detected cloud, GPUs and the CUDA libraries found.
     Info(info::InfoArgs),
+    /// Write the service's launch configuration from the cloud's instance user data.
+    Metadata(metadata::MetadataArgs),
 }
 
 impl Cli {
@@ -52,6 +55,7 @@ impl Cli {
             Command::Sync(args) => sync::run(args),
             Command::Generate(args) => generate::run(args),
             Command::Info(args) => info::run(args),
+            Command::Metadata(args) => metadata::run(args),
         }
     }
 }

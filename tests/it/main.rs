@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod http;
 mod load_errors;
+mod metadata;
 mod operations;
 mod reference;
 mod server;

@@ -1,0 +1,310 @@
+//! Launch-time configuration of the cloud images: `pagoda metadata` reads the instance's user data
+//! from the cloud's metadata service (AWS IMDSv2, the GCE metadata server, Azure IMDS) and writes an
+//! environment file the `pagoda` service reads, so one generic image serves any model.
+//!
+//! The user data is JSON (at the top level or under a `"pagoda"` key) or `PAGODA_*=value` lines;
+//! other user data (a `#cloud-config`, a script) is left to other tools.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    Aws,
+    Gcp,
+    Azure,
+}
+
+impl Provider {
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Aws => "AWS instance metadata (IMDSv2)",
+            Provider::Gcp => "the GCE metadata server",
+            Provider::Azure => "Azure IMDS",
+        }
+    }
+
+    /// Where the metadata service listens by default.
+    pub fn default_endpoint(self) -> &'static str {
+        match self {
+            Provider::Aws | Provider::Azure => "http://169.254.169.254",
+            Provider::Gcp => "http://metadata.google.internal",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("{service} at {endpoint} did not answer within {timeout:?}; is this instance on that cloud?")]
+    Timeout { service: &'static str, endpoint: String, timeout: Duration },
+    #[error("{service} at {endpoint} failed: {message}")]
+    Service { service: &'static str, endpoint: String, message: String },
+    #[error("the user data is not valid Pagoda configuration: {0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// What the user data may set.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchConfig {
+    /// The model: a local folder or an s3://, gs://, az:// or https:// URI.
+    pub model: Option<String>,
+    pub served_model_name: Option<String>,
+    /// A file on the instance holding the API key (put there by a secrets agent); keys never
+    /// travel in user data, which anyone on the instance can read.
+    pub api_key_file: Option<String>,
+    /// Extra `pagoda serve` arguments.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// Extra environment variables for the service (AWS_REGION, HF_HOME, ...).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Fetches the user data from `provider`'s metadata service at `endpoint`. `None` when the
+/// instance has none.
+pub async fn fetch_user_data(
+    provider: Provider,
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<Option<String>, MetadataError> {
+    let client =
+        reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).no_proxy().build().map_err(|e| {
+            MetadataError::Service { service: provider.name(), endpoint: endpoint.to_string(), message: e.to_string() }
+        })?;
+    let base = endpoint.trim_end_matches('/');
+    let fail = |e: reqwest::Error| {
+        if e.is_timeout() || e.is_connect() {
+            MetadataError::Timeout { service: provider.name(), endpoint: endpoint.to_string(), timeout }
+        } else {
+            MetadataError::Service { service: provider.name(), endpoint: endpoint.to_string(), message: e.to_string() }
+        }
+    };
+    let status_error = |what: &str, status: reqwest::StatusCode| MetadataError::Service {
+        service: provider.name(),
+        endpoint: endpoint.to_string(),
+        message: format!("{what} answered {status}"),
+    };
+    match provider {
+        Provider::Aws => {
+            // IMDSv2: a session token first, then the user data with it.
+            let token = client
+                .put(format!("{base}/latest/api/token"))
+                .header("X-aws-ec2-metadata-token-ttl-seconds", "300")
+                .send()
+                .await
+                .map_err(fail)?;
+            if !token.status().is_success() {
+                return Err(status_error("the token request", token.status()));
+            }
+            let token = token.text().await.map_err(fail)?;
+            let resp = client
+                .get(format!("{base}/latest/user-data"))
+                .header("X-aws-ec2-metadata-token", token.trim())
+                .send()
+                .await
+                .map_err(fail)?;
+            match resp.status() {
+                reqwest::StatusCode::NOT_FOUND => Ok(None),
+                s if s.is_success() => Ok(Some(resp.text().await.map_err(fail)?)),
+                s => Err(status_error("the user-data request", s)),
+            }
+        }
+        Provider::Gcp => {
+            // A dedicated `pagoda-config` attribute first, then the generic `user-data` one.
+            for attribute in ["pagoda-config", "user-data"] {
+                let resp = client
+                    .get(format!("{base}/computeMetadata/v1/instance/attributes/{attribute}"))
+                    .header("Metadata-Flavor", "Google")
+                    .send()
+                    .await
+                    .map_err(fail)?;
+                match resp.status() {
+                    reqwest::StatusCode::NOT_FOUND => continue,
+                    s if s.is_success() => return Ok(Some(resp.text().await.map_err(fail)?)),
+                    s => return Err(status_error(&format!("the {attribute} request"), s)),
+                }
+            }
+            Ok(None)
+        }
+        Provider::Azure => {
+            let resp = client
+                .get(format!("{base}/metadata/instance/compute/userData?api-version=2021-01-01&format=text"))
+                .header("Metadata", "true")
+                .send()
+                .await
+                .map_err(fail)?;
+            match resp.status() {
+                reqwest::StatusCode::NOT_FOUND => Ok(None),
+                s if s.is_success() => {
+                    let text = resp.text().await.map_err(fail)?;
+                    if text.trim().is_empty() {
+                        return Ok(None);
+                    }
+                    // Azure hands user data back base64-encoded.
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(text.trim())
+                        .map_err(|e| MetadataError::Invalid(format!("Azure userData is not base64: {e}")))?;
+                    String::from_utf8(bytes)
+                        .map(Some)
+                        .map_err(|_| MetadataError::Invalid("Azure userData is not UTF-8 text".into()))
+                }
+                s => Err(status_error("the userData request", s)),
+            }
+        }
+    }
+}
+
+/// Reads Pagoda's configuration from user data; `None` when the user data is for something else
+/// (a `#cloud-config`, a script) or empty.
+pub fn parse_user_data(text: &str) -> Result<Option<LaunchConfig>, MetadataError> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() || trimmed.starts_with("#cloud-config") || trimmed.starts_with("#!") {
+        return Ok(None);
+    }
+    let config = if trimmed.starts_with('{') {
+        let value: serde_json::Value =
+            serde_json::from_str(trimmed).map_err(|e| MetadataError::Invalid(format!("not valid JSON: {e}")))?;
+        let section = match value.get("pagoda") {
+            Some(section) => section.clone(),
+            None => value,
+        };
+        serde_json::from_value::<LaunchConfig>(section).map_err(|e| MetadataError::Invalid(e.to_string()))?
+    } else {
+        parse_env_lines(trimmed)?
+    };
+    validate(&config)?;
+    Ok(Some(config))
+}
+
+/// `PAGODA_MODEL=...` style lines (comments and blank lines allowed).
+fn parse_env_lines(text: &str) -> Result<LaunchConfig, MetadataError> {
+    let mut config = LaunchConfig::default();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| MetadataError::Invalid(format!("line {}: expected KEY=value or JSON", n + 1)))?;
+        let value = value.trim().trim_matches('"').to_string();
+        match key.trim() {
+            "PAGODA_MODEL" => config.model = Some(value),
+            "PAGODA_SERVED_MODEL_NAME" => config.served_model_name = Some(value),
+            "PAGODA_API_KEY_FILE" => config.api_key_file = Some(value),
+            "PAGODA_EXTRA_ARGS" => config.extra_args = value.split_whitespace().map(str::to_string).collect(),
+            other => {
+                config.env.insert(other.to_string(), value);
+            }
+        }
+    }
+    Ok(config)
+}
+
+fn validate(config: &LaunchConfig) -> Result<(), MetadataError> {
+    let bad = |m: String| Err(MetadataError::Invalid(m));
+    if let Some(model) = &config.model {
+        if !(model.contains("://") || model.starts_with('/')) {
+            return bad(format!("model '{model}' must be an absolute path or an s3://, gs://, az:// or https:// URI"));
+        }
+    }
+    if let Some(file) = &config.api_key_file {
+        if !file.starts_with('/') {
+            return bad(format!("api_key_file '{file}' must be an absolute path"));
+        }
+    }
+    if let Some(arg) = config.extra_args.iter().find(|a| a.is_empty() || a.chars().any(char::is_whitespace)) {
+        return bad(format!("extra_args entry {arg:?} must be one word (no spaces)"));
+    }
+    for key in config.env.keys() {
+        let valid = key.chars().next().is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+            && key.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return bad(format!("env key '{key}' must be an upper-case variable name"));
+        }
+    }
+    let all_values =
+        config.model.iter().chain(&config.served_model_name).chain(&config.api_key_file).chain(config.env.values());
+    if let Some(v) = all_values.into_iter().find(|v| v.contains('\n') || v.contains('\0')) {
+        return bad(format!("value {v:?} contains a line break"));
+    }
+    Ok(())
+}
+
+/// The environment file the service reads (systemd `EnvironmentFile=` syntax).
+pub fn render_env_file(config: Option<&LaunchConfig>, source: &str) -> String {
+    let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut out = format!("# Written by `pagoda metadata` from {source}.\n");
+    let Some(c) = config else {
+        out.push_str("# No Pagoda configuration in the user data.\n");
+        return out;
+    };
+    for (key, value) in [
+        ("PAGODA_MODEL", &c.model),
+        ("PAGODA_SERVED_MODEL_NAME", &c.served_model_name),
+        ("PAGODA_API_KEY_FILE", &c.api_key_file),
+    ] {
+        if let Some(v) = value {
+            out.push_str(&format!("{key}={}\n", quote(v)));
+        }
+    }
+    if !c.extra_args.is_empty() {
+        out.push_str(&format!("PAGODA_EXTRA_ARGS={}\n", quote(&c.extra_args.join(" "))));
+    }
+    for (key, value) in &c.env {
+        out.push_str(&format!("{key}={}\n", quote(value)));
+    }
+    out
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename, readable by its owner only.
+pub fn write_atomically(path: &Path, contents: &str) -> Result<(), MetadataError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| MetadataError::Io { path: path.display().to_string(), source: e };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+    file.write_all(contents.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_and_env_lines_give_the_same_configuration() {
+        let json = r#"{"pagoda": {"model": "s3://b/m", "served_model_name": "m", "extra_args": ["--max-model-len", "8192"], "env": {"AWS_REGION": "eu-west-1"}}}"#;
+        let lines = "# comment\nPAGODA_MODEL=s3://b/m\nPAGODA_SERVED_MODEL_NAME=\"m\"\nPAGODA_EXTRA_ARGS=--max-model-len 8192\nAWS_REGION=eu-west-1\n";
+        assert_eq!(parse_user_data(json).unwrap(), parse_user_data(lines).unwrap());
+        let rendered = render_env_file(parse_user_data(json).unwrap().as_ref(), "test");
+        assert!(rendered.contains("PAGODA_MODEL=\"s3://b/m\"\n"));
+        assert!(rendered.contains("PAGODA_EXTRA_ARGS=\"--max-model-len 8192\"\n"));
+        assert!(rendered.contains("AWS_REGION=\"eu-west-1\"\n"));
+    }
+
+    #[test]
+    fn other_user_data_is_left_alone_and_bad_values_are_refused() {
+        assert_eq!(parse_user_data("#cloud-config\npackages: [htop]").unwrap(), None);
+        assert_eq!(parse_user_data("  ").unwrap(), None);
+        let err = |t: &str| parse_user_data(t).unwrap_err().to_string();
+        assert!(err(r#"{"modle": "s3://b/m"}"#).contains("unknown field `modle`"));
+        assert!(err("{not json").starts_with("the user data is not valid Pagoda configuration: not valid JSON"));
+        assert!(err(r#"{"model": "relative/path"}"#).contains("must be an absolute path or an s3://"));
+        assert!(err(r#"{"extra_args": ["--a b"]}"#).contains("must be one word"));
+        assert!(err(r#"{"env": {"lower": "x"}}"#).contains("upper-case variable name"));
+        assert!(err("just some words").contains("line 1: expected KEY=value or JSON"));
+    }
+}
