@@ -210,15 +210,11 @@ fn parse_env_lines(text: &str) -> Result<LaunchConfig, MetadataError> {
 
 fn validate(config: &LaunchConfig) -> Result<(), MetadataError> {
     let bad = |m: String| Err(MetadataError::Invalid(m));
-    if let Some(model) = &config.model {
-        if !(model.contains("://") || model.starts_with('/')) {
-            return bad(format!("model '{model}' must be an absolute path or an s3://, gs://, az:// or https:// URI"));
-        }
+    if let Some(model) = config.model.as_ref().filter(|m| !(m.contains("://") || m.starts_with('/'))) {
+        return bad(format!("model '{model}' must be an absolute path or an s3://, gs://, az:// or https:// URI"));
     }
-    if let Some(file) = &config.api_key_file {
-        if !file.starts_with('/') {
-            return bad(format!("api_key_file '{file}' must be an absolute path"));
-        }
+    if let Some(file) = config.api_key_file.as_ref().filter(|f| !f.starts_with('/')) {
+        return bad(format!("api_key_file '{file}' must be an absolute path"));
     }
     if let Some(arg) = config.extra_args.iter().find(|a| a.is_empty() || a.chars().any(char::is_whitespace)) {
         return bad(format!("extra_args entry {arg:?} must be one word (no spaces)"));
