@@ -23,9 +23,12 @@ impl Seen {
     }
 }
 
-/// Serves `answer(request) -> (status, body)` on a free port until the test ends; with `None` it
-/// accepts connections and never answers.
-fn fake_server(answer: Option<fn(&Seen) -> (u16, String)>) -> u16 {
+/// How a fake server answers a request: status and body.
+type Answer = fn(&Seen) -> (u16, String);
+
+/// Serves `answer(request)` on a free port until the test ends; with `None` it accepts
+/// connections and never answers.
+fn fake_server(answer: Option<Answer>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
