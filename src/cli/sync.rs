@@ -75,11 +75,19 @@ impl StoreArgs {
 #[derive(Debug, Args)]
 pub struct SyncArgs {
     /// The model: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX (also azure:// and
-    /// https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX), or an https:// base URL.
-    pub source: String,
+    /// https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX), or an https:// base URL. A local
+    /// folder, or none at all (the demo model), leaves nothing to sync.
+    #[arg(env = "PAGODA_MODEL")]
+    pub source: Option<String>,
 
-    /// The local folder to sync into (created if needed).
-    pub dest: PathBuf,
+    /// The local folder to sync into (created if needed). Without it, the folder under
+    /// --download-dir that `pagoda serve --model SOURCE` uses.
+    pub dest: Option<PathBuf>,
+
+    /// Where `serve` keeps synced models (default: $XDG_CACHE_HOME/pagoda/models or
+    /// ~/.cache/pagoda/models); used when DEST is not given.
+    #[arg(long, env = "PAGODA_DOWNLOAD_DIR")]
+    pub download_dir: Option<PathBuf>,
 
     #[command(flatten)]
     pub store: StoreArgs,
@@ -91,12 +99,27 @@ pub struct SyncArgs {
 
 pub fn run(args: SyncArgs) -> anyhow::Result<()> {
     let opts = args.store.to_options()?;
+    let source = match args.source.as_deref().filter(|s| !s.is_empty()) {
+        Some(source) if storage::is_remote(source) => source.to_string(),
+        Some(local) => {
+            tracing::info!(model = local, "the model is a local folder; nothing to sync");
+            return Ok(());
+        }
+        None => {
+            tracing::info!("no model is configured (the demo model); nothing to sync");
+            return Ok(());
+        }
+    };
+    let dest = match &args.dest {
+        Some(dest) => dest.clone(),
+        None => storage::local_dir(&args.download_dir.clone().unwrap_or_else(storage::default_download_dir), &source),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let summary = runtime.block_on(storage::sync(&args.source, &args.dest, &opts))?;
+    let summary = runtime.block_on(storage::sync(&source, &dest, &opts))?;
     if args.json {
         let value = serde_json::json!({
-            "source": args.source,
-            "dest": args.dest,
+            "source": source,
+            "dest": dest,
             "files": summary.num_files,
             "bytes": summary.num_bytes,
             "downloaded_files": summary.num_downloaded,
@@ -110,7 +133,7 @@ pub fn run(args: SyncArgs) -> anyhow::Result<()> {
             "{} files ({} bytes) in {}: downloaded {} files, {} bytes in {:.2} s ({:.1} MB/s)",
             summary.num_files,
             summary.num_bytes,
-            args.dest.display(),
+            dest.display(),
             summary.num_downloaded,
             summary.bytes_downloaded,
             summary.seconds,

@@ -199,6 +199,19 @@ fn s3_sync_is_byte_identical_idempotent_and_served() {
     let second = sync_ok(&uri, &dest, &[], &moto.env());
     assert_eq!((second["downloaded_files"].clone(), second["downloaded_bytes"].clone()), (json!(0), json!(0)));
 
+    // Without DEST, the sync lands where `serve --download-dir` looks (the appliance's sync unit
+    // relies on this); without a model, or with a local folder, there is nothing to do.
+    let downloads = scratch_dir("sync-s3-downloads");
+    let mut env = moto.env();
+    env.push(("PAGODA_MODEL".into(), uri.clone()));
+    let out = pagoda(&["sync", "--download-dir", downloads.to_str().unwrap(), "--progress", "off"], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_same_files(&src, &downloads.join("s3").join(BUCKET).join("tiny-llama"));
+    for args in [&["sync"][..], &["sync", "/models/local"][..]] {
+        let out = pagoda(args, &[]);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     // Serving the URI syncs into --download-dir and serves under the URI's name.
     let cache = scratch_dir("sync-s3-cache");
     let mut env: Vec<(String, String)> = moto.env();
