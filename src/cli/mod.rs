@@ -46,6 +46,8 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Write the service's launch configuration from the cloud's instance user data.
     Metadata(metadata::MetadataArgs),
+    /// Write the embedded demo model (random weights) as a Hugging Face model folder.
+    ExportDemo(ExportDemoArgs),
 }
 
 impl Cli {
@@ -56,8 +58,19 @@ impl Cli {
             Command::Generate(args) => generate::run(args),
             Command::Info(args) => info::run(args),
             Command::Metadata(args) => metadata::run(args),
+            Command::ExportDemo(args) => {
+                crate::model::demo::export(&crate::model::demo::DemoSpec::demo(), &args.dir)?;
+                println!("wrote {} ({})", args.dir.display(), crate::model::demo::DEMO_MODEL_NAME);
+                Ok(())
+            }
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ExportDemoArgs {
+    /// The folder to write.
+    pub dir: std::path::PathBuf,
 }
 
 /// Which model to load and how to size the engine around it.

@@ -133,6 +133,17 @@ pub fn tokenizer_config_json() -> String {
     .to_string()
 }
 
+/// Writes the demo model as a Hugging Face model folder (for trying the sync path, tests and VM
+/// images that need a real folder to serve).
+pub fn export(spec: &DemoSpec, dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("config.json"), spec.config_json())?;
+    std::fs::write(dir.join("generation_config.json"), json!({"bos_token_id": 0, "eos_token_id": [1, 4]}).to_string())?;
+    std::fs::write(dir.join("tokenizer.json"), TOKENIZER_JSON)?;
+    std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config_json())?;
+    std::fs::write(dir.join("model.safetensors"), spec.safetensors())
+}
+
 /// A small, fast, deterministic generator (SplitMix64); quality is ample for random weights.
 struct SplitMix64(u64);
 

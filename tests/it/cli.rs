@@ -73,6 +73,20 @@ fn generate_runs_the_embedded_demo_model_with_a_chat_template() {
 }
 
 #[test]
+fn the_exported_demo_model_generates_what_the_embedded_one_does() {
+    let dir = scratch_dir("export-demo").join("demo");
+    let out = pagoda(&["export-demo", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let args = ["--prompt", "Hello there", "--max-tokens", "12", "--ignore-eos", "--output", "json"];
+    let exported = pagoda(&[&["generate", "--model", dir.to_str().unwrap()][..], &args[..]].concat());
+    let embedded = pagoda(&[&["generate"][..], &args[..]].concat());
+    assert!(exported.status.success() && embedded.status.success());
+    let ids =
+        |o: &std::process::Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone();
+    assert_eq!(ids(&exported), ids(&embedded));
+}
+
+#[test]
 fn load_errors_are_one_line_without_a_panic() {
     let dir = scratch_dir("cli-empty");
     let out = pagoda(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "x"]);
