@@ -2,7 +2,8 @@
 # Runs every check CI runs, after installing what the tests use: in .venv the `openai` client, moto
 # (S3, and GCS through it), Azure's SDK and the Helm chart's tools (helm-python-sdk,
 # kubernetes-validate, check-jsonschema, pytest); under .ci/cache/node Azurite and the CRD schemas;
-# promtool and rclone from Debian when run as root. Safe to run again: it skips what is there.
+# promtool, rclone and Nix (nix-bin) from Debian when run as root; deadnix under .ci/cache. Safe to
+# run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -27,6 +28,7 @@ fi
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v rclone >/dev/null 2>&1 || missing+=(rclone)
+command -v nix-instantiate >/dev/null 2>&1 || missing+=(nix-bin)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
@@ -41,6 +43,25 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
 
-# The Helm chart: schema sanity, then render, lint and validate every values file.
+# The Nix code: every file parses (Debian's Nix 2.8 evaluates offline but builds nothing) and has
+# no dead bindings. deadnix comes from crates.io.
+deadnix_version=1.3.1
+if [ "$(.ci/cache/deadnix/bin/deadnix --version 2>/dev/null)" != "deadnix $deadnix_version" ]; then
+  cargo install --quiet --locked deadnix --version "$deadnix_version" --root .ci/cache/deadnix
+fi
+git ls-files -z --cached --others --exclude-standard '*.nix' | xargs -0 -n1 nix-instantiate --parse >/dev/null
+.ci/cache/deadnix/bin/deadnix --fail .
+# The module tests evaluate with nixpkgs' lib (nix-community/nixpkgs.lib). It is on GitHub only, so
+# it is taken from NIXPKGS_LIB, or from a local git mirror of it where this machine has one;
+# without either, tests/nix says it did not run.
+nixpkgs_lib_mirror=${NIXPKGS_LIB_MIRROR:-/work/.mirror/nix-community+nixpkgs.lib/repo}
+if [ -z "${NIXPKGS_LIB:-}" ] && git -C "$nixpkgs_lib_mirror" rev-parse --verify -q HEAD >/dev/null 2>&1; then
+  rm -rf .ci/cache/nixpkgs-lib && mkdir -p .ci/cache/nixpkgs-lib
+  git -C "$nixpkgs_lib_mirror" archive HEAD lib | tar -x -C .ci/cache/nixpkgs-lib
+  export NIXPKGS_LIB="$PWD/.ci/cache/nixpkgs-lib"
+fi
+
+# The Helm chart (schema sanity, then render, lint and validate every values file) and the NixOS
+# modules (evaluated offline).
 .venv/bin/check-jsonschema --check-metaschema helm/pagoda/values.schema.json
-.venv/bin/python -m pytest -q tests/helm
+.venv/bin/python -m pytest -q -rs tests/helm tests/nix

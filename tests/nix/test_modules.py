@@ -1,0 +1,249 @@
+"""The NixOS modules, evaluated offline with nixpkgs' `lib.evalModules` (tests/nix/eval.nix).
+
+No nixpkgs checkout and no builds: the NixOS options the modules set are stubs, so these tests check
+what our modules render (ExecStart, environment, unit ordering, firewall ports, the GPU and
+monitoring switches, the image variants) and that bad values fail with the option's name. The lib
+comes from NIXPKGS_LIB (a checkout of nixpkgs or of nix-community/nixpkgs.lib); without it, or
+without `nix-instantiate`, the tests say they did not run.
+"""
+
+import functools
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+EVAL = ROOT / "tests" / "nix" / "eval.nix"
+
+
+def lib_dir():
+    given = os.environ.get("NIXPKGS_LIB")
+    if not given:
+        return None
+    path = pathlib.Path(given)
+    # Either the repository (which holds lib/) or lib/ itself.
+    for candidate in (path / "lib", path):
+        if (candidate / "default.nix").is_file() and (candidate / "modules.nix").is_file():
+            return candidate
+    pytest.fail(f"NIXPKGS_LIB={given} holds no nixpkgs lib (lib/default.nix and lib/modules.nix)")
+
+
+def require_tools():
+    if shutil.which("nix-instantiate") is None:
+        message = "nix-instantiate is not installed (Debian: apt-get install nix-bin)"
+        if os.environ.get("PAGODA_REQUIRE_TOOLS") == "1":
+            pytest.fail(message)
+        print(f"did not run: {message}")
+        pytest.skip(message)
+    lib = lib_dir()
+    if lib is None:
+        # nixpkgs' lib is on GitHub only, which CI cannot reach; test.sh points NIXPKGS_LIB at a
+        # local copy where one exists.
+        message = "NIXPKGS_LIB is not set: no nixpkgs lib to evaluate the modules with"
+        print(f"did not run: {message}")
+        pytest.skip(message)
+    return lib
+
+
+def instantiate(attr):
+    lib = require_tools()
+    return subprocess.run(
+        [
+            "nix-instantiate",
+            "--eval",
+            "--strict",
+            "--json",
+            str(EVAL),
+            "--arg",
+            "lib",
+            f"import {lib}",
+            "-A",
+            attr,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@functools.cache
+def scenario(name):
+    result = instantiate(name)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def argv(unit):
+    """The ExecStart words after the program (quoting from lib.escapeShellArgs removed)."""
+    words = unit["ExecStart"].split()
+    assert words[0].endswith("/bin/pagoda"), unit["ExecStart"]
+    return [w.strip("'") for w in words[1:]]
+
+
+def test_defaults_listen_on_loopback_with_the_firewall_closed():
+    s = scenario("defaults")
+    serve = s["units"]["pagoda"]
+    assert argv(serve) == [
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8000",
+        "--download-dir",
+        "/var/lib/pagoda/models",
+        "$PAGODA_EXTRA_ARGS",
+    ]
+    assert s["firewall"] == []
+    assert "PAGODA_MODEL" not in serve["environment"]
+    assert serve["environment"]["PAGODA_DOWNLOAD_DIR"] == "/var/lib/pagoda/models"
+    assert serve["wantedBy"] == ["multi-user.target"]
+    # Without launchConfigFromMetadata there is no metadata unit and no launch environment file.
+    assert set(s["units"]) == {"pagoda", "pagoda-model-sync"}
+    assert serve["EnvironmentFile"] == []
+    # The CPU build, since the GPU is off.
+    assert "-pagoda-cpu/bin/pagoda" in serve["ExecStart"]
+
+
+def test_disabled_service_renders_nothing():
+    s = scenario("disabled")
+    assert s["units"] == {}
+    assert s["firewall"] == []
+
+
+def test_configured_server_renders_flags_environment_and_firewall():
+    s = scenario("configured")
+    serve = s["units"]["pagoda"]
+    assert argv(serve) == [
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+        "--download-dir",
+        "/var/lib/pagoda/models",
+        # settings in name order: false gives --no-NAME, true the bare flag, null nothing.
+        "--no-enable-chunked-prefill",
+        "--enable-prefix-caching",
+        "--max-model-len",
+        "8192",
+        # extraFlags after settings.
+        "--max-queue",
+        "512",
+        "$PAGODA_EXTRA_ARGS",
+    ]
+    assert s["firewall"] == [8080]
+    env = serve["environment"]
+    assert env["PAGODA_MODEL"] == "s3://models/meta-llama/Llama-3.1-8B-Instruct"
+    assert env["PAGODA_SERVED_MODEL_NAME"] == "llama-3.1-8b"
+    assert env["PAGODA_API_KEY_FILE"] == "/run/secrets/pagoda-api-key"
+    assert env["AWS_REGION"] == "eu-west-1"
+    assert serve["EnvironmentFile"] == ["/run/secrets/store-credentials"]
+    # The sync sees the same model, store settings and credentials as the server.
+    sync = s["units"]["pagoda-model-sync"]
+    assert sync["environment"] == env
+    assert sync["EnvironmentFile"] == serve["EnvironmentFile"]
+
+
+def test_sync_runs_before_the_server_and_is_retried():
+    s = scenario("configured")
+    serve, sync = s["units"]["pagoda"], s["units"]["pagoda-model-sync"]
+    assert "pagoda-model-sync.service" in serve["requires"]
+    assert "pagoda-model-sync.service" in serve["after"]
+    assert argv(sync) == ["sync", "--progress", "log"]
+    assert sync["Type"] == "oneshot"
+    assert sync["Restart"] == "on-failure"
+    assert "network-online.target" in sync["after"]
+    # The sync is pulled in by the server, not started on its own.
+    assert sync["wantedBy"] == []
+
+
+def test_gpu_device_access_is_limited_to_nvidia_devices():
+    serve = scenario("defaults")["units"]["pagoda"]
+    assert serve["DeviceAllow"], "the server needs the NVIDIA devices"
+    assert all(rule.startswith("char-nvidia") and rule.endswith(" rw") for rule in serve["DeviceAllow"])
+
+
+def test_launch_configuration_from_metadata_comes_first():
+    s = scenario("launchConfig")
+    launch = s["units"]["pagoda-launch-config"]
+    assert argv(launch) == ["metadata", "--output", "/run/pagoda/launch.env"]
+    assert launch["Type"] == "oneshot"
+    assert launch["Restart"] == "on-failure"
+    assert set(launch["before"]) == {"pagoda-model-sync.service", "pagoda.service"}
+    sync = s["units"]["pagoda-model-sync"]
+    assert "pagoda-launch-config.service" in sync["requires"]
+    assert "pagoda-launch-config.service" in sync["after"]
+    # The launch file is optional ("-") and read by both units, after `environment`.
+    for unit in ("pagoda", "pagoda-model-sync"):
+        assert s["units"][unit]["EnvironmentFile"] == ["-/run/pagoda/launch.env"]
+
+
+def test_monitoring_scrapes_node_and_pagoda_without_a_gpu():
+    s = scenario("monitoring")
+    assert s["exporters"] == {"node": True, "nvidia-gpu": False}
+    # host "::" is a wildcard: scraped over loopback.
+    assert s["scrapeJobs"] == {"node": ["127.0.0.1:9100"], "pagoda": ["127.0.0.1:8000"]}
+    assert s["prometheus"] and s["grafana"]
+    assert s["failedAssertions"] == []
+
+
+def test_grafana_needs_a_secret_key_and_prometheus():
+    s = scenario("grafanaWithoutKey")
+    assert any("secretKeyFile" in m for m in s["failedAssertions"]), s["failedAssertions"]
+    assert any("prometheus.enable" in m for m in s["failedAssertions"]), s["failedAssertions"]
+
+
+def test_gpu_switch_turns_on_driver_toolkit_exporter_and_cuda_build():
+    s = scenario("gpu")
+    assert s["nvidia"] == {
+        "datacenter": False,
+        "open": True,
+        "package": "nvidia-dc",
+        "persistenced": True,
+        "settings": False,
+    }
+    assert s["videoDrivers"] == ["nvidia"]
+    assert s["graphics"] and s["containerToolkit"]
+    assert s["kernelModules"] == ["nvidia_uvm"]
+    assert s["exporters"]["nvidia-gpu"]
+    assert s["scrapeJobs"]["nvidia-gpu"] == ["127.0.0.1:9835"]
+    assert "-pagoda/bin/pagoda" in s["units"]["pagoda"]["ExecStart"]
+
+
+def test_fabric_manager_uses_datacenter_mode_without_video_drivers():
+    s = scenario("gpuFabric")
+    # The two driver modes exclude each other (nixpkgs asserts it).
+    assert s["nvidia"]["datacenter"] and s["videoDrivers"] == []
+    assert s["nvidia"]["open"] is False
+    assert s["graphics"], "datacenter mode needs hardware.graphics for /run/opengl-driver"
+
+
+def test_appliance_image_variants_and_defaults():
+    s = scenario("appliance")
+    assert s["imageVariants"] == ["amazon", "azure", "google-compute", "qemu-efi"]
+    assert s["gpuEnabled"] and not s["qemuGpu"]
+    assert s["firewall"] == [8000]
+    assert "pagoda-launch-config" in s["units"]
+    assert argv(s["units"]["pagoda"])[:3] == ["serve", "--host", "0.0.0.0"]
+    assert s["prometheus"] and not s["grafana"]
+    assert s["failedAssertions"] == []
+
+
+def test_highest_port_is_accepted():
+    s = scenario("maxPort")
+    assert s["firewall"] == [65535]
+    assert "--port 65535" in s["units"]["pagoda"]["ExecStart"]
+
+
+@pytest.mark.parametrize(
+    "attr, option",
+    [("badPort", "services.pagoda.port"), ("badSetting", "services.pagoda.settings.max-model-len")],
+)
+def test_bad_values_fail_with_the_option_name(attr, option):
+    result = instantiate(attr)
+    assert result.returncode != 0
+    assert f"`{option}' is not of type" in result.stderr, result.stderr
