@@ -54,7 +54,9 @@ buildRustPackage {
     PAGODA_GIT_COMMIT = gitCommit;
   }
   // lib.optionalAttrs cudaSupport {
-    # The architectures kernels are compiled for: sm_80/86/89/90 as SASS plus compute_90 PTX.
+    # The architectures the CUDA kernels are to be compiled for: sm_80/86/89/90 as SASS plus
+    # compute_90 PTX. Nothing reads it yet: Pagoda has no CUDA backend (see README.md), so this
+    # build links the CUDA runtime libraries but serves on the CPU.
     PAGODA_CUDA_GENCODE = "-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_86,code=sm_86 -gencode=arch=compute_89,code=sm_89 -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90";
   };
 
