@@ -31,9 +31,9 @@
           inherit gitCommit;
         };
 
-      module = import ./nixos {
-        defaultPackage = { pkgs, cuda }: pagodaFor pkgs cuda;
-      };
+      # What `services.pagoda.package` defaults to: this flake's build, with CUDA or without.
+      defaultPackage = { pkgs, cuda }: pagodaFor pkgs cuda;
+      module = import ./nixos { inherit defaultPackage; };
 
       appliance =
         extra:
@@ -74,9 +74,7 @@
 
       nixosModules = {
         default = module;
-        pagoda = import ./nixos/pagoda.nix {
-          defaultPackage = { pkgs, cuda }: pagodaFor pkgs cuda;
-        };
+        pagoda = import ./nixos/pagoda.nix { inherit defaultPackage; };
         monitoring = ./nixos/monitoring.nix;
         gpu = ./nixos/gpu.nix;
       };

@@ -91,6 +91,15 @@ pub async fn fetch_user_data(
         endpoint: endpoint.to_string(),
         message: format!("{what} answered {status}"),
     };
+    // A GET whose 404 means "no user data here".
+    let optional_text = |request: reqwest::RequestBuilder, what: String| async move {
+        let resp = request.send().await.map_err(fail)?;
+        match resp.status() {
+            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => Ok(Some(resp.text().await.map_err(fail)?)),
+            s => Err(status_error(&what, s)),
+        }
+    };
     match provider {
         Provider::Aws => {
             // IMDSv2: a session token first, then the user data with it.
@@ -104,59 +113,39 @@ pub async fn fetch_user_data(
                 return Err(status_error("the token request", token.status()));
             }
             let token = token.text().await.map_err(fail)?;
-            let resp = client
-                .get(format!("{base}/latest/user-data"))
-                .header("X-aws-ec2-metadata-token", token.trim())
-                .send()
-                .await
-                .map_err(fail)?;
-            match resp.status() {
-                reqwest::StatusCode::NOT_FOUND => Ok(None),
-                s if s.is_success() => Ok(Some(resp.text().await.map_err(fail)?)),
-                s => Err(status_error("the user-data request", s)),
-            }
+            let request =
+                client.get(format!("{base}/latest/user-data")).header("X-aws-ec2-metadata-token", token.trim());
+            optional_text(request, "the user-data request".into()).await
         }
         Provider::Gcp => {
             // A dedicated `pagoda-config` attribute first, then the generic `user-data` one.
             for attribute in ["pagoda-config", "user-data"] {
-                let resp = client
+                let request = client
                     .get(format!("{base}/computeMetadata/v1/instance/attributes/{attribute}"))
-                    .header("Metadata-Flavor", "Google")
-                    .send()
-                    .await
-                    .map_err(fail)?;
-                match resp.status() {
-                    reqwest::StatusCode::NOT_FOUND => continue,
-                    s if s.is_success() => return Ok(Some(resp.text().await.map_err(fail)?)),
-                    s => return Err(status_error(&format!("the {attribute} request"), s)),
+                    .header("Metadata-Flavor", "Google");
+                if let Some(text) = optional_text(request, format!("the {attribute} request")).await? {
+                    return Ok(Some(text));
                 }
             }
             Ok(None)
         }
         Provider::Azure => {
-            let resp = client
+            let request = client
                 .get(format!("{base}/metadata/instance/compute/userData?api-version=2021-01-01&format=text"))
-                .header("Metadata", "true")
-                .send()
-                .await
-                .map_err(fail)?;
-            match resp.status() {
-                reqwest::StatusCode::NOT_FOUND => Ok(None),
-                s if s.is_success() => {
-                    let text = resp.text().await.map_err(fail)?;
-                    if text.trim().is_empty() {
-                        return Ok(None);
-                    }
-                    // Azure hands user data back base64-encoded.
-                    let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(text.trim())
-                        .map_err(|e| MetadataError::Invalid(format!("Azure userData is not base64: {e}")))?;
-                    String::from_utf8(bytes)
-                        .map(Some)
-                        .map_err(|_| MetadataError::Invalid("Azure userData is not UTF-8 text".into()))
-                }
-                s => Err(status_error("the userData request", s)),
+                .header("Metadata", "true");
+            let Some(text) = optional_text(request, "the userData request".into()).await? else {
+                return Ok(None);
+            };
+            if text.trim().is_empty() {
+                return Ok(None);
             }
+            // Azure hands user data back base64-encoded.
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|e| MetadataError::Invalid(format!("Azure userData is not base64: {e}")))?;
+            String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| MetadataError::Invalid("Azure userData is not UTF-8 text".into()))
         }
     }
 }
