@@ -272,23 +272,28 @@ fn run(
         for out in outputs {
             let id = out.request_id.clone();
             let Some(l) = live.get_mut(&id) else { continue };
-            let finished = out.finished();
-            // A closed receiver is noticed at the top of the next turn.
-            let _ = l.outputs.send(out);
-            if finished {
+            if out.finished() {
                 l.num_unfinished_seqs -= 1;
-                if l.num_unfinished_seqs == 0 {
-                    finish_request(status, &mut live, &id);
+            }
+            // A request's last output leaves the status count before it is sent, so whoever
+            // receives it never sees the request still counted. A closed receiver is noticed at the
+            // top of the next turn.
+            if l.num_unfinished_seqs == 0 {
+                if let Some(l) = finish_request(status, &mut live, &id) {
+                    let _ = l.outputs.send(out);
                 }
+            } else {
+                let _ = l.outputs.send(out);
             }
         }
     }
 }
 
-fn finish_request(status: &EngineStatus, live: &mut HashMap<RequestId, Live>, id: &RequestId) {
-    if live.remove(id).is_some() {
-        status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
-    }
+/// Forgets a request and takes it out of the status count; hands back its entry.
+fn finish_request(status: &EngineStatus, live: &mut HashMap<RequestId, Live>, id: &RequestId) -> Option<Live> {
+    let l = live.remove(id)?;
+    status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
+    Some(l)
 }
 
 fn publish(status: &EngineStatus, stats: &EngineStats) {
