@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check CI runs, after installing what the tests use: in .venv the `openai` client, moto
-# (S3, and GCS through it), Azure's SDK and the Helm chart's tools (helm-python-sdk,
-# kubernetes-validate, check-jsonschema, pytest); under .ci/cache/node Azurite and the CRD schemas;
+# (S3, and GCS through it), Azure's SDK, the Helm chart's tools (helm-python-sdk,
+# kubernetes-validate, check-jsonschema, pytest) and the CUDA 13.0 compiler wheels; under .ci/cache/node Azurite and the CRD schemas;
 # promtool, rclone and Nix (nix-bin) from Debian when run as root; deadnix under .ci/cache. Safe to
 # run again: it skips what is there.
 set -euo pipefail
@@ -12,6 +12,14 @@ if ! .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/r
   echo "installing the Python test tools failed" >&2
   exit 1
 fi
+# The CUDA 13.0 compilers and headers, from PyPI (no GPU needed): the headers build the kernels for
+# the CPU emulation (cargo's cuda-emu feature), nvcc checks that they compile for real GPUs.
+if ! .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -r tests/python/cuda-requirements.txt; then
+  echo "installing the CUDA compiler wheels failed" >&2
+  exit 1
+fi
+CUDA_INCLUDE_DIR=$(ls -d "$PWD"/.venv/lib/python3*/site-packages/nvidia/cu13/include | head -n1)
+export CUDA_INCLUDE_DIR
 export PAGODA_TEST_PYTHON="$PWD/.venv/bin/python"
 # Every tool the tests use is installed here, so a test that finds one missing fails.
 export PAGODA_REQUIRE_TOOLS=1
@@ -40,8 +48,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cargo fmt --all -- --check
+# Lint the build users get and the one the tests use (the CUDA backend on the emulated device).
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked
+cargo clippy --all-targets --locked --features cuda-emu -- -D warnings
+cargo test --locked --features cuda-emu
+
+# Every CUDA kernel compiles with nvcc for sm_80 and sm_90; a register spill on sm_90 fails.
+scripts/check-kernels.sh
 
 # The Nix code: every file parses (Debian's Nix 2.8 evaluates offline but builds nothing) and has
 # no dead bindings. deadnix comes from crates.io.

@@ -39,6 +39,7 @@ buildRustPackage {
       ../Cargo.toml
       ../Cargo.lock
       ../build.rs
+      ../kernels
       ../src
       ../assets
       ../tests
@@ -54,9 +55,8 @@ buildRustPackage {
     PAGODA_GIT_COMMIT = gitCommit;
   }
   // lib.optionalAttrs cudaSupport {
-    # The architectures the CUDA kernels are to be compiled for: sm_80/86/89/90 as SASS plus
-    # compute_90 PTX. Nothing reads it yet: Pagoda has no CUDA backend (see README.md), so this
-    # build links the CUDA runtime libraries but serves on the CPU.
+    # The architectures build.rs compiles kernels/*.cu for with nvcc (into a fatbin the binary
+    # embeds): sm_80/86/89/90 as SASS plus compute_90 PTX for newer GPUs.
     PAGODA_CUDA_GENCODE = "-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_86,code=sm_86 -gencode=arch=compute_89,code=sm_89 -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90";
   };
 
@@ -65,7 +65,9 @@ buildRustPackage {
     autoAddDriverRunpath
     makeBinaryWrapper
   ];
-  buildInputs = lib.optionals cudaSupport cudaRuntimeLibs;
+  # cccl for nvcc's headers (cuda_bf16.h needs nv/target); renamed from cuda_cccl in CUDA 13.3
+  # (NIX_FACTS.md §3, the cccl trap).
+  buildInputs = lib.optionals cudaSupport (cudaRuntimeLibs ++ [ (cudaPackages.cccl or cudaPackages.cuda_cccl) ]);
 
   # The integration tests need ../shared/fixtures and local object-store servers, which the build
   # sandbox has not; the unit tests run here, everything runs in the repository's CI.

@@ -1,15 +1,17 @@
-//! From checked options to a ready engine: load the model (a folder or the embedded demo), size
-//! the KV cache, resolve the context length, and bind everything to a backend.
+//! From checked options to a ready engine: load the model (a folder or the embedded demo), choose
+//! the device, size the KV cache, resolve the context length, and bind everything to a backend.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::backend::KvCacheShape;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::device::DeviceHandle;
+use crate::backend::cuda::{CudaBackend, check_attention_shape, driver};
+use crate::backend::{BatchLayout, KvCacheShape, SeqLayout};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::model::config::GenerationDefaults;
 use crate::model::demo::{DEMO_MODEL_NAME, DemoSpec};
-use crate::model::{Architecture, LoadError, ModelFiles, ModelRunner};
+use crate::model::{Architecture, Executor, LoadError, ModelConfig, ModelFiles, ModelRunner};
 use crate::weights::DType;
 
 /// KV-cache memory on the CPU when nothing is said (vLLM's CPU default is 4 GiB as well). Pages
@@ -32,7 +34,27 @@ pub struct EngineOptions {
     pub kv_cache_memory_bytes: Option<usize>,
     /// Requested compute dtype; `None` is `auto`.
     pub dtype: Option<DType>,
+    pub device: DeviceKind,
+    /// Share of the GPU's memory Pagoda may use (weights, activations and the KV cache).
+    pub gpu_memory_utilization: f32,
 }
+
+/// `--device`: where the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// CUDA when a driver and a device are present, else the CPU; the log says which and why.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    /// The CUDA backend on the CPU emulation of CUDA (tests only): host memory, the kernels
+    /// compiled for the CPU, cuBLAS's semantics on the CPU.
+    #[cfg(feature = "cuda-emu")]
+    EmulatedCuda,
+}
+
+/// vLLM's default share of GPU memory.
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f32 = 0.9;
 
 impl Default for EngineOptions {
     fn default() -> EngineOptions {
@@ -48,6 +70,8 @@ impl Default for EngineOptions {
             num_gpu_blocks_override: None,
             kv_cache_memory_bytes: None,
             dtype: None,
+            device: DeviceKind::Auto,
+            gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
         }
     }
 }
@@ -98,82 +122,278 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
             opts.block_size
         )));
     }
+    if !(opts.gpu_memory_utilization > 0.0 && opts.gpu_memory_utilization <= 1.0) {
+        return Err(LaunchError::Invalid(format!(
+            "--gpu-memory-utilization must be in (0, 1], got {}",
+            opts.gpu_memory_utilization
+        )));
+    }
     let files = match &opts.model {
         Some(dir) => ModelFiles::load(dir)?,
         None => ModelFiles::demo(&DemoSpec::demo())?,
     };
+    let bound = match choose_device(opts.device)? {
+        None => bind_cpu(opts, &files)?,
+        Some(handle) => bind_cuda(opts, &files, handle)?,
+    };
+    let config = &files.config;
+    let engine_config = EngineConfig {
+        max_model_len: bound.max_model_len,
+        max_num_seqs: opts.max_num_seqs,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        enable_prefix_caching: opts.enable_prefix_caching,
+        enable_chunked_prefill: opts.enable_chunked_prefill,
+    };
+    let kv_cache = bound.executor.kv_cache_shape();
+    let info = ModelInfo {
+        served_model_name: served_model_name(opts),
+        origin: files.origin.clone(),
+        architecture: config.architecture,
+        stored_dtype: config.dtype.or(files.weights.dominant_dtype()),
+        max_model_len: bound.max_model_len,
+        backend: bound.executor.backend_name(),
+        kv_cache,
+        is_demo: opts.model.is_none(),
+        generation_defaults: config.generation_defaults.clone(),
+    };
+    let eos = config.eos_token_ids.clone();
+    let engine = Engine::new(engine_config, bound.executor, Arc::new(files.tokenizer), eos)?;
+    tracing::info!(
+        model = %info.origin,
+        architecture = info.architecture.hf_name(),
+        backend = info.backend,
+        max_model_len = info.max_model_len,
+        num_kv_blocks = kv_cache.num_blocks,
+        kv_cache_tokens = kv_cache.num_blocks * kv_cache.block_size,
+        kv_cache_bytes = kv_cache.num_blocks * bound.bytes_per_block,
+        "model loaded"
+    );
+    Ok(LoadedEngine { engine, info })
+}
+
+/// A model bound to a backend with its KV cache, and the context length that cache allows.
+struct BoundModel {
+    executor: Box<dyn Executor>,
+    max_model_len: usize,
+    bytes_per_block: usize,
+}
+
+/// The device `kind` names, opened; `None` for the CPU. `auto` falls back to the CPU, saying why
+/// in one log line; an explicit `cuda` that cannot be had is an error.
+fn choose_device(kind: DeviceKind) -> Result<Option<DeviceHandle>, LaunchError> {
+    let open = || driver::CudaDevice::open(0).map(|d| DeviceHandle::new(Arc::new(d)));
+    match kind {
+        DeviceKind::Cpu => {
+            tracing::info!(device = "cpu", "device chosen: cpu (--device cpu)");
+            Ok(None)
+        }
+        DeviceKind::Cuda => match open() {
+            Ok(handle) => {
+                tracing::info!(device = "cuda", gpu = %handle.device().name(), "device chosen: cuda (--device cuda)");
+                Ok(Some(handle))
+            }
+            Err(e) => Err(LaunchError::Invalid(format!("--device cuda: {e}"))),
+        },
+        DeviceKind::Auto => {
+            let why_not = match driver::device_count() {
+                Ok(0) => "the NVIDIA driver reports no GPU".to_string(),
+                Ok(_) => match open() {
+                    Ok(handle) => {
+                        tracing::info!(device = "cuda", gpu = %handle.device().name(), "device chosen: cuda (a GPU is present)");
+                        return Ok(Some(handle));
+                    }
+                    Err(e) => format!("the GPU could not be used: {e}"),
+                },
+                Err(e) => e.to_string(),
+            };
+            tracing::info!(device = "cpu", reason = %why_not, "device chosen: cpu, because {why_not}");
+            Ok(None)
+        }
+        #[cfg(feature = "cuda-emu")]
+        DeviceKind::EmulatedCuda => {
+            let device = crate::backend::cuda::emulated::EmulatedDevice::new(8 << 30, 4);
+            Ok(Some(DeviceHandle::new(Arc::new(device))))
+        }
+    }
+}
+
+/// The context length: `--max-model-len` if given (checked against the model), else the model's
+/// maximum, lowered with a warning to what the KV cache holds.
+fn resolve_max_model_len(
+    opts: &EngineOptions,
+    config: &ModelConfig,
+    capacity_tokens: usize,
+) -> Result<usize, LaunchError> {
+    let derived_len = config.max_position_embeddings;
+    match opts.max_model_len {
+        Some(0) => Err(LaunchError::Invalid("--max-model-len must be positive".into())),
+        Some(len) if len > derived_len => Err(LaunchError::Invalid(format!(
+            "--max-model-len {len} exceeds the model's maximum context of {derived_len} (max_position_embeddings)"
+        ))),
+        Some(len) => Ok(len),
+        None if capacity_tokens < derived_len => {
+            tracing::warn!(
+                capacity_tokens,
+                derived_len,
+                "the KV cache cannot hold the model's full context; max_model_len lowered to fit"
+            );
+            Ok(capacity_tokens)
+        }
+        None => Ok(derived_len),
+    }
+}
+
+fn cache_shape(config: &ModelConfig, num_blocks: usize, block_size: usize) -> KvCacheShape {
+    KvCacheShape {
+        num_layers: config.num_hidden_layers,
+        num_blocks,
+        block_size,
+        num_kv_heads: config.num_key_value_heads,
+        head_dim: config.head_dim,
+    }
+}
+
+fn no_room(bytes_per_block: usize, hint: &str) -> LaunchError {
+    LaunchError::Invalid(format!("the KV cache has no room for a single block of {bytes_per_block} bytes: {hint}"))
+}
+
+fn bind_cpu(opts: &EngineOptions, files: &ModelFiles) -> Result<BoundModel, LaunchError> {
     let config = &files.config;
     if opts.dtype.is_some_and(|d| d != DType::F32) {
         tracing::info!("the CPU backend computes in float32; --dtype only selects what GPU backends compute in");
     }
-
-    let shape_for = |num_blocks| KvCacheShape {
-        num_layers: config.num_hidden_layers,
-        num_blocks,
-        block_size: opts.block_size,
-        num_kv_heads: config.num_key_value_heads,
-        head_dim: config.head_dim,
-    };
-    let bytes_per_block = shape_for(1).bytes_per_block(DType::F32);
+    let bytes_per_block = cache_shape(config, 1, opts.block_size).bytes_per_block(DType::F32);
     let num_blocks = match (opts.num_gpu_blocks_override, opts.kv_cache_memory_bytes) {
         (Some(n), _) => n,
         (None, Some(bytes)) => bytes / bytes_per_block,
         (None, None) => DEFAULT_CPU_KV_CACHE_BYTES / bytes_per_block,
     };
     if num_blocks == 0 {
-        return Err(LaunchError::Invalid(format!(
-            "the KV cache has no room for a single block of {bytes_per_block} bytes: raise --kv-cache-memory-bytes"
-        )));
+        return Err(no_room(bytes_per_block, "raise --kv-cache-memory-bytes"));
     }
-    let capacity = num_blocks * opts.block_size;
-    let derived_len = config.max_position_embeddings;
-    let max_model_len = match opts.max_model_len {
-        Some(0) => return Err(LaunchError::Invalid("--max-model-len must be positive".into())),
-        Some(len) if len > derived_len => {
-            return Err(LaunchError::Invalid(format!(
-                "--max-model-len {len} exceeds the model's maximum context of {derived_len} (max_position_embeddings)"
-            )));
-        }
-        Some(len) => len,
-        None if capacity < derived_len => {
-            tracing::warn!(
-                capacity,
-                derived_len,
-                "the KV cache cannot hold the model's full context; max_model_len lowered to fit"
-            );
-            capacity
-        }
-        None => derived_len,
-    };
+    let max_model_len = resolve_max_model_len(opts, config, num_blocks * opts.block_size)?;
+    let runner = ModelRunner::new(CpuBackend::new(), files, max_model_len, num_blocks, opts.block_size)?;
+    Ok(BoundModel { executor: Box::new(runner), max_model_len, bytes_per_block })
+}
 
-    let runner = ModelRunner::new(CpuBackend::new(), &files, max_model_len, num_blocks, opts.block_size)?;
-    let engine_config = EngineConfig {
-        max_model_len,
-        max_num_seqs: opts.max_num_seqs,
-        max_num_batched_tokens: opts.max_num_batched_tokens,
-        enable_prefix_caching: opts.enable_prefix_caching,
-        enable_chunked_prefill: opts.enable_chunked_prefill,
+/// The dtype the GPU computes in: `--dtype`, else the checkpoint's, with float32 checkpoints run
+/// in bfloat16 as vLLM's `auto` does.
+fn gpu_dtype(opts: &EngineOptions, files: &ModelFiles) -> DType {
+    opts.dtype.unwrap_or(match files.config.dtype.or(files.weights.dominant_dtype()) {
+        Some(DType::F16) => DType::F16,
+        _ => DType::BF16,
+    })
+}
+
+fn bind_cuda(opts: &EngineOptions, files: &ModelFiles, handle: DeviceHandle) -> Result<BoundModel, LaunchError> {
+    let config = &files.config;
+    let dtype = gpu_dtype(opts, files);
+    check_attention_shape(dtype, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        .map_err(LaunchError::Invalid)?;
+    let bytes_per_block = cache_shape(config, 1, opts.block_size).bytes_per_block(dtype);
+    let backend = CudaBackend::new(handle.clone(), dtype);
+    let explicit_blocks = match (opts.num_gpu_blocks_override, opts.kv_cache_memory_bytes) {
+        (Some(n), _) => Some(n),
+        (None, Some(bytes)) => Some(bytes / bytes_per_block),
+        (None, None) => None,
     };
-    let info = ModelInfo {
-        served_model_name: served_model_name(opts),
-        origin: files.origin.clone(),
-        architecture: config.architecture,
-        stored_dtype: config.dtype.or(files.weights.dominant_dtype()),
-        max_model_len,
-        backend: "cpu",
-        kv_cache: shape_for(num_blocks),
-        is_demo: opts.model.is_none(),
-        generation_defaults: config.generation_defaults.clone(),
-    };
-    let eos = config.eos_token_ids.clone();
-    let engine = Engine::new(engine_config, Box::new(runner), Arc::new(files.tokenizer), eos)?;
-    tracing::info!(
-        model = %info.origin,
-        architecture = info.architecture.hf_name(),
-        max_model_len,
-        num_kv_blocks = num_blocks,
-        kv_cache_bytes = num_blocks * bytes_per_block,
-        "model loaded"
+    if let Some(num_blocks) = explicit_blocks {
+        if num_blocks == 0 {
+            return Err(no_room(bytes_per_block, "raise --kv-cache-memory-bytes or --num-gpu-blocks-override"));
+        }
+        let max_model_len = resolve_max_model_len(opts, config, num_blocks * opts.block_size)?;
+        let runner = ModelRunner::new(backend, files, max_model_len, num_blocks, opts.block_size)?;
+        return Ok(BoundModel { executor: Box::new(runner), max_model_len, bytes_per_block });
+    }
+    // Size the cache from what is left after the weights and the activations of the largest step:
+    // load with a cache just big enough for a profiling pass at the full token budget, run it
+    // (the activation pool keeps its peak), then give the cache the rest of the allowed memory.
+    let provisional_len = opts.max_model_len.unwrap_or(config.max_position_embeddings);
+    let profile_tokens = opts.max_num_batched_tokens.min(provisional_len).max(1);
+    let profile_blocks = profile_tokens.div_ceil(opts.block_size);
+    let mut runner = ModelRunner::new(backend, files, provisional_len, profile_blocks, opts.block_size)?;
+    let layout = profile_layout(profile_tokens, profile_blocks);
+    let logits_rows: Vec<u32> =
+        (profile_tokens.saturating_sub(opts.max_num_seqs) as u32..profile_tokens as u32).collect();
+    runner.execute(&layout, &logits_rows).map_err(LoadError::Backend)?;
+    let (free, total) = handle.device().memory_info().map_err(|e| LaunchError::Invalid(e.to_string()))?;
+    let num_blocks = kv_blocks_from_memory(
+        total,
+        free,
+        profile_blocks * bytes_per_block,
+        opts.gpu_memory_utilization,
+        bytes_per_block,
     );
-    Ok(LoadedEngine { engine, info })
+    if num_blocks == 0 {
+        return Err(no_room(
+            bytes_per_block,
+            &format!(
+                "the weights and activations leave nothing of {:.1} GiB × --gpu-memory-utilization {}; raise it or                  lower --max-num-batched-tokens",
+                total as f64 / (1u64 << 30) as f64,
+                opts.gpu_memory_utilization
+            ),
+        ));
+    }
+    runner.resize_kv_cache(num_blocks)?;
+    let max_model_len = resolve_max_model_len(opts, config, num_blocks * opts.block_size)?;
+    tracing::info!(num_blocks, capacity_tokens = num_blocks * opts.block_size, "KV cache sized from GPU memory");
+    Ok(BoundModel { executor: Box::new(runner), max_model_len, bytes_per_block })
+}
+
+/// One sequence of `num_tokens` tokens in blocks `0..num_blocks`: the largest step the engine runs.
+fn profile_layout(num_tokens: usize, num_blocks: usize) -> BatchLayout {
+    BatchLayout {
+        token_ids: vec![0; num_tokens],
+        positions: (0..num_tokens as u32).collect(),
+        slot_mapping: (0..num_tokens as u32).collect(),
+        seqs: vec![SeqLayout {
+            query_start: 0,
+            query_len: num_tokens,
+            context_len: num_tokens,
+            block_table: (0..num_blocks as u32).collect(),
+        }],
+    }
+}
+
+/// KV blocks that fit in `utilization × total` once what is in use now (weights, the activation
+/// pool at its peak, and the profiling cache of `profile_cache_bytes`, which is freed) is taken.
+pub fn kv_blocks_from_memory(
+    total: usize,
+    free: usize,
+    profile_cache_bytes: usize,
+    utilization: f32,
+    bytes_per_block: usize,
+) -> usize {
+    // Rounded to six digits so that 0.9 as an f32 (0.899999976…) means 0.9.
+    let utilization = (utilization as f64 * 1e6).round() / 1e6;
+    let allowed = (total as f64 * utilization) as usize;
+    let in_use = total.saturating_sub(free).saturating_sub(profile_cache_bytes);
+    allowed.saturating_sub(in_use) / bytes_per_block.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_cache_gets_what_the_utilization_leaves() {
+        let gib = 1usize << 30;
+        // 140 GiB GPU, 17 GiB used by weights and activations (plus a 1 GiB profiling cache).
+        let blocks = kv_blocks_from_memory(140 * gib, 140 * gib - 18 * gib, gib, 0.9, 2 * 1024 * 1024);
+        assert_eq!(blocks, ((140.0 * 0.9) as usize - 17) * 512);
+        // Nothing left: zero blocks, never an underflow.
+        assert_eq!(kv_blocks_from_memory(10 * gib, gib, 0, 0.5, 1024), 0);
+        assert_eq!(kv_blocks_from_memory(10 * gib, 10 * gib, 0, 1.0, 1024), 10 * gib / 1024);
+    }
+
+    #[test]
+    fn float32_checkpoints_run_in_bfloat16_on_gpus_unless_told() {
+        let files = ModelFiles::demo(&DemoSpec::demo()).unwrap();
+        let opts = EngineOptions::default();
+        let stored = files.config.dtype.or(files.weights.dominant_dtype());
+        let expected = if stored == Some(DType::F16) { DType::F16 } else { DType::BF16 };
+        assert_eq!(gpu_dtype(&opts, &files), expected);
+        let opts = EngineOptions { dtype: Some(DType::F32), ..EngineOptions::default() };
+        assert_eq!(gpu_dtype(&opts, &files), DType::F32);
+    }
 }

@@ -3,15 +3,16 @@
 //! The model forward (`model::llama`) is written once over the [`Backend`] trait: embedding,
 //! linear (matmul plus optional bias), RMSNorm, rotary embedding, KV-cache write, paged attention,
 //! SiLU·mul, residual add, and row gathering for the logits. A backend owns its tensor, weight and
-//! KV-cache types; the model never sees their memory. `cpu` is the only implementation today; a
-//! CUDA backend slots in behind the same trait (device buffers, kernels, cuBLAS) without the model
-//! code changing.
+//! KV-cache types; the model never sees their memory. `cpu` computes in f32 on the host; `cuda`
+//! runs cuBLAS and the kernels of `kernels/*.cu` on a GPU (or on the CPU under emulation, in
+//! tests), without the model code changing.
 //!
 //! A batch is described on the host by a [`BatchLayout`] (flattened tokens of several sequences,
 //! their positions, the KV-cache slot each token writes, and each sequence's block table), which
 //! the backend turns into its own [`Backend::Batch`] once per forward pass.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::weights::{DType, RawTensor};
 
@@ -23,6 +24,8 @@ pub enum BackendError {
     KvCacheAllocation { num_bytes: usize, message: String },
     #[error("invalid batch: {0}")]
     Batch(String),
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Geometry of the paged KV cache: per layer, K and V each `[num_blocks, block_size, num_kv_heads,
@@ -142,8 +145,24 @@ pub trait Backend: Send + Sync + 'static {
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
     ) -> Result<Self::Tensor, BackendError>;
+    /// The output projection `x [n, hidden] · w[vocab, hidden]ᵀ`, in f32 where the backend
+    /// computes in less, so that sampling and logprobs see full-precision logits.
+    fn logits(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor, BackendError> {
+        self.linear(x, w, None)
+    }
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor, BackendError>;
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
+    /// `hidden += delta`, then the RMSNorm of the sum. A backend may fuse the two.
+    fn add_rms_norm(
+        &self,
+        hidden: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor, BackendError> {
+        self.add_assign(hidden, delta)?;
+        self.rms_norm(hidden, weight, eps)
+    }
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
     /// Rotates `x [n, num_heads * head_dim]` in place by each token's position, with the
@@ -166,6 +185,24 @@ pub trait Backend: Send + Sync + 'static {
         v: &Self::Tensor,
         batch: &Self::Batch,
     ) -> Result<(), BackendError>;
+    /// Rotary embedding of `q` and `k`, then `k` and `v` stored in layer `layer` of the cache. A
+    /// backend may fuse the three; `k` holds the rotated keys afterwards either way.
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_write_kv_cache(
+        &self,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
+        v: &Self::Tensor,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        cos_sin: &Self::Weight,
+        batch: &Self::Batch,
+        params: &AttentionParams,
+    ) -> Result<(), BackendError> {
+        self.rotary(q, params.num_heads, params.head_dim, cos_sin, batch)?;
+        self.rotary(k, params.num_kv_heads, params.head_dim, cos_sin, batch)?;
+        self.write_kv_cache(cache, layer, k, v, batch)
+    }
     /// Causal attention of `q [n, num_heads * head_dim]` over each sequence's cached K and V, read
     /// through its block table. Returns `[n, num_heads * head_dim]`.
     fn paged_attention(

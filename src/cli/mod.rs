@@ -128,9 +128,27 @@ pub struct EngineArgs {
     #[arg(long, env = "PAGODA_KV_CACHE_MEMORY_BYTES", value_parser = parse_bytes)]
     pub kv_cache_memory_bytes: Option<usize>,
 
-    /// Compute dtype: auto, float32, bfloat16 or float16. The CPU backend always computes in float32.
+    /// Compute dtype: auto, float32, bfloat16 or float16. On GPUs, auto is the checkpoint's dtype
+    /// (float32 checkpoints run in bfloat16, as vLLM does); the CPU backend always computes in float32.
     #[arg(long, env = "PAGODA_DTYPE", default_value = "auto", value_parser = parse_dtype)]
     pub dtype: DTypeArg,
+
+    /// Where the model runs: auto (a CUDA GPU when a driver and a device are present, else the
+    /// CPU; the log says which and why), cpu or cuda.
+    #[arg(long, env = "PAGODA_DEVICE", value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+
+    /// Share of the GPU's memory for weights, activations and the KV cache; the KV cache gets what
+    /// the first two leave. Ignored on the CPU.
+    #[arg(long, env = "PAGODA_GPU_MEMORY_UTILIZATION", default_value_t = crate::launch::DEFAULT_GPU_MEMORY_UTILIZATION)]
+    pub gpu_memory_utilization: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +198,12 @@ impl EngineArgs {
             num_gpu_blocks_override: self.num_gpu_blocks_override,
             kv_cache_memory_bytes: self.kv_cache_memory_bytes,
             dtype: self.dtype.0,
+            device: match self.device {
+                DeviceArg::Auto => crate::launch::DeviceKind::Auto,
+                DeviceArg::Cpu => crate::launch::DeviceKind::Cpu,
+                DeviceArg::Cuda => crate::launch::DeviceKind::Cuda,
+            },
+            gpu_memory_utilization: self.gpu_memory_utilization,
         }
     }
 }

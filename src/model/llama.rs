@@ -117,26 +117,34 @@ impl<B: Backend> Llama<B> {
     ) -> Result<B::Tensor, BackendError> {
         let (c, attn) = (&self.config, &self.attention);
         let mut hidden = backend.embedding(&self.embed_tokens, batch)?;
+        // The MLP output of the previous layer, added to `hidden` together with the next norm.
+        let mut pending: Option<B::Tensor> = None;
         for (idx, layer) in self.layers.iter().enumerate() {
-            let x = backend.rms_norm(&hidden, &layer.input_layernorm, c.rms_norm_eps)?;
+            let x = match pending.take() {
+                None => backend.rms_norm(&hidden, &layer.input_layernorm, c.rms_norm_eps)?,
+                Some(delta) => backend.add_rms_norm(&mut hidden, &delta, &layer.input_layernorm, c.rms_norm_eps)?,
+            };
             let mut q = Self::linear(backend, &x, &layer.q_proj)?;
             let mut k = Self::linear(backend, &x, &layer.k_proj)?;
             let v = Self::linear(backend, &x, &layer.v_proj)?;
-            backend.rotary(&mut q, attn.num_heads, attn.head_dim, &self.cos_sin, batch)?;
-            backend.rotary(&mut k, attn.num_kv_heads, attn.head_dim, &self.cos_sin, batch)?;
-            backend.write_kv_cache(cache, idx, &k, &v, batch)?;
+            backend.rotary_write_kv_cache(&mut q, &mut k, &v, cache, idx, &self.cos_sin, batch, attn)?;
             let context = backend.paged_attention(&q, cache, idx, batch, attn)?;
-            backend.add_assign(&mut hidden, &Self::linear(backend, &context, &layer.o_proj)?)?;
-
-            let x = backend.rms_norm(&hidden, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            let attn_out = Self::linear(backend, &context, &layer.o_proj)?;
+            let x = backend.add_rms_norm(&mut hidden, &attn_out, &layer.post_attention_layernorm, c.rms_norm_eps)?;
             let gate = Self::linear(backend, &x, &layer.gate_proj)?;
             let up = Self::linear(backend, &x, &layer.up_proj)?;
-            let down = Self::linear(backend, &backend.silu_mul(&gate, &up)?, &layer.down_proj)?;
-            backend.add_assign(&mut hidden, &down)?;
+            pending = Some(Self::linear(backend, &backend.silu_mul(&gate, &up)?, &layer.down_proj)?);
         }
-        // Only the rows that are sampled need the final norm and the (large) output projection.
-        let last = backend.gather_rows(&hidden, logits_rows)?;
-        let normed = backend.rms_norm(&last, &self.norm, c.rms_norm_eps)?;
-        backend.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
+        // Only the rows that are sampled need the last residual add, the final norm and the
+        // (large) output projection.
+        let mut last = backend.gather_rows(&hidden, logits_rows)?;
+        let normed = match pending {
+            None => backend.rms_norm(&last, &self.norm, c.rms_norm_eps)?,
+            Some(delta) => {
+                let delta = backend.gather_rows(&delta, logits_rows)?;
+                backend.add_rms_norm(&mut last, &delta, &self.norm, c.rms_norm_eps)?
+            }
+        };
+        backend.logits(&normed, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
     }
 }

@@ -117,6 +117,22 @@ impl<B: Backend> ModelRunner<B> {
         let cache = backend.new_kv_cache(cache_shape)?;
         Ok(ModelRunner { backend, model, cache, cache_shape, vocab_size: config.vocab_size })
     }
+
+    /// Replaces the KV cache with one of `num_blocks` blocks (the old one is freed first), as
+    /// after a profiling pass on a small cache. Its contents are lost.
+    pub fn resize_kv_cache(&mut self, num_blocks: usize) -> Result<(), LoadError> {
+        let shape = KvCacheShape { num_blocks, ..self.cache_shape };
+        let small = KvCacheShape { num_blocks: 1, ..self.cache_shape };
+        self.cache = self.backend.new_kv_cache(small)?;
+        self.cache = self.backend.new_kv_cache(shape)?;
+        self.cache_shape = shape;
+        Ok(())
+    }
+
+    /// The backend and the KV cache, for tests that fill unwritten cache slots with NaN.
+    pub fn backend_and_kv_cache(&mut self) -> (&B, &mut B::KvCache) {
+        (&self.backend, &mut self.cache)
+    }
 }
 
 impl<B: Backend> Executor for ModelRunner<B> {

@@ -5,6 +5,7 @@ mod architectures;
 mod batching;
 mod cli;
 mod common;
+mod cuda;
 mod http;
 mod load_errors;
 mod metadata;

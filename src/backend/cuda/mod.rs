@@ -1,0 +1,659 @@
+//! The CUDA backend: the [`Backend`] operations as cuBLAS GEMMs and the kernels of `kernels/*.cu`,
+//! over a [`Device`] that is either a real GPU ([`driver::CudaDevice`]) or, in tests, the CPU
+//! emulation ([`emulated::EmulatedDevice`], feature `cuda-emu`). Nothing above the device seam
+//! knows which, so every line here runs in CI without a GPU.
+//!
+//! Activations, weights and the KV cache are in one dtype (`--dtype`, the checkpoint's by
+//! default), with f32 arithmetic inside every kernel and GEMM. A batch's metadata (token ids,
+//! positions, slots, each token's sequence, the block tables) goes to the device in one copy.
+//! Activation buffers come from a pool, so a warmed-up step allocates no device memory.
+
+pub mod device;
+pub mod driver;
+#[cfg(feature = "cuda-emu")]
+pub mod emulated;
+pub mod geometry;
+#[cfg(all(test, feature = "cuda-emu"))]
+mod tests;
+
+use device::{DeviceBuffer, DeviceError, DeviceHandle, DevicePtr, GemmCall, KernelArg, Transpose};
+
+use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape};
+use crate::weights::{DType, RawTensor};
+
+impl From<DeviceError> for BackendError {
+    fn from(e: DeviceError) -> BackendError {
+        BackendError::Device(e.to_string())
+    }
+}
+
+/// A 2-D activation `[rows, cols]`, row-major, on the device.
+pub struct CudaTensor {
+    buf: DeviceBuffer,
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: DType,
+}
+
+impl CudaTensor {
+    fn ptr(&self) -> DevicePtr {
+        self.buf.ptr()
+    }
+}
+
+/// A weight on the device: a vector `[1, cols]` or a matrix `[rows, cols]` (`[out, in]`).
+pub struct CudaWeight {
+    buf: DeviceBuffer,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+}
+
+pub struct CudaKvCache {
+    shape: KvCacheShape,
+    /// Per layer, K then V, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+    layers: Vec<(DeviceBuffer, DeviceBuffer)>,
+}
+
+/// A batch's metadata on the device, as `u32` arrays in one buffer, and what the host still needs
+/// to check arguments without reading it back.
+pub struct CudaBatch {
+    meta: DeviceBuffer,
+    num_tokens: usize,
+    max_blocks_per_seq: usize,
+    /// The longest context any token attends to.
+    max_context: usize,
+    max_token_id: u32,
+    max_position: u32,
+}
+
+impl CudaBatch {
+    /// `[num_tokens]` arrays, then `[num_seqs, max_blocks_per_seq]` block tables.
+    fn array(&self, idx: usize) -> DevicePtr {
+        self.meta.ptr() + (idx * self.num_tokens * 4) as u64
+    }
+    fn token_ids(&self) -> DevicePtr {
+        self.array(0)
+    }
+    fn positions(&self) -> DevicePtr {
+        self.array(1)
+    }
+    fn slots(&self) -> DevicePtr {
+        self.array(2)
+    }
+    fn token_seq(&self) -> DevicePtr {
+        self.array(3)
+    }
+    fn block_tables(&self) -> DevicePtr {
+        self.array(4)
+    }
+}
+
+/// Checks that the attention kernels cover a model's head shape, for a clear error at load.
+pub fn check_attention_shape(
+    dtype: DType,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<(), String> {
+    let group = num_heads / num_kv_heads.max(1);
+    if geometry::attention_kernel(dtype, head_dim, group).is_none() {
+        return Err(format!(
+            "the CUDA backend has attention kernels for head_dim {:?} with up to {} query heads per KV head; \
+             this model has head_dim {head_dim} and {group}",
+            geometry::ATTENTION_HEAD_DIMS,
+            geometry::ATTENTION_GROUP_BUCKETS[geometry::ATTENTION_GROUP_BUCKETS.len() - 1],
+        ));
+    }
+    Ok(())
+}
+
+/// Encodes f32 values in `dtype`, little-endian.
+fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(values).to_vec(),
+        DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        DType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+pub struct CudaBackend {
+    handle: DeviceHandle,
+    dtype: DType,
+}
+
+impl CudaBackend {
+    /// A backend computing in `dtype` on `handle`'s device.
+    pub fn new(handle: DeviceHandle, dtype: DType) -> CudaBackend {
+        CudaBackend { handle, dtype }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device_name(&self) -> String {
+        self.handle.device().name()
+    }
+
+    /// An activation holding `data` `[rows, cols]`, rounded to the backend's dtype.
+    pub fn tensor_from_f32(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor, BackendError> {
+        if data.len() != rows * cols {
+            return Err(BackendError::Batch(format!("{} values for a [{rows}, {cols}] tensor", data.len())));
+        }
+        let buf = self.handle.upload(&encode(data, self.dtype))?;
+        Ok(CudaTensor { buf, rows, cols, dtype: self.dtype })
+    }
+
+    /// Fills every cache slot with NaN (all-ones bits in every dtype), so that a kernel reading
+    /// a slot no sequence owns poisons its output. For tests.
+    pub fn poison_kv_cache(&self, cache: &mut CudaKvCache) -> Result<(), BackendError> {
+        for (k, v) in &cache.layers {
+            self.handle.device().memset(k.ptr(), 0xff, k.num_bytes())?;
+            self.handle.device().memset(v.ptr(), 0xff, v.num_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn new_tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor, BackendError> {
+        let buf = self.handle.buffer(rows * cols * self.dtype.size_in_bytes())?;
+        Ok(CudaTensor { buf, rows, cols, dtype: self.dtype })
+    }
+
+    /// `x [m, k] · w[n, k]ᵀ` through cuBLAS, the output in `out_dtype`.
+    fn matmul(&self, x: &CudaTensor, w: &CudaWeight, out_dtype: DType) -> Result<CudaTensor, BackendError> {
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        if w.cols != k {
+            return Err(BackendError::Batch(format!("linear: input width {k} but weight is [{n}, {}]", w.cols)));
+        }
+        let buf = self.handle.buffer(m * n * out_dtype.size_in_bytes())?;
+        let out = CudaTensor { buf, rows: m, cols: n, dtype: out_dtype };
+        if m == 0 {
+            return Ok(out);
+        }
+        // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ[n, m] = w · xᵀ: cuBLAS reads w
+        // (column-major [k, n], ld k) transposed and x (column-major [k, m], ld k) as stored.
+        self.handle.device().gemm(&GemmCall {
+            transa: Transpose::Yes,
+            transb: Transpose::No,
+            m: n,
+            n: m,
+            k,
+            alpha: 1.0,
+            a: w.buf.ptr(),
+            lda: k,
+            b: x.ptr(),
+            ldb: k,
+            beta: 0.0,
+            c: out.ptr(),
+            ldc: n,
+            dtype: self.dtype,
+            c_dtype: out_dtype,
+        })?;
+        Ok(out)
+    }
+
+    fn kernel(&self, op: &str) -> String {
+        format!("pagoda_{op}_{}", geometry::dtype_suffix(self.dtype))
+    }
+
+    fn launch(&self, op: &str, config: device::LaunchConfig, args: &[KernelArg]) -> Result<(), BackendError> {
+        Ok(self.handle.device().launch(&self.kernel(op), config, args)?)
+    }
+
+    /// The fused rotary / KV-write kernel with the parts that `q`, `k` and `cache` name.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_rotary_write_kv(
+        &self,
+        q: Option<(&CudaTensor, usize)>,
+        k: Option<&CudaTensor>,
+        v: Option<&CudaTensor>,
+        cache: Option<(&CudaKvCache, usize)>,
+        cos_sin: Option<&CudaWeight>,
+        batch: &CudaBatch,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<(), BackendError> {
+        if let Some(table) = cos_sin {
+            if table.dtype != DType::F32 || table.cols != head_dim {
+                return Err(BackendError::Batch("rotary: the table must be f32 [positions, head_dim]".into()));
+            }
+            if batch.max_position as usize >= table.rows {
+                return Err(BackendError::Batch(format!(
+                    "position {} is beyond the rotary table of {}",
+                    batch.max_position, table.rows
+                )));
+            }
+        }
+        let ptr = |t: Option<&CudaTensor>| KernelArg::Ptr(t.map_or(0, |t| t.ptr()));
+        let (k_cache, v_cache) = match cache {
+            Some((c, layer)) => (c.layers[layer].0.ptr(), c.layers[layer].1.ptr()),
+            None => (0, 0),
+        };
+        self.launch(
+            "rotary_write_kv",
+            geometry::rotary_write_kv(batch.num_tokens),
+            &[
+                ptr(q.map(|(t, _)| t)),
+                ptr(k),
+                ptr(v),
+                KernelArg::Ptr(k_cache),
+                KernelArg::Ptr(v_cache),
+                KernelArg::Ptr(cos_sin.map_or(0, |t| t.buf.ptr())),
+                KernelArg::Ptr(batch.positions()),
+                KernelArg::Ptr(batch.slots()),
+                KernelArg::I32(q.map_or(0, |(_, heads)| heads) as i32),
+                KernelArg::I32(num_kv_heads as i32),
+                KernelArg::I32(head_dim as i32),
+            ],
+        )
+    }
+}
+
+fn check_shape(t: &CudaTensor, rows: usize, cols: usize, op: &str) -> Result<(), BackendError> {
+    if t.rows != rows || t.cols != cols {
+        return Err(BackendError::Batch(format!("{op}: expected [{rows}, {cols}], got [{}, {}]", t.rows, t.cols)));
+    }
+    Ok(())
+}
+
+fn check_vector(w: &CudaWeight, len: usize, op: &str) -> Result<(), BackendError> {
+    if w.rows != 1 || w.cols != len {
+        return Err(BackendError::Batch(format!("{op}: weight [{}, {}] is not a vector of {len}", w.rows, w.cols)));
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type KvCache = CudaKvCache;
+    type Batch = CudaBatch;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn load_weight(&self, raw: &RawTensor) -> Result<CudaWeight, BackendError> {
+        let (rows, cols) = match raw.shape.as_slice() {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            other => {
+                return Err(BackendError::Weight {
+                    name: raw.name.clone(),
+                    message: format!("expected a vector or a matrix, found shape {other:?}"),
+                });
+            }
+        };
+        // Stored bytes go up as they are when the dtypes agree (the usual case: --dtype auto).
+        let converted;
+        let bytes = if raw.dtype == self.dtype {
+            raw.bytes()
+        } else {
+            converted = encode(&raw.to_f32_vec(), self.dtype);
+            &converted
+        };
+        let buf = self.handle.buffer_exact(bytes.len()).map_err(|e| BackendError::Weight {
+            name: raw.name.clone(),
+            message: format!("does not fit on the GPU: {e}"),
+        })?;
+        self.handle.device().copy_to_device(buf.ptr(), bytes)?;
+        Ok(CudaWeight { buf, rows, cols, dtype: self.dtype })
+    }
+
+    fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<CudaWeight, BackendError> {
+        if data.len() != shape[0] * shape[1] {
+            return Err(BackendError::Weight {
+                name: "host".into(),
+                message: format!("{} values for shape {shape:?}", data.len()),
+            });
+        }
+        // Host-computed tables (rotary) stay in f32.
+        let bytes: &[u8] = bytemuck::cast_slice(&data);
+        let buf = self.handle.buffer_exact(bytes.len())?;
+        self.handle.device().copy_to_device(buf.ptr(), bytes)?;
+        Ok(CudaWeight { buf, rows: shape[0], cols: shape[1], dtype: DType::F32 })
+    }
+
+    fn new_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache, BackendError> {
+        let per_layer =
+            shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim * self.dtype.size_in_bytes();
+        let total = shape.bytes_per_block(self.dtype) * shape.num_blocks;
+        let alloc = || -> Result<DeviceBuffer, BackendError> {
+            let buf = self
+                .handle
+                .buffer_exact(per_layer)
+                .map_err(|e| BackendError::KvCacheAllocation { num_bytes: total, message: e.to_string() })?;
+            // Zeroed, so that what a step leaves unwritten is never garbage.
+            self.handle.device().memset(buf.ptr(), 0, per_layer)?;
+            Ok(buf)
+        };
+        let layers = (0..shape.num_layers).map(|_| Ok((alloc()?, alloc()?))).collect::<Result<_, BackendError>>()?;
+        Ok(CudaKvCache { shape, layers })
+    }
+
+    fn prepare_batch(&self, layout: &BatchLayout) -> Result<CudaBatch, BackendError> {
+        let n = layout.num_tokens();
+        let max_blocks_per_seq = layout.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
+        let mut meta: Vec<u32> = Vec::with_capacity(4 * n + layout.seqs.len() * max_blocks_per_seq);
+        meta.extend(&layout.token_ids);
+        meta.extend(&layout.positions);
+        meta.extend(&layout.slot_mapping);
+        for (idx, seq) in layout.seqs.iter().enumerate() {
+            meta.extend(std::iter::repeat_n(idx as u32, seq.query_len));
+        }
+        for seq in &layout.seqs {
+            meta.extend(&seq.block_table);
+            // Entries past a sequence's blocks are never read; 0 keeps them inside the cache.
+            meta.extend(std::iter::repeat_n(0, max_blocks_per_seq - seq.block_table.len()));
+        }
+        let meta = self.handle.upload(bytemuck::cast_slice(&meta))?;
+        Ok(CudaBatch {
+            meta,
+            num_tokens: n,
+            max_blocks_per_seq,
+            max_context: layout.seqs.iter().map(|s| s.context_len).max().unwrap_or(0),
+            max_token_id: layout.token_ids.iter().copied().max().unwrap_or(0),
+            max_position: layout.positions.iter().copied().max().unwrap_or(0),
+        })
+    }
+
+    fn embedding(&self, table: &CudaWeight, batch: &CudaBatch) -> Result<CudaTensor, BackendError> {
+        if batch.num_tokens > 0 && batch.max_token_id as usize >= table.rows {
+            return Err(BackendError::Batch(format!(
+                "token id {} is outside the vocabulary of {}",
+                batch.max_token_id, table.rows
+            )));
+        }
+        let out = self.new_tensor(batch.num_tokens, table.cols)?;
+        if batch.num_tokens > 0 {
+            self.launch(
+                "gather_rows",
+                geometry::gather_rows(batch.num_tokens),
+                &[
+                    KernelArg::Ptr(out.ptr()),
+                    KernelArg::Ptr(table.buf.ptr()),
+                    KernelArg::Ptr(batch.token_ids()),
+                    KernelArg::I32(table.cols as i32),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>) -> Result<CudaTensor, BackendError> {
+        let out = self.matmul(x, w, self.dtype)?;
+        if let Some(bias) = bias {
+            let (m, n) = (out.rows, out.cols);
+            check_vector(bias, n, "linear bias")?;
+            if m > 0 {
+                self.launch(
+                    "add_bias",
+                    geometry::elementwise(m * n),
+                    &[
+                        KernelArg::Ptr(out.ptr()),
+                        KernelArg::Ptr(bias.buf.ptr()),
+                        KernelArg::U32((m * n) as u32),
+                        KernelArg::U32(n as u32),
+                    ],
+                )?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn logits(&self, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor, BackendError> {
+        self.matmul(x, w, DType::F32)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor, BackendError> {
+        check_vector(weight, x.cols, "rms_norm")?;
+        let out = self.new_tensor(x.rows, x.cols)?;
+        if x.rows > 0 {
+            self.launch(
+                "add_rms_norm",
+                geometry::add_rms_norm(x.rows),
+                &[
+                    KernelArg::Ptr(x.ptr()),
+                    KernelArg::Ptr(0),
+                    KernelArg::Ptr(out.ptr()),
+                    KernelArg::Ptr(weight.buf.ptr()),
+                    KernelArg::I32(x.cols as i32),
+                    KernelArg::F32(eps),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        hidden: &mut CudaTensor,
+        delta: &CudaTensor,
+        weight: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor, BackendError> {
+        check_shape(delta, hidden.rows, hidden.cols, "add_rms_norm")?;
+        check_vector(weight, hidden.cols, "add_rms_norm")?;
+        let out = self.new_tensor(hidden.rows, hidden.cols)?;
+        if hidden.rows > 0 {
+            self.launch(
+                "add_rms_norm",
+                geometry::add_rms_norm(hidden.rows),
+                &[
+                    KernelArg::Ptr(hidden.ptr()),
+                    KernelArg::Ptr(delta.ptr()),
+                    KernelArg::Ptr(out.ptr()),
+                    KernelArg::Ptr(weight.buf.ptr()),
+                    KernelArg::I32(hidden.cols as i32),
+                    KernelArg::F32(eps),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<(), BackendError> {
+        check_shape(y, x.rows, x.cols, "add")?;
+        let len = x.rows * x.cols;
+        if len > 0 {
+            self.launch(
+                "add",
+                geometry::elementwise(len),
+                &[KernelArg::Ptr(x.ptr()), KernelArg::Ptr(y.ptr()), KernelArg::U32(len as u32)],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, BackendError> {
+        check_shape(up, gate.rows, gate.cols, "silu_mul")?;
+        let out = self.new_tensor(gate.rows, gate.cols)?;
+        let len = gate.rows * gate.cols;
+        if len > 0 {
+            self.launch(
+                "silu_mul",
+                geometry::elementwise(len),
+                &[
+                    KernelArg::Ptr(out.ptr()),
+                    KernelArg::Ptr(gate.ptr()),
+                    KernelArg::Ptr(up.ptr()),
+                    KernelArg::U32(len as u32),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn rotary(
+        &self,
+        x: &mut CudaTensor,
+        num_heads: usize,
+        head_dim: usize,
+        cos_sin: &CudaWeight,
+        batch: &CudaBatch,
+    ) -> Result<(), BackendError> {
+        check_shape(x, batch.num_tokens, num_heads * head_dim, "rotary")?;
+        if batch.num_tokens == 0 {
+            return Ok(());
+        }
+        self.launch_rotary_write_kv(Some((x, num_heads)), None, None, None, Some(cos_sin), batch, 0, head_dim)
+    }
+
+    fn write_kv_cache(
+        &self,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        batch: &CudaBatch,
+    ) -> Result<(), BackendError> {
+        let s = cache.shape;
+        check_shape(k, batch.num_tokens, s.num_kv_heads * s.head_dim, "write_kv_cache")?;
+        check_shape(v, batch.num_tokens, s.num_kv_heads * s.head_dim, "write_kv_cache")?;
+        if batch.num_tokens == 0 {
+            return Ok(());
+        }
+        self.launch_rotary_write_kv(
+            None,
+            Some(k),
+            Some(v),
+            Some((cache, layer)),
+            None,
+            batch,
+            s.num_kv_heads,
+            s.head_dim,
+        )
+    }
+
+    fn rotary_write_kv_cache(
+        &self,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
+        v: &CudaTensor,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        cos_sin: &CudaWeight,
+        batch: &CudaBatch,
+        params: &AttentionParams,
+    ) -> Result<(), BackendError> {
+        let s = cache.shape;
+        check_shape(q, batch.num_tokens, params.num_heads * s.head_dim, "rotary_write_kv_cache")?;
+        check_shape(k, batch.num_tokens, s.num_kv_heads * s.head_dim, "rotary_write_kv_cache")?;
+        check_shape(v, batch.num_tokens, s.num_kv_heads * s.head_dim, "rotary_write_kv_cache")?;
+        if batch.num_tokens == 0 {
+            return Ok(());
+        }
+        self.launch_rotary_write_kv(
+            Some((q, params.num_heads)),
+            Some(k),
+            Some(v),
+            Some((cache, layer)),
+            Some(cos_sin),
+            batch,
+            s.num_kv_heads,
+            s.head_dim,
+        )
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CudaTensor,
+        cache: &CudaKvCache,
+        layer: usize,
+        batch: &CudaBatch,
+        params: &AttentionParams,
+    ) -> Result<CudaTensor, BackendError> {
+        let AttentionParams { num_heads, num_kv_heads, head_dim, scale, sliding_window } = *params;
+        let shape = cache.shape;
+        if num_kv_heads != shape.num_kv_heads || head_dim != shape.head_dim || num_heads % num_kv_heads != 0 {
+            return Err(BackendError::Batch("paged_attention: shapes do not match the cache".into()));
+        }
+        check_shape(q, batch.num_tokens, num_heads * head_dim, "paged_attention")?;
+        let group = num_heads / num_kv_heads;
+        let kernel = geometry::attention_kernel(self.dtype, head_dim, group).ok_or_else(|| {
+            BackendError::Batch(check_attention_shape(self.dtype, num_heads, num_kv_heads, head_dim).unwrap_err())
+        })?;
+        let out = self.new_tensor(batch.num_tokens, num_heads * head_dim)?;
+        let n = batch.num_tokens;
+        if n == 0 {
+            return Ok(out);
+        }
+        let splits = geometry::attention_splits(n, num_kv_heads, batch.max_context, self.handle.device().num_sms());
+        let partial = if splits > 1 {
+            Some((
+                self.handle.buffer(n * num_heads * splits * head_dim * 4)?,
+                self.handle.buffer(n * num_heads * splits * 4)?,
+            ))
+        } else {
+            None
+        };
+        let (k_cache, v_cache) = &cache.layers[layer];
+        let window = sliding_window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        self.handle.device().launch(
+            &kernel,
+            geometry::paged_attention(num_kv_heads, n, splits),
+            &[
+                KernelArg::Ptr(out.ptr()),
+                KernelArg::Ptr(partial.as_ref().map_or(0, |p| p.0.ptr())),
+                KernelArg::Ptr(partial.as_ref().map_or(0, |p| p.1.ptr())),
+                KernelArg::Ptr(q.ptr()),
+                KernelArg::Ptr(k_cache.ptr()),
+                KernelArg::Ptr(v_cache.ptr()),
+                KernelArg::Ptr(batch.block_tables()),
+                KernelArg::Ptr(batch.token_seq()),
+                KernelArg::Ptr(batch.positions()),
+                KernelArg::I32(batch.max_blocks_per_seq as i32),
+                KernelArg::I32(shape.block_size as i32),
+                KernelArg::I32(num_kv_heads as i32),
+                KernelArg::I32(group as i32),
+                KernelArg::I32(window),
+                KernelArg::F32(scale),
+            ],
+        )?;
+        if let Some((partial_out, partial_lse)) = &partial {
+            self.launch(
+                "attention_merge",
+                geometry::attention_merge(n, num_heads),
+                &[
+                    KernelArg::Ptr(out.ptr()),
+                    KernelArg::Ptr(partial_out.ptr()),
+                    KernelArg::Ptr(partial_lse.ptr()),
+                    KernelArg::I32(splits as i32),
+                    KernelArg::I32(head_dim as i32),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[u32]) -> Result<CudaTensor, BackendError> {
+        if let Some(r) = rows.iter().find(|&&r| r as usize >= x.rows) {
+            return Err(BackendError::Batch(format!("row {r} is outside the tensor of {} rows", x.rows)));
+        }
+        let out = self.new_tensor(rows.len(), x.cols)?;
+        if !rows.is_empty() {
+            let indices = self.handle.upload(bytemuck::cast_slice(rows))?;
+            self.launch(
+                "gather_rows",
+                geometry::gather_rows(rows.len()),
+                &[
+                    KernelArg::Ptr(out.ptr()),
+                    KernelArg::Ptr(x.ptr()),
+                    KernelArg::Ptr(indices.ptr()),
+                    KernelArg::I32(x.cols as i32),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>, BackendError> {
+        let len = x.rows * x.cols;
+        let mut bytes = vec![0u8; len * x.dtype.size_in_bytes()];
+        self.handle.device().copy_to_host(x.ptr(), &mut bytes)?;
+        let mut out = vec![0f32; len];
+        crate::weights::convert_to_f32(x.dtype, &bytes, &mut out);
+        Ok(out)
+    }
+}
