@@ -113,6 +113,22 @@ __device__ void rotary_write_kv(T* __restrict__ q, T* __restrict__ k, const T* _
   }
 }
 
+// out[i] = the (first + i)-th value of the dummy-weight stream `seed`: uniform in [-range, range],
+// the same bits as backend::dummy_value on the host (--load-format dummy). grid (ceil(len / 256)),
+// block 256.
+template <typename T>
+__device__ void fill_uniform(T* __restrict__ out, unsigned len, unsigned long long first, unsigned long long seed,
+                             float range) {
+  const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= len) return;
+  unsigned long long z = seed ^ ((first + i) * 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  const float unit = (float)(unsigned)(z >> 40) / 16777216.f;
+  out[i] = from_float<T>((unit * 2.f - 1.f) * range);
+}
+
 }  // namespace pagoda
 
 #define GATHER_PARAMS(T) (T * out, const T* x, const unsigned* rows, int width)
@@ -141,3 +157,7 @@ PAGODA_KERNEL_ALL_DTYPES(silu_mul, 256, SILU_PARAMS, SILU_BODY)
 #define ROTARY_BODY(T) \
   pagoda::rotary_write_kv<T>(q, k, v, k_cache, v_cache, cos_sin, positions, slots, num_heads, num_kv_heads, head_dim)
 PAGODA_KERNEL_ALL_DTYPES(rotary_write_kv, 128, ROTARY_PARAMS, ROTARY_BODY)
+
+#define FILL_PARAMS(T) (T * out, unsigned len, unsigned long long first, unsigned long long seed, float range)
+#define FILL_BODY(T) pagoda::fill_uniform<T>(out, len, first, seed, range)
+PAGODA_KERNEL_ALL_DTYPES(fill_uniform, 256, FILL_PARAMS, FILL_BODY)

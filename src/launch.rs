@@ -11,7 +11,7 @@ use crate::backend::{BatchLayout, KvCacheShape, SeqLayout};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::model::config::GenerationDefaults;
 use crate::model::demo::{DEMO_MODEL_NAME, DemoSpec};
-use crate::model::{Architecture, Executor, LoadError, ModelConfig, ModelFiles, ModelRunner};
+use crate::model::{Architecture, Executor, LoadError, ModelConfig, ModelFiles, ModelRunner, Weights};
 use crate::weights::DType;
 
 /// KV-cache memory on the CPU when nothing is said (vLLM's CPU default is 4 GiB as well). Pages
@@ -35,6 +35,8 @@ pub struct EngineOptions {
     /// Requested compute dtype; `None` is `auto`.
     pub dtype: Option<DType>,
     pub device: DeviceKind,
+    /// `dummy`: random weights of the model's shapes, no weight file read (for benchmarks).
+    pub load_format: LoadFormat,
     /// Share of the GPU's memory Pagoda may use (weights, activations and the KV cache).
     pub gpu_memory_utilization: f32,
 }
@@ -51,6 +53,16 @@ pub enum DeviceKind {
     /// compiled for the CPU, cuBLAS's semantics on the CPU.
     #[cfg(feature = "cuda-emu")]
     EmulatedCuda,
+}
+
+/// `--load-format`: how the weights are loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// The checkpoint's safetensors files.
+    #[default]
+    Auto,
+    /// Random values of the model's shapes, made on the device (vLLM's `dummy`).
+    Dummy,
 }
 
 /// vLLM's default share of GPU memory.
@@ -71,6 +83,7 @@ impl Default for EngineOptions {
             kv_cache_memory_bytes: None,
             dtype: None,
             device: DeviceKind::Auto,
+            load_format: LoadFormat::Auto,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
         }
     }
@@ -128,10 +141,15 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
             opts.gpu_memory_utilization
         )));
     }
-    let files = match &opts.model {
-        Some(dir) => ModelFiles::load(dir)?,
-        None => ModelFiles::demo(&DemoSpec::demo())?,
+    let mut files = match (&opts.model, opts.load_format) {
+        (Some(dir), LoadFormat::Auto) => ModelFiles::load(dir)?,
+        (Some(dir), LoadFormat::Dummy) => ModelFiles::load_dummy(dir)?,
+        (None, _) => ModelFiles::demo(&DemoSpec::demo())?,
     };
+    if opts.load_format == LoadFormat::Dummy {
+        tracing::warn!("--load-format dummy: the weights are random; the output is meaningless");
+        files.weights = Weights::Dummy { seed: 0 };
+    }
     let bound = match choose_device(opts.device)? {
         None => bind_cpu(opts, &files)?,
         Some(handle) => bind_cuda(opts, &files, handle)?,
@@ -180,7 +198,7 @@ struct BoundModel {
 
 /// The device `kind` names, opened; `None` for the CPU. `auto` falls back to the CPU, saying why
 /// in one log line; an explicit `cuda` that cannot be had is an error.
-fn choose_device(kind: DeviceKind) -> Result<Option<DeviceHandle>, LaunchError> {
+pub fn choose_device(kind: DeviceKind) -> Result<Option<DeviceHandle>, LaunchError> {
     let open = || driver::CudaDevice::open(0).map(|d| DeviceHandle::new(Arc::new(d)));
     match kind {
         DeviceKind::Cpu => {

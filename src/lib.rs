@@ -9,6 +9,7 @@ pub mod kv_cache;
 pub mod launch;
 pub mod metadata;
 pub mod model;
+pub mod selftest;
 pub mod storage;
 pub mod telemetry;
 pub mod tokenizer;

@@ -176,6 +176,21 @@ impl Backend for CpuBackend {
         Ok(CpuWeight { rows, cols, data })
     }
 
+    fn random_weight(&self, name: &str, shape: &[usize], seed: u64) -> Result<CpuWeight, BackendError> {
+        let (rows, cols) = match shape {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            other => {
+                return Err(BackendError::Weight {
+                    name: name.to_string(),
+                    message: format!("expected a vector or a matrix, found shape {other:?}"),
+                });
+            }
+        };
+        let data = (0..rows * cols).into_par_iter().map(|i| super::dummy_value(seed, i as u64)).collect();
+        Ok(CpuWeight { rows, cols, data: WeightData::Owned(data) })
+    }
+
     fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<CpuWeight, BackendError> {
         if data.len() != shape[0] * shape[1] {
             return Err(BackendError::Weight {

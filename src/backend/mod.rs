@@ -28,6 +28,23 @@ pub enum BackendError {
     Device(String),
 }
 
+/// Dummy weights are uniform in `[-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE]`, as vLLM's
+/// `--load-format dummy` makes them.
+pub const DUMMY_WEIGHT_RANGE: f32 = 1e-3;
+
+/// The `idx`-th dummy value of stream `seed`: a counter-based hash, so any device computes any
+/// element on its own and gets the same bits (the CUDA kernel `pagoda_fill_uniform_*` computes
+/// exactly this).
+pub fn dummy_value(seed: u64, idx: u64) -> f32 {
+    let mut z = seed ^ idx.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // 24 random bits → [0, 1) exactly representable in f32, then to the range.
+    let unit = (z >> 40) as f32 / (1u32 << 24) as f32;
+    (unit * 2.0 - 1.0) * DUMMY_WEIGHT_RANGE
+}
+
 /// Geometry of the paged KV cache: per layer, K and V each `[num_blocks, block_size, num_kv_heads,
 /// head_dim]`, so a token's slot is `block_id * block_size + offset_in_block`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +148,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Makes a stored tensor usable as a weight (1-D vectors and 2-D `[out, in]` matrices).
     fn load_weight(&self, raw: &RawTensor) -> Result<Self::Weight, BackendError>;
+    /// A weight of `shape` filled with uniform values in ±[`DUMMY_WEIGHT_RANGE`] drawn from
+    /// `seed` (`--load-format dummy`): the same values for the same seed on every backend.
+    fn random_weight(&self, name: &str, shape: &[usize], seed: u64) -> Result<Self::Weight, BackendError>;
     /// A weight computed on the host (the rotary table).
     fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<Self::Weight, BackendError>;
     fn new_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, BackendError>;

@@ -5,6 +5,7 @@
 mod generate;
 mod info;
 mod metadata;
+mod selftest;
 mod serve;
 mod sync;
 
@@ -48,6 +49,8 @@ pub enum Command {
     Metadata(metadata::MetadataArgs),
     /// Write the embedded demo model (random weights) as a Hugging Face model folder.
     ExportDemo(ExportDemoArgs),
+    /// Check the CUDA backend on this machine's GPU against the CPU (and benchmark it).
+    Selftest(selftest::SelftestArgs),
 }
 
 impl Cli {
@@ -58,6 +61,7 @@ impl Cli {
             Command::Generate(args) => generate::run(args),
             Command::Info(args) => info::run(args),
             Command::Metadata(args) => metadata::run(args),
+            Command::Selftest(args) => selftest::run(args),
             Command::ExportDemo(args) => {
                 crate::model::demo::export(&crate::model::demo::DemoSpec::demo(), &args.dir)?;
                 println!("wrote {} ({})", args.dir.display(), crate::model::demo::DEMO_MODEL_NAME);
@@ -138,6 +142,11 @@ pub struct EngineArgs {
     #[arg(long, env = "PAGODA_DEVICE", value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
 
+    /// How to load the weights: auto (the checkpoint's files) or dummy (random values of the
+    /// model's shapes, made on the device; no weight file is read; for benchmarks).
+    #[arg(long, env = "PAGODA_LOAD_FORMAT", value_enum, default_value_t = LoadFormatArg::Auto)]
+    pub load_format: LoadFormatArg,
+
     /// Share of the GPU's memory for weights, activations and the KV cache; the KV cache gets what
     /// the first two leave. Ignored on the CPU.
     #[arg(long, env = "PAGODA_GPU_MEMORY_UTILIZATION", default_value_t = crate::launch::DEFAULT_GPU_MEMORY_UTILIZATION)]
@@ -145,10 +154,32 @@ pub struct EngineArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadFormatArg {
+    Auto,
+    Dummy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceArg {
     Auto,
     Cpu,
     Cuda,
+    /// The CUDA backend on the CPU emulation of CUDA (builds with the cuda-emu feature, for tests).
+    #[cfg(feature = "cuda-emu")]
+    #[value(name = "cuda-emulated", hide = true)]
+    CudaEmulated,
+}
+
+impl DeviceArg {
+    pub fn kind(self) -> crate::launch::DeviceKind {
+        match self {
+            DeviceArg::Auto => crate::launch::DeviceKind::Auto,
+            DeviceArg::Cpu => crate::launch::DeviceKind::Cpu,
+            DeviceArg::Cuda => crate::launch::DeviceKind::Cuda,
+            #[cfg(feature = "cuda-emu")]
+            DeviceArg::CudaEmulated => crate::launch::DeviceKind::EmulatedCuda,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,10 +229,10 @@ impl EngineArgs {
             num_gpu_blocks_override: self.num_gpu_blocks_override,
             kv_cache_memory_bytes: self.kv_cache_memory_bytes,
             dtype: self.dtype.0,
-            device: match self.device {
-                DeviceArg::Auto => crate::launch::DeviceKind::Auto,
-                DeviceArg::Cpu => crate::launch::DeviceKind::Cpu,
-                DeviceArg::Cuda => crate::launch::DeviceKind::Cuda,
+            device: self.device.kind(),
+            load_format: match self.load_format {
+                LoadFormatArg::Auto => crate::launch::LoadFormat::Auto,
+                LoadFormatArg::Dummy => crate::launch::LoadFormat::Dummy,
             },
             gpu_memory_utilization: self.gpu_memory_utilization,
         }

@@ -4,10 +4,11 @@
 //! projections (Qwen2, Llama's `attention_bias`), tied embeddings, a sliding window (Mistral), and
 //! the rotary scaling. Weights are looked up by their checkpoint names.
 
+use super::Weights;
 use super::config::ModelConfig;
 use super::rope;
 use crate::backend::{AttentionParams, Backend, BackendError};
-use crate::weights::{WeightStore, WeightsError};
+use crate::weights::WeightsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -47,18 +48,25 @@ pub struct Llama<B: Backend> {
 }
 
 impl<B: Backend> Llama<B> {
-    /// Binds every weight of `config`'s shapes from `store`; `max_positions` sizes the rotary table.
+    /// Binds every weight of `config`'s shapes from `weights`; `max_positions` sizes the rotary
+    /// table.
     pub fn load(
         backend: &B,
         config: &ModelConfig,
-        store: &WeightStore,
+        weights: &Weights,
         max_positions: usize,
     ) -> Result<Self, BuildError> {
         let c = config;
         let (hidden, q_width, kv_width) =
             (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
         let weight = |name: &str, shape: &[usize]| -> Result<B::Weight, BuildError> {
-            Ok(backend.load_weight(&store.tensor(name, shape)?)?)
+            match weights {
+                Weights::Stored(store) => Ok(backend.load_weight(&store.tensor(name, shape)?)?),
+                // Each tensor's values depend only on the seed and its name.
+                Weights::Dummy { seed } => {
+                    Ok(backend.random_weight(name, shape, seed ^ xxhash_rust::xxh3::xxh3_64(name.as_bytes()))?)
+                }
+            }
         };
         let linear = |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Linear<B>, BuildError> {
             Ok(Linear {

@@ -41,12 +41,39 @@ impl From<llama::BuildError> for LoadError {
     }
 }
 
+/// Where a model's weights come from.
+pub enum Weights {
+    /// The checkpoint's tensors, memory-mapped.
+    Stored(WeightStore),
+    /// Random values of the model's shapes made by the backend, no file read (vLLM's
+    /// `--load-format dummy`, for benchmarks).
+    Dummy { seed: u64 },
+}
+
+impl Weights {
+    /// The dtype most of the weight bytes are stored in; `None` for dummy weights.
+    pub fn dominant_dtype(&self) -> Option<crate::weights::DType> {
+        match self {
+            Weights::Stored(store) => store.dominant_dtype(),
+            Weights::Dummy { .. } => None,
+        }
+    }
+
+    /// Bytes of stored tensor data; 0 for dummy weights, which have no files.
+    pub fn num_bytes(&self) -> usize {
+        match self {
+            Weights::Stored(store) => store.num_bytes(),
+            Weights::Dummy { .. } => 0,
+        }
+    }
+}
+
 /// A model's files, opened and checked: config, weights (memory-mapped) and tokenizer.
 pub struct ModelFiles {
     /// Where it came from, for logs: the folder, or the demo model's name.
     pub origin: String,
     pub config: ModelConfig,
-    pub weights: WeightStore,
+    pub weights: Weights,
     pub tokenizer: Tokenizer,
 }
 
@@ -56,16 +83,32 @@ impl ModelFiles {
             return Err(LoadError::NoSuchFolder(dir.to_path_buf()));
         }
         let config = ModelConfig::load(dir)?;
-        let weights = WeightStore::open(dir)?;
+        let weights = Weights::Stored(WeightStore::open(dir)?);
         let tokenizer = Tokenizer::load(dir)?;
         Ok(ModelFiles { origin: dir.display().to_string(), config, weights, tokenizer })
+    }
+
+    /// A folder's config and tokenizer with random weights of its shapes; no weight file is read.
+    pub fn load_dummy(dir: &Path) -> Result<ModelFiles, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::NoSuchFolder(dir.to_path_buf()));
+        }
+        let config = ModelConfig::load(dir)?;
+        let tokenizer = Tokenizer::load(dir)?;
+        Ok(ModelFiles {
+            origin: format!("{} (dummy weights)", dir.display()),
+            config,
+            weights: Weights::Dummy { seed: 0 },
+            tokenizer,
+        })
     }
 
     /// The embedded demo model (or a larger random model for benchmarks), built in memory.
     pub fn demo(spec: &demo::DemoSpec) -> Result<ModelFiles, LoadError> {
         let origin = demo::DEMO_MODEL_NAME;
         let config = ModelConfig::from_json(&format!("{origin}/config.json"), &spec.config_json())?;
-        let weights = WeightStore::from_bytes(&format!("{origin}/model.safetensors"), spec.safetensors())?;
+        let weights =
+            Weights::Stored(WeightStore::from_bytes(&format!("{origin}/model.safetensors"), spec.safetensors())?);
         let tokenizer_config = demo::tokenizer_config_json();
         let tokenizer = Tokenizer::from_files(&TokenizerFiles {
             tokenizer_json: demo::tokenizer_json(),
@@ -105,8 +148,19 @@ impl<B: Backend> ModelRunner<B> {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<ModelRunner<B>, LoadError> {
-        let config = &files.config;
-        let model = Llama::load(&backend, config, &files.weights, max_model_len)?;
+        Self::from_parts(backend, &files.config, &files.weights, max_model_len, num_blocks, block_size)
+    }
+
+    /// [`ModelRunner::new`] from a config and weights, with no tokenizer (for benchmarks).
+    pub fn from_parts(
+        backend: B,
+        config: &ModelConfig,
+        weights: &Weights,
+        max_model_len: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<ModelRunner<B>, LoadError> {
+        let model = Llama::load(&backend, config, weights, max_model_len)?;
         let cache_shape = KvCacheShape {
             num_layers: config.num_hidden_layers,
             num_blocks,

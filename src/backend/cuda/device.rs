@@ -44,6 +44,7 @@ pub enum KernelArg {
     Ptr(DevicePtr),
     I32(i32),
     U32(u32),
+    U64(u64),
     F32(f32),
 }
 
@@ -55,6 +56,7 @@ impl KernelArg {
             KernelArg::Ptr(p) => p,
             KernelArg::I32(v) => v as u32 as u64,
             KernelArg::U32(v) => v as u64,
+            KernelArg::U64(v) => v,
             KernelArg::F32(v) => v.to_bits() as u64,
         }
     }
@@ -106,6 +108,10 @@ pub trait Device: Send + Sync {
     fn copy_to_device(&self, dst: DevicePtr, src: &[u8]) -> Result<(), DeviceError>;
     fn copy_to_host(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), DeviceError>;
     fn memset(&self, dst: DevicePtr, value: u8, num_bytes: usize) -> Result<(), DeviceError>;
+    fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, num_bytes: usize) -> Result<(), DeviceError>;
+    /// Seconds the device spends on the work `run` submits (CUDA events on a GPU, the wall clock
+    /// under emulation), waiting for it to finish.
+    fn time(&self, run: &mut dyn FnMut() -> Result<(), DeviceError>) -> Result<f64, DeviceError>;
     fn launch(&self, kernel: &str, config: LaunchConfig, args: &[KernelArg]) -> Result<(), DeviceError>;
     fn gemm(&self, call: &GemmCall) -> Result<(), DeviceError>;
     /// Waits for all work so far; a failed kernel surfaces here at the latest.

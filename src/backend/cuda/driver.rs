@@ -294,6 +294,38 @@ impl Device for CudaDevice {
         unsafe { result::memset_d8_sync(dst, value, num_bytes) }.map_err(|e| driver_error("cuMemsetD8", e))
     }
 
+    fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, num_bytes: usize) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: both are device buffers of at least `num_bytes` bytes.
+        unsafe { result::memcpy_dtod_sync(dst, src, num_bytes) }.map_err(|e| driver_error("cuMemcpyDtoD", e))
+    }
+
+    fn time(&self, run: &mut dyn FnMut() -> Result<(), DeviceError>) -> Result<f64, DeviceError> {
+        self.bind()?;
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = result::event::create(flags).map_err(|e| driver_error("cuEventCreate", e))?;
+        let end = result::event::create(flags).map_err(|e| driver_error("cuEventCreate", e))?;
+        let timed = (|| {
+            // SAFETY: the events were just created; the null stream is the one all work runs on.
+            unsafe { result::event::record(start, std::ptr::null_mut()) }
+                .map_err(|e| driver_error("cuEventRecord", e))?;
+            run()?;
+            // SAFETY: as above.
+            unsafe { result::event::record(end, std::ptr::null_mut()) }
+                .map_err(|e| driver_error("cuEventRecord", e))?;
+            // SAFETY: `end` was recorded above.
+            unsafe { result::event::synchronize(end) }.map_err(|e| driver_error("a kernel failed", e))?;
+            // SAFETY: both events were recorded and `end` has completed.
+            unsafe { result::event::elapsed(start, end) }.map_err(|e| driver_error("cuEventElapsedTime", e))
+        })();
+        // SAFETY: the events are not used after this.
+        unsafe {
+            let _ = result::event::destroy(start);
+            let _ = result::event::destroy(end);
+        }
+        Ok(timed? as f64 / 1e3)
+    }
+
     fn launch(&self, kernel: &str, config: LaunchConfig, args: &[KernelArg]) -> Result<(), DeviceError> {
         self.bind()?;
         let f = self.function(kernel)?;

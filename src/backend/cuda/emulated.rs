@@ -167,6 +167,20 @@ impl Device for EmulatedDevice {
         Ok(())
     }
 
+    fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, num_bytes: usize) -> Result<(), DeviceError> {
+        self.check_range(src, num_bytes, "copy on device (source)")?;
+        self.check_range(dst, num_bytes, "copy on device (destination)")?;
+        // SAFETY: both ranges lie inside live allocations (checked above); `copy` allows overlap.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, num_bytes) };
+        Ok(())
+    }
+
+    fn time(&self, run: &mut dyn FnMut() -> Result<(), DeviceError>) -> Result<f64, DeviceError> {
+        let started = std::time::Instant::now();
+        run()?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
     fn launch(&self, kernel: &str, config: LaunchConfig, args: &[KernelArg]) -> Result<(), DeviceError> {
         let launch_error = |message: String| DeviceError::Launch { kernel: kernel.to_string(), message };
         let name = CString::new(kernel).map_err(|_| launch_error("kernel name contains a NUL byte".into()))?;

@@ -109,7 +109,7 @@ pub fn check_attention_shape(
 }
 
 /// Encodes f32 values in `dtype`, little-endian.
-fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+pub(crate) fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
         DType::F32 => bytemuck::cast_slice(values).to_vec(),
         DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
@@ -151,6 +151,47 @@ impl CudaBackend {
         for (k, v) in &cache.layers {
             self.handle.device().memset(k.ptr(), 0xff, k.num_bytes())?;
             self.handle.device().memset(v.ptr(), 0xff, v.num_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// A weight's values, widened to f32.
+    pub fn weight_to_host(&self, w: &CudaWeight) -> Result<Vec<f32>, BackendError> {
+        let bytes = w.buf.to_host()?;
+        let mut out = vec![0f32; w.rows * w.cols];
+        crate::weights::convert_to_f32(w.dtype, &bytes[..out.len() * w.dtype.size_in_bytes()], &mut out);
+        Ok(out)
+    }
+
+    /// Fills every K and V entry with dummy values (for benchmarks).
+    pub fn fill_kv_cache_random(&self, cache: &mut CudaKvCache, seed: u64) -> Result<(), BackendError> {
+        for (idx, (k, v)) in cache.layers.iter().enumerate() {
+            for (part, buf) in [k, v].into_iter().enumerate() {
+                let len = buf.num_bytes() / self.dtype.size_in_bytes();
+                self.fill_random(buf.ptr(), len, seed ^ ((idx * 2 + part) as u64) << 32)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `len` dummy values of stream `seed` at `ptr`, in launches of at most 2^31 elements.
+    fn fill_random(&self, ptr: DevicePtr, len: usize, seed: u64) -> Result<(), BackendError> {
+        let elem = self.dtype.size_in_bytes();
+        let mut start = 0;
+        while start < len {
+            let count = (len - start).min(1 << 31);
+            self.launch(
+                "fill_uniform",
+                geometry::elementwise(count),
+                &[
+                    KernelArg::Ptr(ptr + (start * elem) as u64),
+                    KernelArg::U32(count as u32),
+                    KernelArg::U64(start as u64),
+                    KernelArg::U64(seed),
+                    KernelArg::F32(super::DUMMY_WEIGHT_RANGE),
+                ],
+            )?;
+            start += count;
         }
         Ok(())
     }
@@ -298,6 +339,27 @@ impl Backend for CudaBackend {
             message: format!("does not fit on the GPU: {e}"),
         })?;
         self.handle.device().copy_to_device(buf.ptr(), bytes)?;
+        Ok(CudaWeight { buf, rows, cols, dtype: self.dtype })
+    }
+
+    fn random_weight(&self, name: &str, shape: &[usize], seed: u64) -> Result<CudaWeight, BackendError> {
+        let (rows, cols) = match shape {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            other => {
+                return Err(BackendError::Weight {
+                    name: name.to_string(),
+                    message: format!("expected a vector or a matrix, found shape {other:?}"),
+                });
+            }
+        };
+        let len = rows * cols;
+        let buf = self.handle.buffer_exact(len * self.dtype.size_in_bytes()).map_err(|e| BackendError::Weight {
+            name: name.to_string(),
+            message: format!("does not fit on the GPU: {e}"),
+        })?;
+        // The values are made on the device: no host copy of the model ever exists.
+        self.fill_random(buf.ptr(), len, seed)?;
         Ok(CudaWeight { buf, rows, cols, dtype: self.dtype })
     }
 

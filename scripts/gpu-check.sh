@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The GPU check: everything about the CUDA backend that needs a real NVIDIA GPU, in one command
+# that runs in well under 8 minutes on a machine with the driver, PyTorch and transformers but no
+# Rust and no network.
+#
+#   scripts/gpu-check.sh --prepare   # here, with Rust: builds target/gpu-check/ (stripped release
+#                                    # binary with the kernels compiled by nvcc for sm_80/sm_90 plus
+#                                    # compute_90 PTX, and the reference fixtures); carry that folder
+#   scripts/gpu-check.sh             # on the GPU machine: logs and JSON under $OUT, one table at the end
+#
+# What it runs: `pagoda selftest` (every operation on the GPU against the CPU backend in f32, f16
+# and bf16; the fixtures' logits and greedy tokens; batching invariance), then its benchmarks
+# (device copy bandwidth; decode attention with 32 query heads, 8 KV heads, head_dim 128 at batch
+# 1/16/64/128 and context 512/2k/8k; a Llama-3-8B-shaped bf16 model with dummy weights at batch 1
+# and 64), then the peers on the same GPU (scripts/gpu_peers.py: PyTorch's SDPA on the same
+# shapes, transformers' generate at batch 64), and prints the ratios BENCHMARKS.md records.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dir=target/gpu-check
+
+if [ "${1:-}" = "--prepare" ]; then
+  set -e
+  nvcc=${PAGODA_NVCC:-$(ls -d .venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc 2>/dev/null | head -n1)}
+  [ -x "$nvcc" ] || { echo "gpu-check --prepare: no nvcc (run ./test.sh first, or set PAGODA_NVCC)" >&2; exit 1; }
+  rm -rf "$dir" && mkdir -p "$dir/fixtures"
+  PAGODA_NVCC="$nvcc" PAGODA_CUDA_GENCODE="-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90" \
+    cargo build --release --locked
+  cp target/release/pagoda "$dir/pagoda"
+  strip "$dir/pagoda"
+  for model in tiny-llama tiny-llama-bf16; do
+    cp -r "../shared/fixtures/$model" "$dir/fixtures/$model"
+  done
+  chmod -R u+w "$dir"
+  du -sh "$dir"
+  echo "carry $dir, then run scripts/gpu-check.sh on the GPU machine"
+  exit 0
+fi
+
+out=${OUT:-$dir/out}
+mkdir -p "$out"
+bin=$dir/pagoda
+[ -x "$bin" ] || { echo "gpu-check: $bin is missing: run scripts/gpu-check.sh --prepare where Rust is" >&2; exit 1; }
+started=$(date +%s)
+{
+  nvidia-smi || true
+  "$bin" --version
+} >"$out/machine.txt" 2>&1
+
+# libcuda comes from the driver; cuBLAS from the system, or from the CUDA wheels PyTorch ships.
+wheel_libs=$(python3 - <<'EOF' 2>/dev/null
+import glob, os, site
+dirs = set()
+for base in site.getsitepackages():
+    for lib in glob.glob(os.path.join(base, "nvidia", "**", "libcublas.so*"), recursive=True):
+        dirs.add(os.path.dirname(lib))
+print(":".join(sorted(dirs)))
+EOF
+)
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}${wheel_libs}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >>"$out/machine.txt"
+
+status=0
+step() {  # step NAME SECONDS COMMAND...: runs with a time limit, logs under $out
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name" >&2
+  if ! timeout "$limit" "$@" >"$out/$name.txt" 2>"$out/$name.log"; then
+    echo "gpu-check: $name failed or timed out (see $out/$name.log)" >&2
+    tail -n 20 "$out/$name.log" >&2
+    status=1
+  fi
+}
+# A dry run of this script's plumbing without a GPU: a cuda-emu build with
+# PAGODA_GPU_CHECK_DEVICE=cuda-emulated PAGODA_GPU_CHECK_QUICK=1 (the peers step then fails).
+device=${PAGODA_GPU_CHECK_DEVICE:-cuda}
+quick=${PAGODA_GPU_CHECK_QUICK:+--quick}
+step selftest 180 "$bin" selftest --device "$device" --fixtures "$dir/fixtures" --json "$out/selftest.json"
+# shellcheck disable=SC2086
+step bench 240 "$bin" selftest --device "$device" --bench $quick --json "$out/bench.json"
+step peers 240 python3 scripts/gpu_peers.py --json "$out/peers.json"
+
+python3 - "$out" <<'EOF' | tee "$out/summary.txt"
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except Exception as e:
+        print(f"({name} missing: {e})")
+        return None
+checks = load("selftest.json") or []
+bench = load("bench.json") or []
+peers = load("peers.json") or {}
+failed = [r for r in checks + bench if r.get("pass") is False]
+passed = [r for r in checks + bench if r.get("pass") is True]
+print(f"correctness: {len(passed)} passed, {len(failed)} failed")
+for r in failed:
+    print(f"  FAIL {r['name']}: {r['value']}")
+for r in checks:
+    if r["section"] in ("fixtures", "batching"):
+        print(f"  {'ok  ' if r['pass'] else 'FAIL'} {r['name']}: {r['value']}")
+by_name = {r["name"]: r for r in bench}
+copy = by_name.get("device copy bandwidth (read + write)", {}).get("number")
+print(f"device copy bandwidth: {copy:.0f} GB/s" if copy else "device copy bandwidth: not measured")
+sdpa = {(p["batch"], p["context"]): p["seconds"] for p in peers.get("sdpa", [])}
+print(f"{'decode attention':<28}{'ours us':>10}{'GB/s':>8}{'% copy':>8}{'SDPA us':>10}{'speedup':>9}")
+for r in bench:
+    if not r["name"].startswith("decode attention bf16 batch"):
+        continue
+    words = r["name"].split()
+    batch, context = int(words[4]), int(words[6])
+    us = r["number"]
+    kv_bytes = 2 * batch * context * 8 * 128 * 2
+    gbs = kv_bytes / (us * 1e-6) / 1e9
+    peer = sdpa.get((batch, context))
+    peer_us = f"{peer * 1e6:.1f}" if peer else "-"
+    speedup = f"{peer * 1e6 / us:.2f}x" if peer else "-"
+    pct = f"{100 * gbs / copy:.0f}" if copy else "-"
+    print(f"{'b' + str(batch) + ' ctx ' + str(context):<28}{us:>10.1f}{gbs:>8.0f}{pct:>8}{peer_us:>10}{speedup:>9}")
+floor = by_name.get("weight-read floor for one sequence (copy bandwidth / weight bytes)", {}).get("number")
+one = by_name.get("decode bf16 dummy weights, batch 1", {}).get("number")
+many = by_name.get("decode bf16 dummy weights, batch 64", {}).get("number")
+hf = peers.get("transformers", {}).get("tokens_per_second")
+if one and floor:
+    print(f"8B decode, 1 stream: {one:.1f} tok/s = {100 * one / floor:.0f}% of the weight-read floor ({floor:.0f} tok/s)")
+if many:
+    ratio = f" = {many / hf:.1f}x transformers ({hf:.1f} tok/s)" if hf else ""
+    print(f"8B decode, batch 64: {many:.1f} tok/s{ratio}")
+for key in ("sdpa_error", "transformers_error"):
+    if key in peers:
+        print(f"{key}: {peers[key]}")
+EOF
+echo "gpu-check: $(($(date +%s) - started)) s; logs in $out" >&2
+exit $status

@@ -1,0 +1,412 @@
+//! The CUDA backend's operations against the CPU backend, on any device: random inputs rounded to
+//! the dtype so both sides see the same values, errors measured norm-relative
+//! (`‖cuda − cpu‖ / ‖cpu‖`). The CUDA backend's unit tests run these on the emulated device with
+//! tight tolerances (and every thread order); `pagoda selftest` runs them on a real GPU with the
+//! tolerances its fast-math arithmetic allows.
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use crate::backend::cpu::{CpuBackend, CpuTensor, CpuWeight};
+use crate::backend::cuda::device::DeviceHandle;
+use crate::backend::cuda::{CudaBackend, CudaBatch, CudaKvCache, CudaTensor, CudaWeight, encode};
+use crate::backend::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, SeqLayout};
+use crate::model::config::{RopeConfig, RopeScaling};
+use crate::weights::{DType, WeightStore, serialize};
+
+pub const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Largest norm-relative error accepted per dtype.
+#[derive(Clone, Copy, Debug)]
+pub struct Tolerances {
+    pub f32: f32,
+    pub f16: f32,
+    pub bf16: f32,
+}
+
+impl Tolerances {
+    /// The emulator computes exactly what the source says: the output is rounded once to the
+    /// dtype and only the order of f32 sums differs from the CPU.
+    pub const EMULATED: Tolerances = Tolerances { f32: 1e-5, f16: 2e-3, bf16: 1e-2 };
+    /// A GPU adds fast-math intrinsics (`exp2f`, `rsqrtf`) and FMA contraction.
+    pub const GPU: Tolerances = Tolerances { f32: 1e-3, f16: 1e-3, bf16: 1e-2 };
+
+    pub fn of(&self, dtype: DType) -> f32 {
+        match dtype {
+            DType::F32 => self.f32,
+            DType::F16 => self.f16,
+            DType::BF16 => self.bf16,
+        }
+    }
+}
+
+/// One comparison's outcome.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    pub dtype: DType,
+    pub error: f32,
+    pub tolerance: f32,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.error <= self.tolerance
+    }
+}
+
+pub fn relative_error(ours: &[f32], reference: &[f32]) -> f32 {
+    if ours.len() != reference.len() || ours.iter().any(|x| !x.is_finite()) {
+        return f32::INFINITY;
+    }
+    let diff: f64 = ours.iter().zip(reference).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let norm: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
+    (diff.sqrt() / norm.sqrt().max(1e-30)) as f32
+}
+
+/// A CUDA backend in one dtype with a seeded generator for inputs.
+pub struct Rig {
+    pub cuda: CudaBackend,
+    pub rng: ChaCha8Rng,
+    tolerances: Tolerances,
+}
+
+impl Rig {
+    pub fn new(handle: &DeviceHandle, dtype: DType, tolerances: Tolerances) -> Rig {
+        Rig { cuda: CudaBackend::new(handle.clone(), dtype), rng: ChaCha8Rng::seed_from_u64(7), tolerances }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.cuda.dtype()
+    }
+
+    /// Compares the CUDA result with the CPU's.
+    pub fn check(&self, name: &str, ours: &CudaTensor, reference: &[f32]) -> Result<Check, BackendError> {
+        Ok(Check {
+            name: name.to_string(),
+            dtype: self.dtype(),
+            error: relative_error(&self.cuda.to_host(ours)?, reference),
+            tolerance: self.tolerances.of(self.dtype()),
+        })
+    }
+
+    /// Uniform values in [-scale, scale], rounded to the rig's dtype.
+    pub fn values(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        let raw: Vec<f32> =
+            (0..len).map(|_| ((self.rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale).collect();
+        round(&raw, self.dtype())
+    }
+
+    pub fn tensors(&mut self, rows: usize, cols: usize, scale: f32) -> Result<(CpuTensor, CudaTensor), BackendError> {
+        let data = self.values(rows * cols, scale);
+        let cuda = self.cuda.tensor_from_f32(&data, rows, cols)?;
+        Ok((CpuTensor { data, rows, cols }, cuda))
+    }
+
+    /// The same weight on both backends, stored in the rig's dtype.
+    pub fn weights(&mut self, shape: &[usize], scale: f32) -> Result<(CpuWeight, CudaWeight), BackendError> {
+        let data = self.values(shape.iter().product(), scale);
+        let bytes = encode(&data, self.dtype());
+        let file = serialize(&[("w".into(), self.dtype(), shape.to_vec(), bytes)]);
+        let store = WeightStore::from_bytes("conformance", file).map_err(|e| BackendError::Batch(e.to_string()))?;
+        let raw = store.tensor("w", shape).map_err(|e| BackendError::Batch(e.to_string()))?;
+        Ok((CpuBackend.load_weight(&raw)?, self.cuda.load_weight(&raw)?))
+    }
+}
+
+pub fn round(values: &[f32], dtype: DType) -> Vec<f32> {
+    let bytes = encode(values, dtype);
+    let mut out = vec![0f32; values.len()];
+    crate::weights::convert_to_f32(dtype, &bytes, &mut out);
+    out
+}
+
+/// Linear layers with and without bias, and the f32 logits projection.
+pub fn linear(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
+    let (x_cpu, x_cuda) = rig.tensors(5, 40, 1.0)?;
+    let (w_cpu, w_cuda) = rig.weights(&[33, 40], 0.5)?;
+    let (b_cpu, b_cuda) = rig.weights(&[33], 0.5)?;
+    Ok(vec![
+        rig.check("linear", &rig.cuda.linear(&x_cuda, &w_cuda, None)?, &CpuBackend.linear(&x_cpu, &w_cpu, None)?.data)?,
+        rig.check(
+            "linear + bias",
+            &rig.cuda.linear(&x_cuda, &w_cuda, Some(&b_cuda))?,
+            &CpuBackend.linear(&x_cpu, &w_cpu, Some(&b_cpu))?.data,
+        )?,
+        rig.check("logits", &rig.cuda.logits(&x_cuda, &w_cuda)?, &CpuBackend.logits(&x_cpu, &w_cpu)?.data)?,
+    ])
+}
+
+/// RMSNorm alone and fused with the residual add (its output and the updated residual), the add,
+/// and SiLU·mul, at a width below and one above a block's thread count.
+pub fn small_ops(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
+    let mut checks = Vec::new();
+    for width in [64, 1000] {
+        let (h_cpu, mut h_cuda) = rig.tensors(3, width, 2.0)?;
+        let (d_cpu, d_cuda) = rig.tensors(3, width, 2.0)?;
+        let (w_cpu, w_cuda) = rig.weights(&[width], 1.0)?;
+        let name = |op: &str| format!("{op} (width {width})");
+        let reference = CpuBackend.rms_norm(&h_cpu, &w_cpu, 1e-5)?;
+        checks.push(rig.check(&name("rms_norm"), &rig.cuda.rms_norm(&h_cuda, &w_cuda, 1e-5)?, &reference.data)?);
+        let mut h_ref = h_cpu.clone();
+        let reference = CpuBackend.add_rms_norm(&mut h_ref, &d_cpu, &w_cpu, 1e-5)?;
+        let ours = rig.cuda.add_rms_norm(&mut h_cuda, &d_cuda, &w_cuda, 1e-5)?;
+        checks.push(rig.check(&name("add_rms_norm"), &ours, &reference.data)?);
+        checks.push(rig.check(&name("add_rms_norm residual"), &h_cuda, &h_ref.data)?);
+        rig.cuda.add_assign(&mut h_cuda, &d_cuda)?;
+        CpuBackend.add_assign(&mut h_ref, &d_cpu)?;
+        checks.push(rig.check(&name("add"), &h_cuda, &h_ref.data)?);
+        let reference = CpuBackend.silu_mul(&h_ref, &d_cpu)?;
+        checks.push(rig.check(&name("silu_mul"), &rig.cuda.silu_mul(&h_cuda, &d_cuda)?, &reference.data)?);
+    }
+    Ok(checks)
+}
+
+/// The embedding gather and the row gather: exact copies.
+pub fn gathers(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
+    let (table_cpu, table_cuda) = rig.weights(&[50, 24], 1.0)?;
+    let layout = BatchLayout {
+        token_ids: vec![3, 49, 0, 3],
+        positions: vec![0, 1, 2, 3],
+        slot_mapping: vec![0, 1, 2, 3],
+        seqs: vec![SeqLayout { query_start: 0, query_len: 4, context_len: 4, block_table: vec![0] }],
+    };
+    let ours = rig.cuda.embedding(&table_cuda, &rig.cuda.prepare_batch(&layout)?)?;
+    let reference = CpuBackend.embedding(&table_cpu, &CpuBackend.prepare_batch(&layout)?)?;
+    let exact = |mut c: Check| {
+        c.tolerance = 0.0;
+        c
+    };
+    Ok(vec![
+        exact(rig.check("embedding", &ours, &reference.data)?),
+        exact(rig.check(
+            "gather_rows",
+            &rig.cuda.gather_rows(&ours, &[3, 1])?,
+            &CpuBackend.gather_rows(&reference, &[3, 1])?.data,
+        )?),
+    ])
+}
+
+/// Dummy weights made on the device equal the host's stream, element for element.
+pub fn dummy_weights(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
+    let shape = [37, 300];
+    let ours = rig.cuda.weight_to_host(&rig.cuda.random_weight("dummy", &shape, 42)?)?;
+    let host: Vec<f32> = (0..37 * 300).map(|i| crate::backend::dummy_value(42, i)).collect();
+    let reference = round(&host, rig.dtype());
+    let error = relative_error(&ours, &reference);
+    Ok(vec![Check { name: "dummy weights".into(), dtype: rig.dtype(), error, tolerance: 1e-6 }])
+}
+
+/// An attention problem: sequences as (context length, query length), the query being the last
+/// tokens of the context and the rest already cached (a prefix hit or an earlier chunk).
+#[derive(Clone, Debug)]
+pub struct AttentionCase {
+    pub head_dim: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub seqs: Vec<(usize, usize)>,
+    pub sliding_window: Option<usize>,
+}
+
+pub const BLOCK_SIZE: usize = 16;
+
+/// Lengths around a block boundary, a partial last block, a chunk attending to its cached prefix.
+pub const MIXED_SEQS: [(usize, usize); 6] = [(1, 1), (15, 15), (16, 16), (17, 17), (40, 8), (37, 1)];
+
+/// A case's inputs laid out on both backends: the cache filled through `write_kv_cache` over
+/// scrambled blocks (every slot no sequence owns is NaN on the CUDA side), the queries, and the
+/// CPU's answer.
+pub struct AttentionSetup {
+    cuda_cache: CudaKvCache,
+    cuda_batch: CudaBatch,
+    q_cuda: CudaTensor,
+    params: AttentionParams,
+    reference: Vec<f32>,
+}
+
+pub fn attention_setup(rig: &mut Rig, case: &AttentionCase) -> Result<AttentionSetup, BackendError> {
+    let kv_width = case.num_kv_heads * case.head_dim;
+    let num_blocks: usize = case.seqs.iter().map(|(c, _)| c.div_ceil(BLOCK_SIZE)).sum::<usize>() + 5;
+    let mut order: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rig.rng.next_u32() as usize % (i + 1));
+    }
+    let mut next = 0;
+    let tables: Vec<Vec<u32>> = case
+        .seqs
+        .iter()
+        .map(|&(ctx, _)| {
+            let n = ctx.div_ceil(BLOCK_SIZE);
+            next += n;
+            order[next - n..next].to_vec()
+        })
+        .collect();
+    let slot = |s: usize, p: usize| tables[s][p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32;
+    let layout_of = |query: &dyn Fn(usize) -> usize| {
+        let mut layout = BatchLayout::default();
+        for (s, &(ctx, _)) in case.seqs.iter().enumerate() {
+            let q = query(s);
+            layout.seqs.push(SeqLayout {
+                query_start: layout.token_ids.len(),
+                query_len: q,
+                context_len: ctx,
+                block_table: tables[s].clone(),
+            });
+            for p in ctx - q..ctx {
+                layout.token_ids.push(0);
+                layout.positions.push(p as u32);
+                layout.slot_mapping.push(slot(s, p));
+            }
+        }
+        layout
+    };
+    let fill = layout_of(&|s| case.seqs[s].0);
+    let attend = layout_of(&|s| case.seqs[s].1);
+    let shape = KvCacheShape {
+        num_layers: 1,
+        num_blocks,
+        block_size: BLOCK_SIZE,
+        num_kv_heads: case.num_kv_heads,
+        head_dim: case.head_dim,
+    };
+    fill.validate(&shape)?;
+    attend.validate(&shape)?;
+    let mut cpu_cache = CpuBackend.new_kv_cache(shape)?;
+    let mut cuda_cache = rig.cuda.new_kv_cache(shape)?;
+    rig.cuda.poison_kv_cache(&mut cuda_cache)?;
+    let (k_cpu, k_cuda) = rig.tensors(fill.num_tokens(), kv_width, 1.0)?;
+    let (v_cpu, v_cuda) = rig.tensors(fill.num_tokens(), kv_width, 1.0)?;
+    CpuBackend.write_kv_cache(&mut cpu_cache, 0, &k_cpu, &v_cpu, &CpuBackend.prepare_batch(&fill)?)?;
+    rig.cuda.write_kv_cache(&mut cuda_cache, 0, &k_cuda, &v_cuda, &rig.cuda.prepare_batch(&fill)?)?;
+    let (q_cpu, q_cuda) = rig.tensors(attend.num_tokens(), case.num_heads * case.head_dim, 1.0)?;
+    let params = AttentionParams {
+        num_heads: case.num_heads,
+        num_kv_heads: case.num_kv_heads,
+        head_dim: case.head_dim,
+        scale: 1.0 / (case.head_dim as f32).sqrt(),
+        sliding_window: case.sliding_window,
+    };
+    let reference =
+        CpuBackend.paged_attention(&q_cpu, &cpu_cache, 0, &CpuBackend.prepare_batch(&attend)?, &params)?.data;
+    Ok(AttentionSetup { cuda_cache, cuda_batch: rig.cuda.prepare_batch(&attend)?, q_cuda, params, reference })
+}
+
+/// Runs the case's attention on the device and compares it with the CPU.
+pub fn attention_check(rig: &Rig, case: &AttentionCase, setup: &AttentionSetup) -> Result<Check, BackendError> {
+    let ours = rig.cuda.paged_attention(&setup.q_cuda, &setup.cuda_cache, 0, &setup.cuda_batch, &setup.params)?;
+    let name = format!(
+        "attention head_dim {} heads {}/{} seqs {:?}{}",
+        case.head_dim,
+        case.num_heads,
+        case.num_kv_heads,
+        case.seqs,
+        case.sliding_window.map_or(String::new(), |w| format!(" window {w}"))
+    );
+    rig.check(&name, &ours, &setup.reference)
+}
+
+/// Rotary embedding fused with the KV-cache write against the CPU's unfused path: the rotated q
+/// and k, and attention over what was written (in layer 1, so a write into layer 0 is caught).
+pub fn fused_rotary(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
+    let (head_dim, num_heads, num_kv_heads) = (64, 4, 2);
+    let shape = KvCacheShape { num_layers: 2, num_blocks: 4, block_size: BLOCK_SIZE, num_kv_heads, head_dim };
+    let n = 20;
+    let layout = BatchLayout {
+        token_ids: vec![0; n],
+        positions: (0..n as u32).collect(),
+        slot_mapping: (0..n as u32).map(|p| if p < 16 { 48 + p } else { p - 16 }).collect(),
+        seqs: vec![SeqLayout { query_start: 0, query_len: n, context_len: n, block_table: vec![3, 0] }],
+    };
+    let rope = RopeConfig { theta: 10000.0, scaling: RopeScaling::None };
+    let table = crate::model::rope::cos_sin_table(&rope, head_dim, 64);
+    let cpu_table = CpuBackend.weight_from_f32(table.clone(), [64, head_dim])?;
+    let cuda_table = rig.cuda.weight_from_f32(table, [64, head_dim])?;
+    let (mut q_cpu, mut q_cuda) = rig.tensors(n, num_heads * head_dim, 1.0)?;
+    let (mut k_cpu, mut k_cuda) = rig.tensors(n, num_kv_heads * head_dim, 1.0)?;
+    let (v_cpu, v_cuda) = rig.tensors(n, num_kv_heads * head_dim, 1.0)?;
+    let params = AttentionParams { num_heads, num_kv_heads, head_dim, scale: 0.125, sliding_window: None };
+    let mut cpu_cache = CpuBackend.new_kv_cache(shape)?;
+    let mut cuda_cache = rig.cuda.new_kv_cache(shape)?;
+    rig.cuda.poison_kv_cache(&mut cuda_cache)?;
+    let cpu_batch = CpuBackend.prepare_batch(&layout)?;
+    let cuda_batch = rig.cuda.prepare_batch(&layout)?;
+    CpuBackend.rotary_write_kv_cache(
+        &mut q_cpu,
+        &mut k_cpu,
+        &v_cpu,
+        &mut cpu_cache,
+        1,
+        &cpu_table,
+        &cpu_batch,
+        &params,
+    )?;
+    rig.cuda.rotary_write_kv_cache(
+        &mut q_cuda,
+        &mut k_cuda,
+        &v_cuda,
+        &mut cuda_cache,
+        1,
+        &cuda_table,
+        &cuda_batch,
+        &params,
+    )?;
+    let reference = CpuBackend.paged_attention(&q_cpu, &cpu_cache, 1, &cpu_batch, &params)?;
+    let ours = rig.cuda.paged_attention(&q_cuda, &cuda_cache, 1, &cuda_batch, &params)?;
+    Ok(vec![
+        rig.check("rotary q", &q_cuda, &q_cpu.data)?,
+        rig.check("rotary k", &k_cuda, &k_cpu.data)?,
+        rig.check("attention after the fused cache write", &ours, &reference.data)?,
+    ])
+}
+
+/// The attention cases every device is checked on: every dtype on the mixed lengths; GQA 1, a
+/// group of 3 in the bucket of 4 (padding heads), GQA 8 and head_dim 16; a sliding window; and,
+/// on a device with few multiprocessors (the emulated one), contexts long enough to be split.
+pub fn attention_cases() -> Vec<(AttentionCase, Vec<DType>)> {
+    let case = |head_dim, num_heads, num_kv_heads, seqs: &[(usize, usize)], sliding_window| AttentionCase {
+        head_dim,
+        num_heads,
+        num_kv_heads,
+        seqs: seqs.to_vec(),
+        sliding_window,
+    };
+    vec![
+        (case(128, 8, 2, &MIXED_SEQS, None), DTYPES.to_vec()),
+        (case(64, 4, 4, &MIXED_SEQS, None), vec![DType::BF16]),
+        (case(64, 6, 2, &MIXED_SEQS, None), vec![DType::BF16]),
+        (case(128, 8, 1, &MIXED_SEQS, None), vec![DType::BF16]),
+        (case(16, 4, 2, &MIXED_SEQS, None), vec![DType::BF16]),
+        (case(64, 4, 2, &[(40, 40), (33, 1), (5, 5)], Some(9)), vec![DType::F32]),
+        (case(64, 8, 2, &[(600, 1)], None), vec![DType::F32]),
+        (case(64, 8, 2, &[(1100, 1), (5, 1)], None), vec![DType::F32, DType::BF16]),
+    ]
+}
+
+/// Every check on `handle`'s device, the attention ones once per entry of `reruns` (a hook run
+/// before each repetition, which the emulated device uses to change its thread order).
+pub fn run_all(
+    handle: &DeviceHandle,
+    tolerances: Tolerances,
+    reruns: &[&dyn Fn()],
+) -> Result<Vec<Check>, BackendError> {
+    let mut checks = Vec::new();
+    for dtype in DTYPES {
+        let mut rig = Rig::new(handle, dtype, tolerances);
+        checks.extend(linear(&mut rig)?);
+        checks.extend(small_ops(&mut rig)?);
+        checks.extend(gathers(&mut rig)?);
+        checks.extend(fused_rotary(&mut rig)?);
+        checks.extend(dummy_weights(&mut rig)?);
+    }
+    for (case, dtypes) in attention_cases() {
+        for dtype in dtypes {
+            let mut rig = Rig::new(handle, dtype, tolerances);
+            let setup = attention_setup(&mut rig, &case)?;
+            for rerun in reruns {
+                rerun();
+                checks.push(attention_check(&rig, &case, &setup)?);
+            }
+        }
+    }
+    Ok(checks)
+}
