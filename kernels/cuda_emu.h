@@ -810,6 +810,10 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// CUDA's device code has the classification functions in the global namespace.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 inline float exp10f(float x) { return std::pow(10.0f, x); }
 
 // ---------------------------------------------------------------------------------------------

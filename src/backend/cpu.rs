@@ -455,6 +455,14 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>, BackendError> {
         Ok(x.data.clone())
     }
+
+    fn argmax_rows(&self, x: &CpuTensor) -> Result<Vec<u32>, BackendError> {
+        // Strictly greater, scanning upwards: the first maximum wins; NaN counts as -inf.
+        let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+        let first_max =
+            |row: &[f32]| (1..row.len()).fold(0, |best, i| if key(row[i]) > key(row[best]) { i } else { best });
+        Ok(x.data.chunks_exact(x.cols.max(1)).map(|row| first_max(row) as u32).collect())
+    }
 }
 
 #[cfg(test)]

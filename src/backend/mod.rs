@@ -236,4 +236,7 @@ pub trait Backend: Send + Sync + 'static {
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+    /// The first index of the largest value of each row of f32 logits (greedy sampling), computed
+    /// where the logits are, so only the indices leave the device. NaN counts as -inf.
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>, BackendError>;
 }

@@ -261,6 +261,8 @@ impl Engine {
         let mut layout = BatchLayout::default();
         let mut logits_rows = Vec::new();
         let mut sampled = Vec::new();
+        // Rows whose token is the plain argmax are picked where the logits are.
+        let mut greedy = Vec::new();
         for s in &plan.scheduled {
             let runtime = self.seqs.get_mut(&s.seq).expect("scheduled sequences have runtime state");
             if runtime.timings.first_scheduled.is_none() {
@@ -284,15 +286,28 @@ impl Engine {
             if self.scheduler.needs_sample(s) {
                 logits_rows.push((query_start + s.num_new_tokens - 1) as u32);
                 sampled.push(s.seq);
+                let tokens = self.scheduler.tokens(s.seq);
+                greedy.push(sampler::is_plain_greedy(
+                    &runtime.params,
+                    &SamplingContext {
+                        prompt_ids: &tokens[..runtime.num_prompt_tokens],
+                        output_ids: &tokens[runtime.num_prompt_tokens..],
+                        stop_token_ids: &runtime.stop_token_ids,
+                    },
+                ));
             }
         }
-        let mut logits = self.executor.execute(&layout, &logits_rows)?;
+        let result = self.executor.execute_step(&layout, &logits_rows, &greedy)?;
         self.scheduler.complete_step(&plan);
 
         let now = Instant::now();
         let vocab = self.vocab_size;
         let mut outputs = Vec::with_capacity(sampled.len());
-        for (row, seq) in logits.chunks_exact_mut(vocab).zip(sampled) {
+        let mut greedy_tokens = result.greedy_tokens.into_iter();
+        let mut logits = result.logits;
+        let mut host_rows = logits.chunks_exact_mut(vocab);
+        let missing = || BackendError::Batch("the executor returned fewer rows than were sampled".into());
+        for (seq, is_greedy) in sampled.into_iter().zip(greedy) {
             let runtime = self.seqs.get_mut(&seq).expect("sampled sequences have runtime state");
             let params = runtime.params.clone();
             let tokens = self.scheduler.tokens(seq);
@@ -301,7 +316,11 @@ impl Engine {
                 output_ids: &tokens[runtime.num_prompt_tokens..],
                 stop_token_ids: &runtime.stop_token_ids,
             };
-            let (token, logprobs) = sampler::sample(row, &params, &ctx, &mut runtime.rng);
+            let (token, logprobs) = if is_greedy {
+                (greedy_tokens.next().ok_or_else(missing)?, None)
+            } else {
+                sampler::sample(host_rows.next().ok_or_else(missing)?, &params, &ctx, &mut runtime.rng)
+            };
             self.scheduler.append_token(seq, token);
             runtime.timings.first_token.get_or_insert(now);
             runtime.timings.last_token = Some(now);

@@ -37,6 +37,20 @@ pub fn sample(
     (token, logprobs)
 }
 
+/// Whether the token is simply the argmax of the raw logits: greedy, no logprobs asked for, and
+/// no processor that would change a logit this step. Such rows are picked on the device (by
+/// `Backend::argmax_rows`), which must give what [`sample`] gives.
+pub fn is_plain_greedy(params: &SamplingParams, ctx: &SamplingContext) -> bool {
+    let masks_stops = ctx.output_ids.len() < params.min_tokens && !ctx.stop_token_ids.is_empty();
+    params.temperature < GREEDY_TEMPERATURE
+        && params.logprobs.is_none()
+        && params.logit_bias.is_empty()
+        && params.repetition_penalty == 1.0
+        && params.frequency_penalty == 0.0
+        && params.presence_penalty == 0.0
+        && !masks_stops
+}
+
 /// The log-softmax of `logits` at `token`, and the `k` most likely tokens with theirs.
 pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -62,11 +76,12 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
-/// The first index of the largest value.
+/// The first index of the largest value, NaN counting as -inf (as `Backend::argmax_rows` does).
 pub fn argmax(values: &[f32]) -> u32 {
+    let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
+        if key(v) > key(values[best]) {
             best = i;
         }
     }
@@ -243,6 +258,28 @@ mod tests {
         assert_eq!(seen(SamplingParams::default()), vec![0, 1, 2, 3]);
         // A low temperature sharpens towards the argmax.
         assert_eq!(seen(SamplingParams { temperature: 0.05, ..SamplingParams::default() }), vec![0]);
+    }
+
+    #[test]
+    fn only_untouched_greedy_rows_are_plain_argmax() {
+        let stops = [0u32];
+        let c = SamplingContext { prompt_ids: &[], output_ids: &[5], stop_token_ids: &stops };
+        assert!(is_plain_greedy(&SamplingParams::greedy(), &c));
+        for params in [
+            SamplingParams::default(),
+            SamplingParams { logprobs: Some(0), ..SamplingParams::greedy() },
+            SamplingParams { logit_bias: vec![(1, 1.0)], ..SamplingParams::greedy() },
+            SamplingParams { repetition_penalty: 1.1, ..SamplingParams::greedy() },
+            SamplingParams { frequency_penalty: 0.1, ..SamplingParams::greedy() },
+            SamplingParams { presence_penalty: 0.1, ..SamplingParams::greedy() },
+            SamplingParams { min_tokens: 2, ..SamplingParams::greedy() },
+        ] {
+            assert!(!is_plain_greedy(&params, &c), "{params:?}");
+        }
+        // min_tokens reached, or nothing to mask: plain again.
+        assert!(is_plain_greedy(&SamplingParams { min_tokens: 1, ..SamplingParams::greedy() }, &c));
+        let no_stops = SamplingContext { prompt_ids: &[], output_ids: &[], stop_token_ids: &[] };
+        assert!(is_plain_greedy(&SamplingParams { min_tokens: 3, ..SamplingParams::greedy() }, &no_stops));
     }
 
     #[test]

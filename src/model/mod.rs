@@ -120,10 +120,28 @@ impl ModelFiles {
     }
 }
 
-/// What the engine needs from a model: run one batch, return the logits of the requested rows.
+/// A step's results for its sampled rows: the greedy ones as token ids picked where the logits
+/// are, the others as logits for the host sampler.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepResult {
+    /// One token per row marked greedy, in row order.
+    pub greedy_tokens: Vec<u32>,
+    /// `[rows not marked greedy, vocab_size]` logits, row-major, in row order.
+    pub logits: Vec<f32>,
+}
+
+/// What the engine needs from a model: run one batch, and sample or return the requested rows.
 pub trait Executor: Send {
     /// Runs `layout` and returns `[logits_rows.len(), vocab_size]` logits, row-major.
     fn execute(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<Vec<f32>, BackendError>;
+    /// Runs `layout`; of `logits_rows`, those whose `greedy` flag is set come back as their argmax
+    /// (only the ids leave the device), the others as logits.
+    fn execute_step(
+        &mut self,
+        layout: &BatchLayout,
+        logits_rows: &[u32],
+        greedy: &[bool],
+    ) -> Result<StepResult, BackendError>;
     fn vocab_size(&self) -> usize;
     fn backend_name(&self) -> &'static str;
     fn kv_cache_shape(&self) -> KvCacheShape;
@@ -189,12 +207,40 @@ impl<B: Backend> ModelRunner<B> {
     }
 }
 
-impl<B: Backend> Executor for ModelRunner<B> {
-    fn execute(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<Vec<f32>, BackendError> {
+impl<B: Backend> ModelRunner<B> {
+    fn forward(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<B::Tensor, BackendError> {
         layout.validate(&self.cache_shape)?;
         let batch = self.backend.prepare_batch(layout)?;
-        let logits = self.model.forward(&self.backend, &batch, &mut self.cache, logits_rows)?;
+        self.model.forward(&self.backend, &batch, &mut self.cache, logits_rows)
+    }
+}
+
+impl<B: Backend> Executor for ModelRunner<B> {
+    fn execute(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<Vec<f32>, BackendError> {
+        let logits = self.forward(layout, logits_rows)?;
         self.backend.to_host(&logits)
+    }
+
+    fn execute_step(
+        &mut self,
+        layout: &BatchLayout,
+        logits_rows: &[u32],
+        greedy: &[bool],
+    ) -> Result<StepResult, BackendError> {
+        if greedy.len() != logits_rows.len() {
+            return Err(BackendError::Batch("one greedy flag per sampled row is needed".into()));
+        }
+        let logits = self.forward(layout, logits_rows)?;
+        let backend = &self.backend;
+        let (picked, host): (Vec<u32>, Vec<u32>) = (0..greedy.len() as u32).partition(|&i| greedy[i as usize]);
+        Ok(match (picked.is_empty(), host.is_empty()) {
+            (_, true) => StepResult { greedy_tokens: backend.argmax_rows(&logits)?, logits: Vec::new() },
+            (true, false) => StepResult { greedy_tokens: Vec::new(), logits: backend.to_host(&logits)? },
+            (false, false) => StepResult {
+                greedy_tokens: backend.argmax_rows(&backend.gather_rows(&logits, &picked)?)?,
+                logits: backend.to_host(&backend.gather_rows(&logits, &host)?)?,
+            },
+        })
     }
 
     fn vocab_size(&self) -> usize {

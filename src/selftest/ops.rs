@@ -187,6 +187,35 @@ pub fn gathers(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     ])
 }
 
+/// Greedy picks on the device equal the host sampler's argmax of the same logits: random rows, and
+/// in f32 rows with ties, -inf and NaN.
+pub fn argmax(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
+    let (_, x) = rig.tensors(6, 40, 1.0)?;
+    let (_, w) = rig.weights(&[1000, 40], 1.0)?;
+    let logits = rig.cuda.logits(&x, &w)?;
+    let mut rows: Vec<Vec<f32>> = rig.cuda.to_host(&logits)?.chunks_exact(1000).map(<[f32]>::to_vec).collect();
+    let mut ours = rig.cuda.argmax_rows(&logits)?;
+    if rig.dtype() == DType::F32 {
+        let special = vec![
+            vec![1.0, 3.0, 3.0, -1.0],
+            vec![f32::NEG_INFINITY; 4],
+            vec![f32::NAN, 2.0, 2.0, f32::NAN],
+            vec![f32::NAN; 4],
+            vec![-5.0, -4.0, f32::NEG_INFINITY, -4.0],
+        ];
+        let flat: Vec<f32> = special.concat();
+        ours.extend(rig.cuda.argmax_rows(&rig.cuda.tensor_from_f32(&flat, special.len(), 4)?)?);
+        rows.extend(special);
+    }
+    let wrong = rows.iter().zip(&ours).filter(|(row, t)| crate::engine::sampler::argmax(row) != **t).count();
+    Ok(vec![Check {
+        name: format!("argmax of {} rows", rows.len()),
+        dtype: rig.dtype(),
+        error: wrong as f32,
+        tolerance: 0.0,
+    }])
+}
+
 /// Dummy weights made on the device equal the host's stream, element for element.
 pub fn dummy_weights(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     let shape = [37, 300];
@@ -397,6 +426,7 @@ pub fn run_all(
         checks.extend(gathers(&mut rig)?);
         checks.extend(fused_rotary(&mut rig)?);
         checks.extend(dummy_weights(&mut rig)?);
+        checks.extend(argmax(&mut rig)?);
     }
     for (case, dtypes) in attention_cases() {
         for dtype in dtypes {

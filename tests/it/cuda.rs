@@ -134,6 +134,54 @@ mod emulated {
         assert!(measured("device copy bandwidth")[0] > 0.0);
     }
 
+    /// A step that samples some rows greedily on the device and returns the others' logits gives
+    /// what the full logits say, on the emulated CUDA device and on the CPU.
+    #[test]
+    fn mixed_greedy_and_host_rows_split_as_asked() {
+        use pagoda::backend::cpu::CpuBackend;
+        use pagoda::backend::cuda::CudaBackend;
+        use pagoda::backend::{BatchLayout, SeqLayout};
+        use pagoda::engine::sampler::argmax;
+        use pagoda::model::{Executor, ModelFiles, ModelRunner};
+        use pagoda::weights::DType;
+
+        let files = ModelFiles::load(&fixture("tiny-llama")).unwrap();
+        let mut layout = BatchLayout::default();
+        for s in 0..3u32 {
+            let len = 3 + s as usize;
+            layout.seqs.push(SeqLayout {
+                query_start: layout.token_ids.len(),
+                query_len: len,
+                context_len: len,
+                block_table: vec![s],
+            });
+            for p in 0..len as u32 {
+                layout.token_ids.push(10 + 7 * s + p);
+                layout.positions.push(p);
+                layout.slot_mapping.push(s * 16 + p);
+            }
+        }
+        let rows = [2u32, 6, 11];
+        let runners: Vec<Box<dyn Executor>> = vec![
+            Box::new(ModelRunner::new(CudaBackend::new(device(), DType::F32), &files, 64, 4, 16).unwrap()),
+            Box::new(ModelRunner::new(CpuBackend::new(), &files, 64, 4, 16).unwrap()),
+        ];
+        for mut runner in runners {
+            let all = runner.execute(&layout, &rows).unwrap();
+            let step = runner.execute_step(&layout, &rows, &[true, false, true]).unwrap();
+            assert_eq!(
+                step.greedy_tokens,
+                vec![argmax(&all[..1024]), argmax(&all[2048..])],
+                "{}",
+                runner.backend_name()
+            );
+            assert_eq!(step.logits, all[1024..2048].to_vec());
+            let only_greedy = runner.execute_step(&layout, &rows, &[true; 3]).unwrap();
+            assert_eq!(only_greedy.greedy_tokens.len(), 3);
+            assert!(only_greedy.logits.is_empty());
+        }
+    }
+
     /// A CPU-only device choice cannot run the self test: one clear line.
     #[test]
     fn selftest_needs_a_cuda_device() {

@@ -693,11 +693,13 @@ impl Backend for CudaBackend {
         if let Some(r) = rows.iter().find(|&&r| r as usize >= x.rows) {
             return Err(BackendError::Batch(format!("row {r} is outside the tensor of {} rows", x.rows)));
         }
-        let out = self.new_tensor(rows.len(), x.cols)?;
+        // In the tensor's own dtype: the f32 logits are gathered too.
+        let buf = self.handle.buffer(rows.len() * x.cols * x.dtype.size_in_bytes())?;
+        let out = CudaTensor { buf, rows: rows.len(), cols: x.cols, dtype: x.dtype };
         if !rows.is_empty() {
             let indices = self.handle.upload(bytemuck::cast_slice(rows))?;
-            self.launch(
-                "gather_rows",
+            self.handle.device().launch(
+                &format!("pagoda_gather_rows_{}", geometry::dtype_suffix(x.dtype)),
                 geometry::gather_rows(rows.len()),
                 &[
                     KernelArg::Ptr(out.ptr()),
@@ -708,6 +710,24 @@ impl Backend for CudaBackend {
             )?;
         }
         Ok(out)
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor) -> Result<Vec<u32>, BackendError> {
+        if x.dtype != DType::F32 {
+            return Err(BackendError::Batch("argmax_rows: logits must be f32".into()));
+        }
+        if x.rows == 0 {
+            return Ok(Vec::new());
+        }
+        let tokens = self.handle.buffer(x.rows * 4)?;
+        self.handle.device().launch(
+            "pagoda_argmax_f32",
+            geometry::argmax(x.rows),
+            &[KernelArg::Ptr(tokens.ptr()), KernelArg::Ptr(x.ptr()), KernelArg::I32(x.cols as i32)],
+        )?;
+        let mut ids = vec![0u32; x.rows];
+        self.handle.device().copy_to_host(tokens.ptr(), bytemuck::cast_slice_mut(&mut ids))?;
+        Ok(ids)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>, BackendError> {

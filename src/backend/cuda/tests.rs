@@ -118,6 +118,13 @@ fn fused_rotary_and_cache_write_match_the_unfused_cpu_path() {
 }
 
 #[test]
+fn greedy_picks_on_the_device_equal_the_host_argmax() {
+    for dtype in conformance::DTYPES {
+        assert_all_pass(&conformance::argmax(&mut rig(dtype)).unwrap());
+    }
+}
+
+#[test]
 fn dummy_weights_are_the_hosts_stream() {
     for dtype in conformance::DTYPES {
         assert_all_pass(&conformance::dummy_weights(&mut rig(dtype)).unwrap());
