@@ -16,6 +16,15 @@ __device__ void gather_rows(T* __restrict__ out, const T* __restrict__ x, const 
   for (int i = threadIdx.x; i < width; i += blockDim.x) out[dst + i] = x[src + i];
 }
 
+// out[r] = columns [first, first + width) of x[r]. grid (rows), block 128.
+//   out [rows, width]      x [rows, x_cols]
+template <typename T>
+__device__ void copy_columns(T* __restrict__ out, const T* __restrict__ x, int x_cols, int first, int width) {
+  const T* src = x + (size_t)blockIdx.x * x_cols + first;
+  T* dst = out + (size_t)blockIdx.x * width;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
+}
+
 // RMSNorm of one row per block, optionally adding `delta` into `residual` first:
 //   residual[r] += delta[r] (rounded to T, as the unfused add would), out[r] = norm(residual[r]) * w.
 // With delta == nullptr, residual is only read. grid (rows), block 256 (a multiple of 32).
@@ -134,6 +143,10 @@ __device__ void fill_uniform(T* __restrict__ out, unsigned len, unsigned long lo
 #define GATHER_PARAMS(T) (T * out, const T* x, const unsigned* rows, int width)
 #define GATHER_BODY(T) pagoda::gather_rows<T>(out, x, rows, width)
 PAGODA_KERNEL_ALL_DTYPES(gather_rows, 128, GATHER_PARAMS, GATHER_BODY)
+
+#define COLUMNS_PARAMS(T) (T * out, const T* x, int x_cols, int first, int width)
+#define COLUMNS_BODY(T) pagoda::copy_columns<T>(out, x, x_cols, first, width)
+PAGODA_KERNEL_ALL_DTYPES(copy_columns, 128, COLUMNS_PARAMS, COLUMNS_BODY)
 
 #define NORM_PARAMS(T) (T * residual, const T* delta, T* out, const T* weight, int width, float eps)
 #define NORM_BODY(T) pagoda::add_rms_norm<T>(residual, delta, out, weight, width, eps)

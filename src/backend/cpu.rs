@@ -37,6 +37,9 @@ enum WeightData {
     /// Stored bytes used in place (any dtype; f32 read directly when aligned).
     Stored(RawTensor),
     Owned(Vec<f32>),
+    /// Matrices stacked by rows (q/k/v, gate/up), each multiplied on its own into its columns of
+    /// the output, so stacking copies nothing and changes no arithmetic.
+    Stacked(Vec<CpuWeight>),
 }
 
 /// A weight: a vector `[1, cols]` or a matrix `[rows, cols]` (`[out, in]` for linear layers).
@@ -52,7 +55,7 @@ impl CpuWeight {
         match &self.data {
             WeightData::Owned(values) => Some(values),
             WeightData::Stored(raw) if raw.dtype == DType::F32 => bytemuck::try_cast_slice(raw.bytes()).ok(),
-            WeightData::Stored(_) => None,
+            WeightData::Stored(_) | WeightData::Stacked(_) => None,
         }
     }
 
@@ -64,6 +67,18 @@ impl CpuWeight {
                 let elem = raw.dtype.size_in_bytes();
                 let bytes = &raw.bytes()[start * self.cols * elem..end * self.cols * elem];
                 convert_to_f32(raw.dtype, bytes, out);
+            }
+            WeightData::Stacked(parts) => {
+                // Row by row through the part holding it (used only for gathers, never in matmuls).
+                let mut first = 0;
+                for part in parts {
+                    let (lo, hi) = (start.max(first), end.min(first + part.rows));
+                    if lo < hi {
+                        let dst = &mut out[(lo - start) * self.cols..(hi - start) * self.cols];
+                        part.rows_to_f32(lo - first, hi - first, dst);
+                    }
+                    first += part.rows;
+                }
             }
         }
     }
@@ -102,6 +117,55 @@ impl CpuBackend {
         let by_cache = (65536 / in_features.max(1)).clamp(16, 512) / 16 * 16;
         let by_threads = out_features.div_ceil(4 * rayon::current_num_threads()).div_ceil(16) * 16;
         by_cache.min(by_threads.max(16))
+    }
+
+    /// `x [m, k] · w[n, k]ᵀ` into columns `[first, first + n)` of `out [m, out.cols]`. Tiles
+    /// depend only on `w`'s shape, so a weight gives the same bits alone or stacked.
+    fn matmul_into(x: &CpuTensor, w: &CpuWeight, out: &mut CpuTensor, first: usize) {
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        let ldc = out.cols;
+        let tile = Self::tile_rows(n, k);
+        let num_tiles = n.div_ceil(tile);
+        let out_ptr = SharedMut(out.data.as_mut_ptr());
+        let in_place = w.as_f32();
+        (0..num_tiles).into_par_iter().for_each_init(Vec::<f32>::new, |scratch, tile_idx| {
+            let n0 = tile_idx * tile;
+            let rows = tile.min(n - n0);
+            let tile_weights: &[f32] = match in_place {
+                Some(all) => &all[n0 * k..(n0 + rows) * k],
+                None => {
+                    scratch.resize(rows * k, 0.0);
+                    w.rows_to_f32(n0, n0 + rows, scratch);
+                    scratch
+                }
+            };
+            // Rebinding makes the closure capture the whole `SharedMut` (which is Sync) rather
+            // than its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let out_ptr = out_ptr;
+            // SAFETY: A is `x` [m, k] row-major; B is the tile's weight rows read as their transpose
+            // ([k, rows]: row stride 1, column stride k), all within `tile_weights`; C is columns
+            // [first + n0, first + n0 + rows) of `out` [m, ldc], which no other task writes
+            // (first + n ≤ ldc). Every pointer stays in bounds for the strides and sizes given.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    rows,
+                    1.0,
+                    x.data.as_ptr(),
+                    k as isize,
+                    1,
+                    tile_weights.as_ptr(),
+                    1,
+                    k as isize,
+                    0.0,
+                    out_ptr.0.add(first + n0),
+                    ldc as isize,
+                    1,
+                );
+            }
+        });
     }
 }
 
@@ -191,6 +255,42 @@ impl Backend for CpuBackend {
         Ok(CpuWeight { rows, cols, data: WeightData::Owned(data) })
     }
 
+    fn stack_weights(&self, parts: Vec<CpuWeight>) -> Result<CpuWeight, BackendError> {
+        if parts.iter().all(|p| p.rows == 1) {
+            // Vectors (biases) are concatenated: they are small and read as one slice.
+            let mut data = Vec::new();
+            for p in &parts {
+                data.extend_from_slice(
+                    p.as_f32().ok_or_else(|| BackendError::Batch("stack_weights: vector not in f32".into()))?,
+                );
+            }
+            return Ok(CpuWeight { rows: 1, cols: data.len(), data: WeightData::Owned(data) });
+        }
+        let cols = parts.first().map_or(0, |p| p.cols);
+        if parts.iter().any(|p| p.cols != cols) {
+            return Err(BackendError::Batch("stack_weights: the parts differ in width".into()));
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        Ok(CpuWeight { rows, cols, data: WeightData::Stacked(parts) })
+    }
+
+    fn split_columns(&self, x: &CpuTensor, widths: &[usize]) -> Result<Vec<CpuTensor>, BackendError> {
+        if widths.iter().sum::<usize>() != x.cols {
+            return Err(BackendError::Batch(format!("split_columns: {widths:?} do not add up to {}", x.cols)));
+        }
+        let mut first = 0;
+        let mut parts = Vec::with_capacity(widths.len());
+        for &width in widths {
+            let mut part = CpuTensor::zeros(x.rows, width);
+            for (dst, src) in part.data.chunks_exact_mut(width.max(1)).zip(x.data.chunks_exact(x.cols.max(1))) {
+                dst.copy_from_slice(&src[first..first + width]);
+            }
+            parts.push(part);
+            first += width;
+        }
+        Ok(parts)
+    }
+
     fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<CpuWeight, BackendError> {
         if data.len() != shape[0] * shape[1] {
             return Err(BackendError::Weight {
@@ -237,48 +337,16 @@ impl Backend for CpuBackend {
         if m == 0 {
             return Ok(out);
         }
-        let tile = Self::tile_rows(n, k);
-        let num_tiles = n.div_ceil(tile);
-        let out_ptr = SharedMut(out.data.as_mut_ptr());
-        let in_place = w.as_f32();
-        (0..num_tiles).into_par_iter().for_each_init(Vec::<f32>::new, |scratch, tile_idx| {
-            let n0 = tile_idx * tile;
-            let rows = tile.min(n - n0);
-            let tile_weights: &[f32] = match in_place {
-                Some(all) => &all[n0 * k..(n0 + rows) * k],
-                None => {
-                    scratch.resize(rows * k, 0.0);
-                    w.rows_to_f32(n0, n0 + rows, scratch);
-                    scratch
+        match &w.data {
+            WeightData::Stacked(parts) => {
+                let mut first = 0;
+                for part in parts {
+                    Self::matmul_into(x, part, &mut out, first);
+                    first += part.rows;
                 }
-            };
-            // Rebinding makes the closure capture the whole `SharedMut` (which is Sync) rather
-            // than its raw-pointer field.
-            #[allow(clippy::redundant_locals)]
-            let out_ptr = out_ptr;
-            // SAFETY: A is `x` [m, k] row-major; B is the tile's weight rows read as their transpose
-            // ([k, rows]: row stride 1, column stride k), all within `tile_weights`; C is columns
-            // [n0, n0 + rows) of `out` [m, n], which no other task writes. Every pointer stays in
-            // bounds for the strides and sizes given.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k,
-                    rows,
-                    1.0,
-                    x.data.as_ptr(),
-                    k as isize,
-                    1,
-                    tile_weights.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    out_ptr.0.add(n0),
-                    n as isize,
-                    1,
-                );
             }
-        });
+            _ => Self::matmul_into(x, w, &mut out, 0),
+        }
         if let Some(bias) = bias {
             let b = bias.as_f32().ok_or_else(|| BackendError::Batch("bias must be a vector".into()))?;
             if b.len() != n {

@@ -151,6 +151,11 @@ pub trait Backend: Send + Sync + 'static {
     /// A weight of `shape` filled with uniform values in ±[`DUMMY_WEIGHT_RANGE`] drawn from
     /// `seed` (`--load-format dummy`): the same values for the same seed on every backend.
     fn random_weight(&self, name: &str, shape: &[usize], seed: u64) -> Result<Self::Weight, BackendError>;
+    /// Weights of one input width stacked by rows into one `[Σ rows, cols]` weight (q/k/v,
+    /// gate/up), so that one matmul computes them all; vectors (their biases) are concatenated.
+    fn stack_weights(&self, parts: Vec<Self::Weight>) -> Result<Self::Weight, BackendError>;
+    /// `x [n, Σ widths]` cut into column blocks of `widths`, in order.
+    fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>, BackendError>;
     /// A weight computed on the host (the rotary table).
     fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<Self::Weight, BackendError>;
     fn new_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, BackendError>;

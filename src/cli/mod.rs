@@ -142,6 +142,11 @@ pub struct EngineArgs {
     #[arg(long, env = "PAGODA_DEVICE", value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
 
+    /// KV-cache element type: auto (the dtype the model computes in: f32 on the CPU, --dtype on a
+    /// GPU), as vLLM's default. Quantized caches (fp8) are refused.
+    #[arg(long, env = "PAGODA_KV_CACHE_DTYPE", default_value = "auto", value_parser = parse_kv_cache_dtype)]
+    pub kv_cache_dtype: KvCacheDtypeArg,
+
     /// How to load the weights: auto (the checkpoint's files) or dummy (random values of the
     /// model's shapes, made on the device; no weight file is read; for benchmarks).
     #[arg(long, env = "PAGODA_LOAD_FORMAT", value_enum, default_value_t = LoadFormatArg::Auto)]
@@ -192,6 +197,20 @@ fn parse_dtype(s: &str) -> Result<DTypeArg, String> {
     DType::from_config_name(s)
         .map(|d| DTypeArg(Some(d)))
         .ok_or_else(|| format!("unknown dtype '{s}' (auto, float32, bfloat16, float16)"))
+}
+
+/// `--kv-cache-dtype`: only `auto` is implemented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheDtypeArg;
+
+fn parse_kv_cache_dtype(s: &str) -> Result<KvCacheDtypeArg, String> {
+    match s {
+        "auto" => Ok(KvCacheDtypeArg),
+        "fp8" | "fp8_e4m3" | "fp8_e5m2" | "fp8_inc" => {
+            Err(format!("'{s}': quantized KV caches are not supported yet; use auto (the model's dtype)"))
+        }
+        other => Err(format!("unknown KV-cache dtype '{other}' (auto)")),
+    }
 }
 
 /// Parses `123`, `4GiB`, `4G`, `512MiB`, `512M`, `64KiB` (K/M/G are powers of 1000, Ki/Mi/Gi of 1024).
@@ -280,5 +299,16 @@ mod tests {
         assert!(!parse(&["--enable-prefix-caching", "false"]).enable_prefix_caching);
         assert!(parse(&["--enable-prefix-caching"]).enable_prefix_caching);
         assert!(!parse(&["--no-enable-chunked-prefill"]).enable_chunked_prefill);
+    }
+
+    #[test]
+    fn only_the_automatic_kv_cache_dtype_is_accepted() {
+        let parse = |value: &str| {
+            Cli::try_parse_from(["pagoda", "generate", "--prompt", "x", "--kv-cache-dtype", value]).map(|_| ())
+        };
+        assert!(parse("auto").is_ok());
+        let err = parse("fp8").unwrap_err().to_string();
+        assert!(err.contains("quantized KV caches are not supported yet"), "{err}");
+        assert!(parse("int4").unwrap_err().to_string().contains("unknown KV-cache dtype"));
     }
 }

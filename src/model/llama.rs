@@ -25,13 +25,12 @@ struct Linear<B: Backend> {
 
 struct Layer<B: Backend> {
     input_layernorm: B::Weight,
-    q_proj: Linear<B>,
-    k_proj: Linear<B>,
-    v_proj: Linear<B>,
+    /// q_proj, k_proj and v_proj stacked: one matmul, its output split into q, k and v.
+    qkv_proj: Linear<B>,
     o_proj: Linear<B>,
     post_attention_layernorm: B::Weight,
-    gate_proj: Linear<B>,
-    up_proj: Linear<B>,
+    /// gate_proj and up_proj stacked.
+    gate_up_proj: Linear<B>,
     down_proj: Linear<B>,
 }
 
@@ -74,18 +73,31 @@ impl<B: Backend> Llama<B> {
                 bias: if bias { Some(weight(&format!("{prefix}.bias"), &[out])?) } else { None },
             })
         };
+        // Projections that read the same input, stacked by rows (and their biases, if any).
+        let stacked = |parts: Vec<Linear<B>>| -> Result<Linear<B>, BuildError> {
+            let (weights, biases): (Vec<_>, Vec<_>) = parts.into_iter().map(|l| (l.weight, l.bias)).unzip();
+            let biases: Option<Vec<_>> = biases.into_iter().collect();
+            Ok(Linear {
+                weight: backend.stack_weights(weights)?,
+                bias: biases.map(|b| backend.stack_weights(b)).transpose()?,
+            })
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
                 input_layernorm: weight(&format!("{p}.input_layernorm.weight"), &[hidden])?,
-                q_proj: linear(&format!("{p}.self_attn.q_proj"), q_width, hidden, c.qkv_bias)?,
-                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_width, hidden, c.qkv_bias)?,
-                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_width, hidden, c.qkv_bias)?,
+                qkv_proj: stacked(vec![
+                    linear(&format!("{p}.self_attn.q_proj"), q_width, hidden, c.qkv_bias)?,
+                    linear(&format!("{p}.self_attn.k_proj"), kv_width, hidden, c.qkv_bias)?,
+                    linear(&format!("{p}.self_attn.v_proj"), kv_width, hidden, c.qkv_bias)?,
+                ])?,
                 o_proj: linear(&format!("{p}.self_attn.o_proj"), hidden, q_width, c.o_bias)?,
                 post_attention_layernorm: weight(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
-                gate_proj: linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
-                up_proj: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
+                gate_up_proj: stacked(vec![
+                    linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
+                    linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
+                ])?,
                 down_proj: linear(&format!("{p}.mlp.down_proj"), hidden, c.intermediate_size, c.mlp_bias)?,
             });
         }
@@ -132,15 +144,22 @@ impl<B: Backend> Llama<B> {
                 None => backend.rms_norm(&hidden, &layer.input_layernorm, c.rms_norm_eps)?,
                 Some(delta) => backend.add_rms_norm(&mut hidden, &delta, &layer.input_layernorm, c.rms_norm_eps)?,
             };
-            let mut q = Self::linear(backend, &x, &layer.q_proj)?;
-            let mut k = Self::linear(backend, &x, &layer.k_proj)?;
-            let v = Self::linear(backend, &x, &layer.v_proj)?;
+            let qkv = Self::linear(backend, &x, &layer.qkv_proj)?;
+            let q_width = attn.num_heads * attn.head_dim;
+            let kv_width = attn.num_kv_heads * attn.head_dim;
+            let [mut q, mut k, v]: [B::Tensor; 3] = backend
+                .split_columns(&qkv, &[q_width, kv_width, kv_width])?
+                .try_into()
+                .map_err(|_| BackendError::Batch("split_columns returned the wrong number of parts".into()))?;
             backend.rotary_write_kv_cache(&mut q, &mut k, &v, cache, idx, &self.cos_sin, batch, attn)?;
             let context = backend.paged_attention(&q, cache, idx, batch, attn)?;
             let attn_out = Self::linear(backend, &context, &layer.o_proj)?;
             let x = backend.add_rms_norm(&mut hidden, &attn_out, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let gate = Self::linear(backend, &x, &layer.gate_proj)?;
-            let up = Self::linear(backend, &x, &layer.up_proj)?;
+            let gate_up = Self::linear(backend, &x, &layer.gate_up_proj)?;
+            let [gate, up]: [B::Tensor; 2] = backend
+                .split_columns(&gate_up, &[c.intermediate_size, c.intermediate_size])?
+                .try_into()
+                .map_err(|_| BackendError::Batch("split_columns returned the wrong number of parts".into()))?;
             pending = Some(Self::linear(backend, &backend.silu_mul(&gate, &up)?, &layer.down_proj)?);
         }
         // Only the rows that are sampled need the last residual add, the final norm and the

@@ -137,6 +137,29 @@ pub fn linear(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     ])
 }
 
+/// Three projections stacked into one weight (with their biases), one matmul, its output split
+/// into columns: each part equals the CPU's own matmul of that weight.
+pub fn stacked_linear(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
+    let (x_cpu, x_cuda) = rig.tensors(4, 40, 1.0)?;
+    let widths = [24, 8, 8];
+    let (mut cpu_parts, mut cuda_weights, mut cuda_biases) = (Vec::new(), Vec::new(), Vec::new());
+    for &w in &widths {
+        let (w_cpu, w_cuda) = rig.weights(&[w, 40], 0.5)?;
+        let (b_cpu, b_cuda) = rig.weights(&[w], 0.5)?;
+        cpu_parts.push(CpuBackend.linear(&x_cpu, &w_cpu, Some(&b_cpu))?);
+        cuda_weights.push(w_cuda);
+        cuda_biases.push(b_cuda);
+    }
+    let w = rig.cuda.stack_weights(cuda_weights)?;
+    let b = rig.cuda.stack_weights(cuda_biases)?;
+    let parts = rig.cuda.split_columns(&rig.cuda.linear(&x_cuda, &w, Some(&b))?, &widths)?;
+    let mut checks = Vec::new();
+    for (idx, (ours, reference)) in parts.iter().zip(&cpu_parts).enumerate() {
+        checks.push(rig.check(&format!("stacked linear, part {idx}"), ours, &reference.data)?);
+    }
+    Ok(checks)
+}
+
 /// RMSNorm alone and fused with the residual add (its output and the updated residual), the add,
 /// and SiLU·mul, at a width below and one above a block's thread count.
 pub fn small_ops(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
@@ -422,6 +445,7 @@ pub fn run_all(
     for dtype in DTYPES {
         let mut rig = Rig::new(handle, dtype, tolerances);
         checks.extend(linear(&mut rig)?);
+        checks.extend(stacked_linear(&mut rig)?);
         checks.extend(small_ops(&mut rig)?);
         checks.extend(gathers(&mut rig)?);
         checks.extend(fused_rotary(&mut rig)?);

@@ -35,6 +35,11 @@ pub fn gather_rows(num_rows: usize) -> LaunchConfig {
     config((dim(num_rows), 1, 1), ROW_THREADS)
 }
 
+/// `pagoda_copy_columns_*`: one block per row.
+pub fn copy_columns(num_rows: usize) -> LaunchConfig {
+    config((dim(num_rows), 1, 1), ROW_THREADS)
+}
+
 /// `pagoda_add_rms_norm_*`: one block per row.
 pub fn add_rms_norm(num_rows: usize) -> LaunchConfig {
     config((dim(num_rows), 1, 1), NORM_THREADS)

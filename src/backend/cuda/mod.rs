@@ -363,6 +363,55 @@ impl Backend for CudaBackend {
         Ok(CudaWeight { buf, rows, cols, dtype: self.dtype })
     }
 
+    fn stack_weights(&self, parts: Vec<CudaWeight>) -> Result<CudaWeight, BackendError> {
+        let first = parts.first().ok_or_else(|| BackendError::Batch("stack_weights: no parts".into()))?;
+        let (cols, dtype) = (first.cols, first.dtype);
+        let vectors = parts.iter().all(|p| p.rows == 1);
+        // Matrices must share their width; vectors (biases) are concatenated whatever their length.
+        if parts.iter().any(|p| (!vectors && p.cols != cols) || p.dtype != dtype) {
+            return Err(BackendError::Batch("stack_weights: the parts differ in width or dtype".into()));
+        }
+        let bytes: Vec<usize> = parts.iter().map(|p| p.rows * p.cols * dtype.size_in_bytes()).collect();
+        let buf = self.handle.buffer_exact(bytes.iter().sum())?;
+        let mut offset = 0;
+        for (part, &len) in parts.iter().zip(&bytes) {
+            self.handle.device().copy_on_device(buf.ptr() + offset as u64, part.buf.ptr(), len)?;
+            offset += len;
+        }
+        // The parts are freed here; the stacked copy is the only one left.
+        let (rows, cols) =
+            if vectors { (1, parts.iter().map(|p| p.cols).sum()) } else { (parts.iter().map(|p| p.rows).sum(), cols) };
+        Ok(CudaWeight { buf, rows, cols, dtype })
+    }
+
+    fn split_columns(&self, x: &CudaTensor, widths: &[usize]) -> Result<Vec<CudaTensor>, BackendError> {
+        if widths.iter().sum::<usize>() != x.cols {
+            return Err(BackendError::Batch(format!("split_columns: {widths:?} do not add up to {}", x.cols)));
+        }
+        let mut first = 0;
+        let mut parts = Vec::with_capacity(widths.len());
+        for &width in widths {
+            let buf = self.handle.buffer(x.rows * width * x.dtype.size_in_bytes())?;
+            let part = CudaTensor { buf, rows: x.rows, cols: width, dtype: x.dtype };
+            if x.rows > 0 && width > 0 {
+                self.handle.device().launch(
+                    &format!("pagoda_copy_columns_{}", geometry::dtype_suffix(x.dtype)),
+                    geometry::copy_columns(x.rows),
+                    &[
+                        KernelArg::Ptr(part.ptr()),
+                        KernelArg::Ptr(x.ptr()),
+                        KernelArg::I32(x.cols as i32),
+                        KernelArg::I32(first as i32),
+                        KernelArg::I32(width as i32),
+                    ],
+                )?;
+            }
+            parts.push(part);
+            first += width;
+        }
+        Ok(parts)
+    }
+
     fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<CudaWeight, BackendError> {
         if data.len() != shape[0] * shape[1] {
             return Err(BackendError::Weight {

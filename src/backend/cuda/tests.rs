@@ -104,6 +104,13 @@ fn linear_with_and_without_bias_and_the_logits_match_the_cpu() {
 }
 
 #[test]
+fn stacked_projections_split_into_the_separate_results() {
+    for dtype in conformance::DTYPES {
+        assert_all_pass(&conformance::stacked_linear(&mut rig(dtype)).unwrap());
+    }
+}
+
+#[test]
 fn norms_adds_and_silu_match_the_cpu() {
     for dtype in conformance::DTYPES {
         assert_all_pass(&conformance::small_ops(&mut rig(dtype)).unwrap());
