@@ -225,32 +225,14 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight(&self, raw: &RawTensor) -> Result<CpuWeight, BackendError> {
-        let (rows, cols) = match raw.shape.as_slice() {
-            [n] => (1, *n),
-            [r, c] => (*r, *c),
-            other => {
-                return Err(BackendError::Weight {
-                    name: raw.name.clone(),
-                    message: format!("expected a vector or a matrix, found shape {other:?}"),
-                });
-            }
-        };
+        let (rows, cols) = super::weight_dims(&raw.name, &raw.shape)?;
         // Vectors (norms, biases) are tiny and used on every token: keep them as f32.
         let data = if rows == 1 { WeightData::Owned(raw.to_f32_vec()) } else { WeightData::Stored(raw.clone()) };
         Ok(CpuWeight { rows, cols, data })
     }
 
     fn random_weight(&self, name: &str, shape: &[usize], seed: u64) -> Result<CpuWeight, BackendError> {
-        let (rows, cols) = match shape {
-            [n] => (1, *n),
-            [r, c] => (*r, *c),
-            other => {
-                return Err(BackendError::Weight {
-                    name: name.to_string(),
-                    message: format!("expected a vector or a matrix, found shape {other:?}"),
-                });
-            }
-        };
+        let (rows, cols) = super::weight_dims(name, shape)?;
         let data = (0..rows * cols).into_par_iter().map(|i| super::dummy_value(seed, i as u64)).collect();
         Ok(CpuWeight { rows, cols, data: WeightData::Owned(data) })
     }
@@ -275,9 +257,7 @@ impl Backend for CpuBackend {
     }
 
     fn split_columns(&self, x: &CpuTensor, widths: &[usize]) -> Result<Vec<CpuTensor>, BackendError> {
-        if widths.iter().sum::<usize>() != x.cols {
-            return Err(BackendError::Batch(format!("split_columns: {widths:?} do not add up to {}", x.cols)));
-        }
+        super::check_split(widths, x.cols)?;
         let mut first = 0;
         let mut parts = Vec::with_capacity(widths.len());
         for &width in widths {

@@ -45,6 +45,26 @@ pub fn dummy_value(seed: u64, idx: u64) -> f32 {
     (unit * 2.0 - 1.0) * DUMMY_WEIGHT_RANGE
 }
 
+/// `[rows, cols]` of a weight of `shape`: a vector is one row, a matrix `[out, in]` is itself.
+pub fn weight_dims(name: &str, shape: &[usize]) -> Result<(usize, usize), BackendError> {
+    match shape {
+        [n] => Ok((1, *n)),
+        [r, c] => Ok((*r, *c)),
+        other => Err(BackendError::Weight {
+            name: name.to_string(),
+            message: format!("expected a vector or a matrix, found shape {other:?}"),
+        }),
+    }
+}
+
+/// Checks that column blocks of `widths` cover a tensor of `cols` columns exactly.
+pub fn check_split(widths: &[usize], cols: usize) -> Result<(), BackendError> {
+    if widths.iter().sum::<usize>() != cols {
+        return Err(BackendError::Batch(format!("split_columns: {widths:?} do not add up to {cols}")));
+    }
+    Ok(())
+}
+
 /// Geometry of the paged KV cache: per layer, K and V each `[num_blocks, block_size, num_kv_heads,
 /// head_dim]`, so a token's slot is `block_id * block_size + offset_in_block`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::Row;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::cuda::device::DeviceHandle;
-use crate::backend::{BatchLayout, SeqLayout};
+use crate::backend::{Backend, BatchLayout, KvCacheShape, SeqLayout};
 use crate::engine::sampler::argmax;
 use crate::engine::{EngineRequest, RequestId, SamplingParams};
 use crate::launch::{DeviceKind, EngineOptions, load_engine};
@@ -61,21 +61,15 @@ fn prompts(model_dir: &Path) -> Result<Vec<Prompt>, String> {
         .collect())
 }
 
-/// The logits of every position of `tokens`, computed in chunks of `chunk` tokens, blocks laid
-/// out in reverse and every unwritten cache slot NaN.
-fn logits(
-    handle: &DeviceHandle,
-    files: &ModelFiles,
-    dtype: DType,
+/// The logits of every position of `tokens`, computed in chunks of `chunk` tokens with the
+/// runner's KV cache blocks used in reverse order (so paging is really exercised). The cache must
+/// hold `tokens`.
+pub fn chunked_logits<B: Backend>(
+    runner: &mut ModelRunner<B>,
     tokens: &[u32],
     chunk: usize,
 ) -> Result<Vec<f32>, String> {
-    let block_size = 16;
-    let num_blocks = tokens.len().div_ceil(block_size) + 2;
-    let backend = CudaBackend::new(handle.clone(), dtype);
-    let mut runner = ModelRunner::new(backend, files, 512, num_blocks, block_size).map_err(|e| e.to_string())?;
-    let (backend, cache) = runner.backend_and_kv_cache();
-    backend.poison_kv_cache(cache).map_err(|e| e.to_string())?;
+    let KvCacheShape { block_size, num_blocks, .. } = runner.kv_cache_shape();
     let block_table: Vec<u32> = (0..num_blocks as u32).rev().collect();
     let mut all = Vec::new();
     for start in (0..tokens.len()).step_by(chunk) {
@@ -96,6 +90,23 @@ fn logits(
         all.extend(runner.execute(&layout, &rows).map_err(|e| e.to_string())?);
     }
     Ok(all)
+}
+
+/// [`chunked_logits`] through the CUDA backend, every cache slot NaN until written.
+fn logits(
+    handle: &DeviceHandle,
+    files: &ModelFiles,
+    dtype: DType,
+    tokens: &[u32],
+    chunk: usize,
+) -> Result<Vec<f32>, String> {
+    let block_size = 16;
+    let num_blocks = tokens.len().div_ceil(block_size) + 2;
+    let backend = CudaBackend::new(handle.clone(), dtype);
+    let mut runner = ModelRunner::new(backend, files, 512, num_blocks, block_size).map_err(|e| e.to_string())?;
+    let (backend, cache) = runner.backend_and_kv_cache();
+    backend.poison_kv_cache(cache).map_err(|e| e.to_string())?;
+    chunked_logits(&mut runner, tokens, chunk)
 }
 
 /// Both fixtures in every dtype, each prompt in one pass, in chunks of 7 and of 1: the largest

@@ -8,9 +8,8 @@
 //! against `greedy_ids` for as long as `greedy_ids` themselves follow the argmax.
 
 use pagoda::backend::cpu::CpuBackend;
-use pagoda::backend::{BatchLayout, SeqLayout};
 use pagoda::engine::SamplingParams;
-use pagoda::model::{Executor, ModelFiles, ModelRunner};
+use pagoda::model::{ModelFiles, ModelRunner};
 use pagoda::tokenizer::IncrementalDetokenizer;
 use pagoda::weights::WeightStore;
 
@@ -30,26 +29,7 @@ fn logits_by_chunks(files: &ModelFiles, tokens: &[u32], chunk: usize) -> Vec<f32
     let block_size = 4;
     let num_blocks = tokens.len().div_ceil(block_size);
     let mut runner = ModelRunner::new(CpuBackend::new(), files, 512, num_blocks, block_size).unwrap();
-    let block_table: Vec<u32> = (0..num_blocks as u32).rev().collect();
-    let mut all = Vec::new();
-    for start in (0..tokens.len()).step_by(chunk) {
-        let end = (start + chunk).min(tokens.len());
-        let slot = |p: usize| block_table[p / block_size] * block_size as u32 + (p % block_size) as u32;
-        let layout = BatchLayout {
-            token_ids: tokens[start..end].to_vec(),
-            positions: (start as u32..end as u32).collect(),
-            slot_mapping: (start..end).map(slot).collect(),
-            seqs: vec![SeqLayout {
-                query_start: 0,
-                query_len: end - start,
-                context_len: end,
-                block_table: block_table.clone(),
-            }],
-        };
-        let rows: Vec<u32> = (0..(end - start) as u32).collect();
-        all.extend(runner.execute(&layout, &rows).unwrap());
-    }
-    all
+    pagoda::selftest::fixtures::chunked_logits(&mut runner, tokens, chunk).unwrap()
 }
 
 #[test]

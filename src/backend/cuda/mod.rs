@@ -316,16 +316,7 @@ impl Backend for CudaBackend {
     }
 
     fn load_weight(&self, raw: &RawTensor) -> Result<CudaWeight, BackendError> {
-        let (rows, cols) = match raw.shape.as_slice() {
-            [n] => (1, *n),
-            [r, c] => (*r, *c),
-            other => {
-                return Err(BackendError::Weight {
-                    name: raw.name.clone(),
-                    message: format!("expected a vector or a matrix, found shape {other:?}"),
-                });
-            }
-        };
+        let (rows, cols) = crate::backend::weight_dims(&raw.name, &raw.shape)?;
         // Stored bytes go up as they are when the dtypes agree (the usual case: --dtype auto).
         let converted;
         let bytes = if raw.dtype == self.dtype {
@@ -343,16 +334,7 @@ impl Backend for CudaBackend {
     }
 
     fn random_weight(&self, name: &str, shape: &[usize], seed: u64) -> Result<CudaWeight, BackendError> {
-        let (rows, cols) = match shape {
-            [n] => (1, *n),
-            [r, c] => (*r, *c),
-            other => {
-                return Err(BackendError::Weight {
-                    name: name.to_string(),
-                    message: format!("expected a vector or a matrix, found shape {other:?}"),
-                });
-            }
-        };
+        let (rows, cols) = crate::backend::weight_dims(name, shape)?;
         let len = rows * cols;
         let buf = self.handle.buffer_exact(len * self.dtype.size_in_bytes()).map_err(|e| BackendError::Weight {
             name: name.to_string(),
@@ -385,9 +367,7 @@ impl Backend for CudaBackend {
     }
 
     fn split_columns(&self, x: &CudaTensor, widths: &[usize]) -> Result<Vec<CudaTensor>, BackendError> {
-        if widths.iter().sum::<usize>() != x.cols {
-            return Err(BackendError::Batch(format!("split_columns: {widths:?} do not add up to {}", x.cols)));
-        }
+        crate::backend::check_split(widths, x.cols)?;
         let mut first = 0;
         let mut parts = Vec::with_capacity(widths.len());
         for &width in widths {
