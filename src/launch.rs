@@ -230,6 +230,10 @@ pub fn choose_device(kind: DeviceKind) -> Result<Option<DeviceHandle>, LaunchErr
         #[cfg(feature = "cuda-emu")]
         DeviceKind::EmulatedCuda => {
             let device = crate::backend::cuda::emulated::EmulatedDevice::new(8 << 30, 4);
+            // Tests of a failing step make one launch fail.
+            if let Some(n) = std::env::var("PAGODA_EMULATED_FAIL_LAUNCH").ok().and_then(|v| v.parse().ok()) {
+                device.fail_launch(n);
+            }
             Ok(Some(DeviceHandle::new(Arc::new(device))))
         }
     }

@@ -147,6 +147,11 @@ fn unfinished() -> ApiError {
     ApiError::Internal("the engine stopped before finishing this request".into())
 }
 
+/// The error for a sequence whose step failed on the device.
+fn step_failed(error: &str) -> ApiError {
+    ApiError::Internal(format!("the model failed while running this request: {error}"))
+}
+
 /// Drains a run for a non-streamed response: each output goes to `apply` with its choice index;
 /// returns the usage. Logs the finished request.
 async fn collect(
@@ -158,6 +163,9 @@ async fn collect(
     let mut usage = Usage { prompt_tokens: run.prompt_lens.iter().sum(), ..Usage::default() };
     let mut reasons = vec![None; run.num_choices()];
     while let Some((idx, out)) = run.next().await {
+        if let Some(error) = &out.error {
+            return Err(step_failed(error));
+        }
         usage.completion_tokens += out.token_ids.len();
         reasons[idx] = finish_reason(&out).or(reasons[idx]);
         apply(idx, &out);
@@ -197,6 +205,11 @@ async fn stream(
             _ = tx.closed() => return,
         };
         let Some((idx, out)) = next else { break };
+        if let Some(error) = &out.error {
+            let _ = tx.send(sse_event(&step_failed(error).body())).await;
+            let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
+            return;
+        }
         usage.completion_tokens += out.token_ids.len();
         reasons[idx] = finish_reason(&out).or(reasons[idx]);
         if let Some(chunk) = render(idx, &out)

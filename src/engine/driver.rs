@@ -260,7 +260,7 @@ fn run(
                 Err(err) => {
                     // A failed forward pass leaves the batch's KV in doubt: fail what was running.
                     tracing::error!(%err, "engine step failed; aborting all requests");
-                    outputs.extend(engine.recover_from_failed_step());
+                    outputs.extend(engine.recover_from_failed_step(&err.to_string()));
                 }
             }
         }

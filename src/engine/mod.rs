@@ -217,6 +217,7 @@ impl Engine {
                     num_output_tokens,
                     num_cached_tokens: runtime.num_cached_tokens,
                     timings: runtime.timings,
+                    error: None,
                 })
             })
             .collect()
@@ -228,10 +229,13 @@ impl Engine {
         ids.iter().flat_map(|id| self.abort_request(id)).collect()
     }
 
-    /// After a failed step: cancels everything and forgets cached prefixes, since blocks of that
-    /// step were registered before their KV was written.
-    pub fn recover_from_failed_step(&mut self) -> Vec<RequestOutput> {
-        let outputs = self.abort_all();
+    /// After a failed step: cancels everything, each output carrying `error`, and forgets cached
+    /// prefixes, since blocks of that step were registered before their KV was written.
+    pub fn recover_from_failed_step(&mut self, error: &str) -> Vec<RequestOutput> {
+        let mut outputs = self.abort_all();
+        for out in &mut outputs {
+            out.error = Some(error.to_string());
+        }
         self.scheduler.reset_prefix_cache();
         outputs
     }
@@ -384,6 +388,7 @@ impl Engine {
             num_output_tokens,
             num_cached_tokens: runtime.num_cached_tokens,
             timings: runtime.timings,
+            error: None,
         }
     }
 

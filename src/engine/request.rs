@@ -274,6 +274,8 @@ pub struct RequestOutput {
     /// Prompt tokens found in the prefix cache.
     pub num_cached_tokens: usize,
     pub timings: SeqTimings,
+    /// Why the engine gave up on the sequence when a step failed (the output is then an `Abort`).
+    pub error: Option<String>,
 }
 
 impl RequestOutput {

@@ -182,6 +182,53 @@ mod emulated {
         }
     }
 
+    /// The real server on the CUDA backend (emulated device): a step whose kernel fails answers its
+    /// request with a 500 naming the failure, and the server goes on serving; the next request
+    /// gets what the CPU server gives.
+    #[test]
+    fn a_failed_step_is_a_500_and_the_server_keeps_serving() {
+        use crate::http::post;
+        use crate::server::Server;
+
+        let model = fixture("tiny-llama");
+        let args = [
+            "--model",
+            model.to_str().unwrap(),
+            "--num-gpu-blocks-override",
+            "64",
+            "--device",
+            "cuda-emulated",
+            "--dtype",
+            "float32",
+        ];
+        let server = Server::spawn(&args, &[("PAGODA_EMULATED_FAIL_LAUNCH", "3")]);
+        server.wait_ready();
+        let body = serde_json::json!({"model": model.to_str().unwrap(), "prompt": "Hello there", "max_tokens": 6,
+                                      "temperature": 0, "ignore_eos": true});
+        let failed = post(server.port, "/v1/completions", &body);
+        assert_eq!(failed.status, 500, "{}", failed.text());
+        assert!(failed.text().contains("injected failure of launch 3"), "{}", failed.text());
+        assert_eq!(failed.json()["error"]["type"], "InternalServerError");
+        let ok = post(server.port, "/v1/completions", &body);
+        assert_eq!(ok.status, 200, "{}", ok.text());
+
+        let cpu = Server::start(&[&args[..4], &["--device", "cpu"]].concat());
+        let expected = post(cpu.port, "/v1/completions", &body);
+        assert_eq!(ok.json()["choices"][0]["text"], expected.json()["choices"][0]["text"]);
+        assert!(server.log().contains("engine step failed"), "{}", server.log());
+
+        // Streamed: the failure ends the stream with an error event, then [DONE].
+        let server = Server::spawn(&args, &[("PAGODA_EMULATED_FAIL_LAUNCH", "3")]);
+        server.wait_ready();
+        let mut streamed = body.clone();
+        streamed["stream"] = serde_json::json!(true);
+        let events = crate::http::EventStream::open(server.port, "/v1/completions", &streamed).collect();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let error: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert!(error["error"]["message"].as_str().unwrap().contains("injected failure"), "{events:?}");
+        assert_eq!(post(server.port, "/v1/completions", &body).status, 200);
+    }
+
     /// A CPU-only device choice cannot run the self test: one clear line.
     #[test]
     fn selftest_needs_a_cuda_device() {

@@ -56,6 +56,10 @@ pub struct EmulatedDevice {
     num_sms: usize,
     order: AtomicU32,
     seed: AtomicU64,
+    /// Launches so far, and the one (counted from 1) that is to fail as a faulting kernel would;
+    /// 0 for none. For tests of what a failed step does.
+    num_launches: AtomicU64,
+    fail_launch: AtomicU64,
 }
 
 impl EmulatedDevice {
@@ -68,7 +72,15 @@ impl EmulatedDevice {
             num_sms,
             order: AtomicU32::new(ThreadOrder::Forward as u32),
             seed: AtomicU64::new(1),
+            num_launches: AtomicU64::new(0),
+            fail_launch: AtomicU64::new(0),
         }
+    }
+
+    /// Makes launch number `n` (counted from 1 over the device's life) fail with an error, as a
+    /// kernel that faults on a GPU would.
+    pub fn fail_launch(&self, n: u64) {
+        self.fail_launch.store(n, Ordering::Relaxed);
     }
 
     pub fn set_thread_order(&self, order: ThreadOrder, seed: u64) {
@@ -183,6 +195,10 @@ impl Device for EmulatedDevice {
 
     fn launch(&self, kernel: &str, config: LaunchConfig, args: &[KernelArg]) -> Result<(), DeviceError> {
         let launch_error = |message: String| DeviceError::Launch { kernel: kernel.to_string(), message };
+        let number = self.num_launches.fetch_add(1, Ordering::Relaxed) + 1;
+        if number == self.fail_launch.load(Ordering::Relaxed) {
+            return Err(launch_error(format!("injected failure of launch {number}")));
+        }
         let name = CString::new(kernel).map_err(|_| launch_error("kernel name contains a NUL byte".into()))?;
         let mut slots: Vec<u64> = args.iter().map(|a| a.to_slot()).collect();
         let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
