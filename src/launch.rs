@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::device::DeviceHandle;
 use crate::backend::cuda::{CudaBackend, check_attention_shape, driver};
-use crate::backend::{BatchLayout, KvCacheShape, SeqLayout};
+use crate::backend::{Backend, BatchLayout, KvCacheShape, SeqLayout};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::model::config::GenerationDefaults;
 use crate::model::demo::{DEMO_MODEL_NAME, DemoSpec};
@@ -265,14 +265,17 @@ fn resolve_max_model_len(
     }
 }
 
-fn cache_shape(config: &ModelConfig, num_blocks: usize, block_size: usize) -> KvCacheShape {
-    KvCacheShape {
+/// Bytes of one KV-cache block of `block_size` tokens in `dtype` for `config`'s layers and heads.
+fn bytes_per_block(config: &ModelConfig, block_size: usize, dtype: DType) -> usize {
+    let shape = KvCacheShape {
         num_layers: config.num_hidden_layers,
-        num_blocks,
+        num_blocks: 1,
         block_size,
         num_kv_heads: config.num_key_value_heads,
         head_dim: config.head_dim,
-    }
+        dtype,
+    };
+    shape.bytes_per_block()
 }
 
 fn no_room(bytes_per_block: usize, hint: &str) -> LaunchError {
@@ -284,7 +287,7 @@ fn bind_cpu(opts: &EngineOptions, files: &ModelFiles) -> Result<BoundModel, Laun
     if opts.dtype.is_some_and(|d| d != DType::F32) {
         tracing::info!("the CPU backend computes in float32; --dtype only selects what GPU backends compute in");
     }
-    let bytes_per_block = cache_shape(config, 1, opts.block_size).bytes_per_block(DType::F32);
+    let bytes_per_block = bytes_per_block(config, opts.block_size, CpuBackend::new().kv_cache_dtype());
     let num_blocks = match (opts.num_gpu_blocks_override, opts.kv_cache_memory_bytes) {
         (Some(n), _) => n,
         (None, Some(bytes)) => bytes / bytes_per_block,
@@ -312,8 +315,8 @@ fn bind_cuda(opts: &EngineOptions, files: &ModelFiles, handle: DeviceHandle) -> 
     let dtype = gpu_dtype(opts, files);
     check_attention_shape(dtype, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         .map_err(LaunchError::Invalid)?;
-    let bytes_per_block = cache_shape(config, 1, opts.block_size).bytes_per_block(dtype);
     let backend = CudaBackend::new(handle.clone(), dtype);
+    let bytes_per_block = bytes_per_block(config, opts.block_size, backend.kv_cache_dtype());
     let explicit_blocks = match (opts.num_gpu_blocks_override, opts.kv_cache_memory_bytes) {
         (Some(n), _) => Some(n),
         (None, Some(bytes)) => Some(bytes / bytes_per_block),

@@ -281,9 +281,16 @@ impl Backend for CpuBackend {
         Ok(CpuWeight { rows: shape[0], cols: shape[1], data: WeightData::Owned(data) })
     }
 
+    fn kv_cache_dtype(&self) -> DType {
+        DType::F32
+    }
+
     fn new_kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache, BackendError> {
         let per_layer = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
-        let num_bytes = shape.bytes_per_block(DType::F32) * shape.num_blocks;
+        if shape.dtype != DType::F32 {
+            return Err(BackendError::Batch(format!("the CPU backend keeps its KV cache in f32, not {}", shape.dtype)));
+        }
+        let num_bytes = shape.bytes_per_block() * shape.num_blocks;
         let alloc = || {
             zeroed_vec(per_layer)
                 .ok_or_else(|| BackendError::KvCacheAllocation { num_bytes, message: "out of memory".into() })
@@ -568,7 +575,14 @@ mod tests {
     #[test]
     fn attention_reads_scattered_blocks_like_contiguous_memory() {
         // One sequence of 5 tokens in blocks [3, 1, 0] of size 2; one head of width 4.
-        let shape = KvCacheShape { num_layers: 1, num_blocks: 4, block_size: 2, num_kv_heads: 1, head_dim: 4 };
+        let shape = KvCacheShape {
+            num_layers: 1,
+            num_blocks: 4,
+            block_size: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            dtype: DType::F32,
+        };
         let mut cache = CpuBackend.new_kv_cache(shape).unwrap();
         let layout = BatchLayout {
             token_ids: vec![0; 5],

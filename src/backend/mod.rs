@@ -66,7 +66,7 @@ pub fn check_split(widths: &[usize], cols: usize) -> Result<(), BackendError> {
 }
 
 /// Geometry of the paged KV cache: per layer, K and V each `[num_blocks, block_size, num_kv_heads,
-/// head_dim]`, so a token's slot is `block_id * block_size + offset_in_block`.
+/// head_dim]` elements of `dtype`, so a token's slot is `block_id * block_size + offset_in_block`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCacheShape {
     pub num_layers: usize,
@@ -74,12 +74,14 @@ pub struct KvCacheShape {
     pub block_size: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// `--kv-cache-dtype auto`: the dtype the backend computes in (f32 on the CPU).
+    pub dtype: DType,
 }
 
 impl KvCacheShape {
-    /// Bytes one block takes across all layers, K and V, with `dtype` elements.
-    pub fn bytes_per_block(&self, dtype: DType) -> usize {
-        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * dtype.size_in_bytes()
+    /// Bytes one block takes across all layers, K and V.
+    pub fn bytes_per_block(&self) -> usize {
+        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes()
     }
 }
 
@@ -178,6 +180,9 @@ pub trait Backend: Send + Sync + 'static {
     fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>, BackendError>;
     /// A weight computed on the host (the rotary table).
     fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<Self::Weight, BackendError>;
+    /// The element type of this backend's KV cache (`--kv-cache-dtype auto`).
+    fn kv_cache_dtype(&self) -> DType;
+    /// A KV cache of `shape`, whose dtype must be [`Backend::kv_cache_dtype`].
     fn new_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, BackendError>;
     fn prepare_batch(&self, layout: &BatchLayout) -> Result<Self::Batch, BackendError>;
 

@@ -185,6 +185,7 @@ impl<B: Backend> ModelRunner<B> {
             block_size,
             num_kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
+            dtype: backend.kv_cache_dtype(),
         };
         let cache = backend.new_kv_cache(cache_shape)?;
         Ok(ModelRunner { backend, model, cache, cache_shape, vocab_size: config.vocab_size })

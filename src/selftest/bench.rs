@@ -117,6 +117,7 @@ pub fn decode_attention(
         block_size,
         num_kv_heads: plan.num_kv_heads,
         head_dim: plan.head_dim,
+        dtype: backend.kv_cache_dtype(),
     };
     let mut cache = backend.new_kv_cache(shape).map_err(device_error)?;
     backend.fill_kv_cache_random(&mut cache, 1).map_err(device_error)?;

@@ -320,11 +320,12 @@ pub fn attention_setup(rig: &mut Rig, case: &AttentionCase) -> Result<AttentionS
         block_size: BLOCK_SIZE,
         num_kv_heads: case.num_kv_heads,
         head_dim: case.head_dim,
+        dtype: rig.dtype(),
     };
     fill.validate(&shape)?;
     attend.validate(&shape)?;
-    let mut cpu_cache = CpuBackend.new_kv_cache(shape)?;
-    let mut cuda_cache = rig.cuda.new_kv_cache(shape)?;
+    let mut cpu_cache = CpuBackend.new_kv_cache(KvCacheShape { dtype: DType::F32, ..shape })?;
+    let mut cuda_cache = rig.cuda.new_kv_cache(KvCacheShape { dtype: rig.dtype(), ..shape })?;
     rig.cuda.poison_kv_cache(&mut cuda_cache)?;
     let (k_cpu, k_cuda) = rig.tensors(fill.num_tokens(), kv_width, 1.0)?;
     let (v_cpu, v_cuda) = rig.tensors(fill.num_tokens(), kv_width, 1.0)?;
@@ -361,7 +362,14 @@ pub fn attention_check(rig: &Rig, case: &AttentionCase, setup: &AttentionSetup) 
 /// and k, and attention over what was written (in layer 1, so a write into layer 0 is caught).
 pub fn fused_rotary(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     let (head_dim, num_heads, num_kv_heads) = (64, 4, 2);
-    let shape = KvCacheShape { num_layers: 2, num_blocks: 4, block_size: BLOCK_SIZE, num_kv_heads, head_dim };
+    let shape = KvCacheShape {
+        num_layers: 2,
+        num_blocks: 4,
+        block_size: BLOCK_SIZE,
+        num_kv_heads,
+        head_dim,
+        dtype: DType::F32,
+    };
     let n = 20;
     let layout = BatchLayout {
         token_ids: vec![0; n],
@@ -377,8 +385,8 @@ pub fn fused_rotary(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     let (mut k_cpu, mut k_cuda) = rig.tensors(n, num_kv_heads * head_dim, 1.0)?;
     let (v_cpu, v_cuda) = rig.tensors(n, num_kv_heads * head_dim, 1.0)?;
     let params = AttentionParams { num_heads, num_kv_heads, head_dim, scale: 0.125, sliding_window: None };
-    let mut cpu_cache = CpuBackend.new_kv_cache(shape)?;
-    let mut cuda_cache = rig.cuda.new_kv_cache(shape)?;
+    let mut cpu_cache = CpuBackend.new_kv_cache(KvCacheShape { dtype: DType::F32, ..shape })?;
+    let mut cuda_cache = rig.cuda.new_kv_cache(KvCacheShape { dtype: rig.dtype(), ..shape })?;
     rig.cuda.poison_kv_cache(&mut cuda_cache)?;
     let cpu_batch = CpuBackend.prepare_batch(&layout)?;
     let cuda_batch = rig.cuda.prepare_batch(&layout)?;

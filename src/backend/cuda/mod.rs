@@ -406,10 +406,20 @@ impl Backend for CudaBackend {
         Ok(CudaWeight { buf, rows: shape[0], cols: shape[1], dtype: DType::F32 })
     }
 
+    fn kv_cache_dtype(&self) -> DType {
+        self.dtype
+    }
+
     fn new_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache, BackendError> {
+        if shape.dtype != self.dtype {
+            return Err(BackendError::Batch(format!(
+                "a KV cache of {} on a backend computing in {}",
+                shape.dtype, self.dtype
+            )));
+        }
         let per_layer =
             shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim * self.dtype.size_in_bytes();
-        let total = shape.bytes_per_block(self.dtype) * shape.num_blocks;
+        let total = shape.bytes_per_block() * shape.num_blocks;
         let alloc = || -> Result<DeviceBuffer, BackendError> {
             let buf = self
                 .handle
