@@ -229,10 +229,14 @@ pub fn choose_device(kind: DeviceKind) -> Result<Option<DeviceHandle>, LaunchErr
         }
         #[cfg(feature = "cuda-emu")]
         DeviceKind::EmulatedCuda => {
-            let device = crate::backend::cuda::emulated::EmulatedDevice::new(8 << 30, 4);
-            // Tests of a failing step make one launch fail.
-            if let Some(n) = std::env::var("PAGODA_EMULATED_FAIL_LAUNCH").ok().and_then(|v| v.parse().ok()) {
-                device.fail_launch(n);
+            // Tests size the device's memory, and make one launch fail to see a failing step.
+            let env = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
+            let device = crate::backend::cuda::emulated::EmulatedDevice::new(
+                env("PAGODA_EMULATED_MEMORY").unwrap_or(8 << 30),
+                4,
+            );
+            if let Some(n) = env("PAGODA_EMULATED_FAIL_LAUNCH") {
+                device.fail_launch(n as u64);
             }
             Ok(Some(DeviceHandle::new(Arc::new(device))))
         }

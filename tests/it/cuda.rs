@@ -229,6 +229,58 @@ mod emulated {
         assert_eq!(post(server.port, "/v1/completions", &body).status, 200);
     }
 
+    /// Without an explicit size the KV cache gets what the weights and a profiling pass at the full
+    /// token budget leave of `--gpu-memory-utilization` × the device's memory; a model that does
+    /// not fit is one clear error naming the tensor.
+    #[test]
+    fn the_kv_cache_is_sized_from_device_memory_and_too_little_memory_is_one_error() {
+        let model = fixture("tiny-llama");
+        let generate = |memory: &str, utilization: &str| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_pagoda"))
+                .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "Hi", "--max-tokens", "2"])
+                .args(["--device", "cuda-emulated", "--dtype", "float32", "--max-num-batched-tokens", "64"])
+                .args(["--gpu-memory-utilization", utilization])
+                .env("PAGODA_LOG", "info")
+                .env("PAGODA_EMULATED_MEMORY", memory)
+                .output()
+                .unwrap()
+        };
+        let blocks = |log: &str| -> usize {
+            // The log may be coloured: drop the escape sequences first.
+            let mut plain = String::new();
+            let mut in_escape = false;
+            for c in log.chars() {
+                match (in_escape, c) {
+                    (false, '\u{1b}') => in_escape = true,
+                    (true, 'm') => in_escape = false,
+                    (false, c) => plain.push(c),
+                    _ => {}
+                }
+            }
+            let log = plain.as_str();
+            let at = log.find("num_blocks=").unwrap_or_else(|| panic!("{log}")) + "num_blocks=".len();
+            log[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+        };
+        // 32 MiB: the f32 weights take 0.85 MiB; a block (2 layers × K and V × 16 tokens × 2 KV
+        // heads × 16 dims × 4 bytes) takes 8 KiB.
+        let half = generate("33554432", "0.5");
+        let log = String::from_utf8_lossy(&half.stderr);
+        assert!(half.status.success(), "{log}");
+        assert!(log.contains("KV cache sized from GPU memory"), "{log}");
+        let full = generate("33554432", "0.9");
+        let full_log = String::from_utf8_lossy(&full.stderr);
+        assert!(full.status.success(), "{full_log}");
+        let (at_half, at_full) = (blocks(&log), blocks(&full_log));
+        // 0.4 × 32 MiB more memory is 1,638 more blocks of 8 KiB.
+        assert_eq!(at_full - at_half, (0.4f64 * 32.0 * 1024.0 * 1024.0 / 8192.0) as usize, "{at_half} → {at_full}");
+
+        // 512 KiB cannot hold the weights.
+        let tiny = generate("524288", "0.9");
+        assert_eq!(tiny.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&tiny.stderr);
+        assert!(err.contains("does not fit on the GPU") && err.contains("weight '"), "{err}");
+    }
+
     /// A CPU-only device choice cannot run the self test: one clear line.
     #[test]
     fn selftest_needs_a_cuda_device() {
