@@ -147,6 +147,12 @@ pub struct EngineArgs {
     #[arg(long, env = "PAGODA_KV_CACHE_DTYPE", default_value = "auto", value_parser = parse_kv_cache_dtype)]
     pub kv_cache_dtype: KvCacheDtypeArg,
 
+    /// Run every step eagerly, never from captured CUDA graphs (vLLM's flag). Pagoda does not
+    /// capture graphs yet, so every step already runs eagerly; the flag is accepted so that vLLM
+    /// command lines work, and will keep meaning this once graphs exist.
+    #[arg(long, env = "PAGODA_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
+
     /// How to load the weights: auto (the checkpoint's files) or dummy (random values of the
     /// model's shapes, made on the device; no weight file is read; for benchmarks).
     #[arg(long, env = "PAGODA_LOAD_FORMAT", value_enum, default_value_t = LoadFormatArg::Auto)]
