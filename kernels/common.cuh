@@ -41,6 +41,8 @@ template <>
 __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
 // Sum over the 32 lanes of a warp; every lane gets the total. All lanes must call it.
 __device__ __forceinline__ float warp_sum(float v) {

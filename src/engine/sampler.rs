@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::RngCore;
 
 use super::request::{SamplingParams, TokenLogprobs};
+use crate::backend::{RowSampling, draw_by_index};
 
 /// Temperatures below this are greedy, as in vLLM.
 const GREEDY_TEMPERATURE: f32 = 1e-5;
@@ -37,18 +38,28 @@ pub fn sample(
     (token, logprobs)
 }
 
-/// Whether the token is simply the argmax of the raw logits: greedy, no logprobs asked for, and
-/// no processor that would change a logit this step. Such rows are picked on the device (by
-/// `Backend::argmax_rows`), which must give what [`sample`] gives.
-pub fn is_plain_greedy(params: &SamplingParams, ctx: &SamplingContext) -> bool {
+/// How the row can be sampled where its logits are (`Backend::sample_rows`), giving what
+/// [`sample`] gives: greedy, or a draw after temperature and min-p (with the uniform number taken
+/// from `rng` now, as [`sample`] would take it), when no logprobs are asked for, no processor
+/// changes a logit this step and no top-k/top-p applies. `None`: the host sampler is needed.
+pub fn device_rule(params: &SamplingParams, ctx: &SamplingContext, rng: &mut ChaCha8Rng) -> Option<RowSampling> {
     let masks_stops = ctx.output_ids.len() < params.min_tokens && !ctx.stop_token_ids.is_empty();
-    params.temperature < GREEDY_TEMPERATURE
-        && params.logprobs.is_none()
+    let untouched = params.logprobs.is_none()
         && params.logit_bias.is_empty()
         && params.repetition_penalty == 1.0
         && params.frequency_penalty == 0.0
         && params.presence_penalty == 0.0
-        && !masks_stops
+        && !masks_stops;
+    if !untouched {
+        return None;
+    }
+    if params.temperature < GREEDY_TEMPERATURE {
+        return Some(RowSampling::Greedy);
+    }
+    if params.top_k > 0 || params.top_p < 1.0 {
+        return None;
+    }
+    Some(RowSampling::Draw { temperature: params.temperature, min_p: params.min_p, uniform: uniform(rng) })
 }
 
 /// The log-softmax of `logits` at `token`, and the `k` most likely tokens with theirs.
@@ -127,6 +138,10 @@ fn apply_processors(logits: &mut [f32], params: &SamplingParams, ctx: &SamplingC
 
 /// A random draw after temperature, min-p, top-k and top-p.
 fn draw(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
+    if params.top_k == 0 && params.top_p >= 1.0 {
+        // The walk in index order, as the device does it (`device_rule`).
+        return draw_by_index(logits, params.temperature, params.min_p, uniform(rng));
+    }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) / params.temperature;
     let mut probs: Vec<f32> = logits.iter().map(|&l| (l / params.temperature - max).exp()).collect();
     if params.min_p > 0.0 {
@@ -137,26 +152,21 @@ fn draw(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
             }
         }
     }
-    // Candidates in the order the draw walks them: by index, unless top-k/top-p need them sorted.
-    let candidates: Vec<u32> = if params.top_k > 0 || params.top_p < 1.0 {
-        let k = if params.top_k > 0 { params.top_k } else { probs.len() };
-        let mut sorted = top_k_indices(&probs, k);
-        if params.top_p < 1.0 {
-            let total: f32 = sorted.iter().map(|&i| probs[i as usize]).sum();
-            let mut cumulative = 0.0;
-            let keep = sorted
-                .iter()
-                .position(|&i| {
-                    cumulative += probs[i as usize];
-                    cumulative >= params.top_p * total
-                })
-                .map_or(sorted.len(), |p| p + 1);
-            sorted.truncate(keep);
-        }
-        sorted
-    } else {
-        (0..probs.len() as u32).collect()
-    };
+    // Candidates in the order the draw walks them: by probability, cut by top-k and top-p.
+    let k = if params.top_k > 0 { params.top_k } else { probs.len() };
+    let mut candidates = top_k_indices(&probs, k);
+    if params.top_p < 1.0 {
+        let total: f32 = candidates.iter().map(|&i| probs[i as usize]).sum();
+        let mut cumulative = 0.0;
+        let keep = candidates
+            .iter()
+            .position(|&i| {
+                cumulative += probs[i as usize];
+                cumulative >= params.top_p * total
+            })
+            .map_or(candidates.len(), |p| p + 1);
+        candidates.truncate(keep);
+    }
     let total: f32 = candidates.iter().map(|&i| probs[i as usize]).sum();
     let mut target = uniform(rng) * total;
     for &i in &candidates {
@@ -261,12 +271,20 @@ mod tests {
     }
 
     #[test]
-    fn only_untouched_greedy_rows_are_plain_argmax() {
+    fn rows_go_to_the_device_only_when_it_gives_what_the_host_gives() {
         let stops = [0u32];
         let c = SamplingContext { prompt_ids: &[], output_ids: &[5], stop_token_ids: &stops };
-        assert!(is_plain_greedy(&SamplingParams::greedy(), &c));
+        let rule = |params: &SamplingParams, c: &SamplingContext| device_rule(params, c, &mut rng(1));
+        assert_eq!(rule(&SamplingParams::greedy(), &c), Some(RowSampling::Greedy));
+        let temperature = SamplingParams { temperature: 0.7, min_p: 0.1, ..SamplingParams::default() };
+        let expected_uniform = uniform(&mut rng(1));
+        assert_eq!(
+            rule(&temperature, &c),
+            Some(RowSampling::Draw { temperature: 0.7, min_p: 0.1, uniform: expected_uniform })
+        );
         for params in [
-            SamplingParams::default(),
+            SamplingParams { top_k: 5, ..SamplingParams::default() },
+            SamplingParams { top_p: 0.9, ..SamplingParams::default() },
             SamplingParams { logprobs: Some(0), ..SamplingParams::greedy() },
             SamplingParams { logit_bias: vec![(1, 1.0)], ..SamplingParams::greedy() },
             SamplingParams { repetition_penalty: 1.1, ..SamplingParams::greedy() },
@@ -274,12 +292,29 @@ mod tests {
             SamplingParams { presence_penalty: 0.1, ..SamplingParams::greedy() },
             SamplingParams { min_tokens: 2, ..SamplingParams::greedy() },
         ] {
-            assert!(!is_plain_greedy(&params, &c), "{params:?}");
+            assert_eq!(rule(&params, &c), None, "{params:?}");
         }
-        // min_tokens reached, or nothing to mask: plain again.
-        assert!(is_plain_greedy(&SamplingParams { min_tokens: 1, ..SamplingParams::greedy() }, &c));
+        // min_tokens reached, or nothing to mask: on the device again.
+        assert!(rule(&SamplingParams { min_tokens: 1, ..SamplingParams::greedy() }, &c).is_some());
         let no_stops = SamplingContext { prompt_ids: &[], output_ids: &[], stop_token_ids: &[] };
-        assert!(is_plain_greedy(&SamplingParams { min_tokens: 3, ..SamplingParams::greedy() }, &no_stops));
+        assert!(rule(&SamplingParams { min_tokens: 3, ..SamplingParams::greedy() }, &no_stops).is_some());
+    }
+
+    /// The device's rule draws what `sample` draws from the same generator.
+    #[test]
+    fn a_device_rule_draws_what_the_host_sampler_draws() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+        let params = SamplingParams { temperature: 0.8, min_p: 0.05, ..SamplingParams::default() };
+        let (mut host_rng, mut device_rng) = (rng(9), rng(9));
+        for _ in 0..200 {
+            let (host, _) = sample(&mut logits.clone(), &params, &ctx(&[], &[]), &mut host_rng);
+            let Some(RowSampling::Draw { temperature, min_p, uniform }) =
+                device_rule(&params, &ctx(&[], &[]), &mut device_rng)
+            else {
+                panic!("a temperature draw goes to the device")
+            };
+            assert_eq!(draw_by_index(&logits, temperature, min_p, uniform), host);
+        }
     }
 
     #[test]

@@ -171,11 +171,13 @@ pub fn logits_rows(handle: &DeviceHandle, fixtures: &Path) -> Result<Vec<Row>, S
 pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, String> {
     let dir = fixtures.join("tiny-llama");
     let stream: Vec<u32> = prompts(&dir)?.iter().flat_map(|p| p.prompt_ids[1..].to_vec()).cycle().take(2000).collect();
-    let requests: Vec<(Vec<u32>, usize)> = (0..12)
+    let greedy =
+        |max_tokens| SamplingParams { max_tokens: Some(max_tokens), ignore_eos: true, ..SamplingParams::greedy() };
+    let requests: Vec<(Vec<u32>, SamplingParams)> = (0..12)
         .map(|i| {
             let mut p = vec![0];
             p.extend_from_slice(&stream[(i * 53) % 1000..][..(i * 37) % 90]);
-            (p, 6 + (i * 5) % 11)
+            (p, greedy(6 + (i * 5) % 11))
         })
         .collect();
     let options = |device, tweak: &dyn Fn(&mut EngineOptions)| {
@@ -190,21 +192,21 @@ pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, St
         tweak(&mut o);
         o
     };
-    let generate = |opts: &EngineOptions, batch: &[(Vec<u32>, usize)]| -> Result<(Vec<Vec<u32>>, u64), String> {
-        let mut engine = load_engine(opts).map_err(|e| e.to_string())?.engine;
-        for (i, (prompt, max_tokens)) in batch.iter().enumerate() {
-            let params = SamplingParams { max_tokens: Some(*max_tokens), ignore_eos: true, ..SamplingParams::greedy() };
-            let request = EngineRequest {
-                id: RequestId(format!("{i:02}")),
-                prompt_token_ids: prompt.clone(),
-                params,
-                arrival: std::time::Instant::now(),
-            };
-            engine.add_request(request).map_err(|e| e.to_string())?;
-        }
-        let done = engine.run_to_completion().map_err(|e| e.to_string())?;
-        Ok((done.into_iter().map(|c| c.token_ids).collect(), engine.stats().num_preemptions))
-    };
+    let generate =
+        |opts: &EngineOptions, batch: &[(Vec<u32>, SamplingParams)]| -> Result<(Vec<Vec<u32>>, u64), String> {
+            let mut engine = load_engine(opts).map_err(|e| e.to_string())?.engine;
+            for (i, (prompt, params)) in batch.iter().enumerate() {
+                let request = EngineRequest {
+                    id: RequestId(format!("{i:02}")),
+                    prompt_token_ids: prompt.clone(),
+                    params: params.clone(),
+                    arrival: std::time::Instant::now(),
+                };
+                engine.add_request(request).map_err(|e| e.to_string())?;
+            }
+            let done = engine.run_to_completion().map_err(|e| e.to_string())?;
+            Ok((done.into_iter().map(|c| c.token_ids).collect(), engine.stats().num_preemptions))
+        };
     let (mut same_as_cpu, mut alone) = (0, Vec::new());
     for request in &requests {
         let (ours, _) = generate(&options(device, &|_| ()), std::slice::from_ref(request))?;
@@ -219,6 +221,24 @@ pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, St
     let (together, preemptions) = generate(&together_opts, &requests)?;
     let same_batched = together.iter().zip(&alone).filter(|(a, b)| a == b).count();
     let n = requests.len();
+    // Seeded temperature and min-p sampling, drawn on the device: the CPU engine's tokens.
+    let seeded: Vec<(Vec<u32>, SamplingParams)> = requests
+        .iter()
+        .take(6)
+        .enumerate()
+        .map(|(i, (prompt, _))| {
+            let params = SamplingParams {
+                temperature: 0.6 + 0.2 * i as f32,
+                min_p: if i % 2 == 0 { 0.0 } else { 0.05 },
+                seed: Some(i as u64),
+                ..greedy(12)
+            };
+            (prompt.clone(), params)
+        })
+        .collect();
+    let (seeded_ours, _) = generate(&options(device, &|_| ()), &seeded)?;
+    let (seeded_cpu, _) = generate(&options(DeviceKind::Cpu, &|_| ()), &seeded)?;
+    let same_seeded = seeded_ours.iter().zip(&seeded_cpu).filter(|(a, b)| a == b).count();
     Ok(vec![
         Row::check(
             "batching",
@@ -231,6 +251,12 @@ pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, St
             format!("greedy tokens alone and batched ({preemptions} preemptions)"),
             format!("{same_batched} of {n}"),
             same_batched == n && preemptions > 0,
+        ),
+        Row::check(
+            "batching",
+            "seeded temperature/min-p draws equal to the CPU engine's (f32)".into(),
+            format!("{same_seeded} of {}", seeded.len()),
+            same_seeded == seeded.len(),
         ),
     ])
 }

@@ -10,7 +10,7 @@ use rand_core::{RngCore, SeedableRng};
 use crate::backend::cpu::{CpuBackend, CpuTensor, CpuWeight};
 use crate::backend::cuda::device::DeviceHandle;
 use crate::backend::cuda::{CudaBackend, CudaBatch, CudaKvCache, CudaTensor, CudaWeight, encode};
-use crate::backend::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, SeqLayout};
+use crate::backend::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowSampling, SeqLayout};
 use crate::model::config::{RopeConfig, RopeScaling};
 use crate::weights::{DType, WeightStore, serialize};
 
@@ -217,7 +217,8 @@ pub fn argmax(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     let (_, w) = rig.weights(&[1000, 40], 1.0)?;
     let logits = rig.cuda.logits(&x, &w)?;
     let mut rows: Vec<Vec<f32>> = rig.cuda.to_host(&logits)?.chunks_exact(1000).map(<[f32]>::to_vec).collect();
-    let mut ours = rig.cuda.argmax_rows(&logits)?;
+    let greedy = |n: usize| vec![RowSampling::Greedy; n];
+    let mut ours = rig.cuda.sample_rows(&logits, &greedy(6))?;
     if rig.dtype() == DType::F32 {
         let special = vec![
             vec![1.0, 3.0, 3.0, -1.0],
@@ -227,12 +228,44 @@ pub fn argmax(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
             vec![-5.0, -4.0, f32::NEG_INFINITY, -4.0],
         ];
         let flat: Vec<f32> = special.concat();
-        ours.extend(rig.cuda.argmax_rows(&rig.cuda.tensor_from_f32(&flat, special.len(), 4)?)?);
+        ours.extend(rig.cuda.sample_rows(&rig.cuda.tensor_from_f32(&flat, special.len(), 4)?, &greedy(special.len()))?);
         rows.extend(special);
     }
     let wrong = rows.iter().zip(&ours).filter(|(row, t)| crate::engine::sampler::argmax(row) != **t).count();
     Ok(vec![Check {
         name: format!("argmax of {} rows", rows.len()),
+        dtype: rig.dtype(),
+        error: wrong as f32,
+        tolerance: 0.0,
+    }])
+}
+
+/// Draws on the device (temperature, min-p, a uniform number) equal `draw_by_index` on the host
+/// over the same logits, greedy rows mixed in.
+pub fn draws(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
+    let rows = 48;
+    // Small weights: flat distributions, where a wrong walk would pick another token.
+    let (_, x) = rig.tensors(rows, 40, 1.0)?;
+    let (_, w) = rig.weights(&[1000, 40], 0.2)?;
+    let logits = rig.cuda.logits(&x, &w)?;
+    let host = rig.cuda.to_host(&logits)?;
+    let rules: Vec<RowSampling> = (0..rows)
+        .map(|r| match r % 4 {
+            0 => RowSampling::Greedy,
+            1 => RowSampling::Draw {
+                temperature: 1.0,
+                min_p: 0.0,
+                uniform: crate::backend::dummy_value(5, r as u64) * 500.0 + 0.5,
+            },
+            2 => RowSampling::Draw { temperature: 0.3, min_p: 0.0, uniform: (r as f32 + 0.5) / rows as f32 },
+            _ => RowSampling::Draw { temperature: 1.5, min_p: 0.2, uniform: (r as f32 * 0.37) % 1.0 },
+        })
+        .collect();
+    let ours = rig.cuda.sample_rows(&logits, &rules)?;
+    let expected = CpuBackend.sample_rows(&CpuTensor { data: host, rows, cols: 1000 }, &rules)?;
+    let wrong = ours.iter().zip(&expected).filter(|(a, b)| a != b).count();
+    Ok(vec![Check {
+        name: format!("sampling of {rows} rows"),
         dtype: rig.dtype(),
         error: wrong as f32,
         tolerance: 0.0,
@@ -459,6 +492,7 @@ pub fn run_all(
         checks.extend(fused_rotary(&mut rig)?);
         checks.extend(dummy_weights(&mut rig)?);
         checks.extend(argmax(&mut rig)?);
+        checks.extend(draws(&mut rig)?);
     }
     for (case, dtypes) in attention_cases() {
         for dtype in dtypes {

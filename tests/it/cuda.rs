@@ -102,11 +102,12 @@ mod emulated {
     }
 
     /// The CPU engine's batching test on the CUDA backend: requests alone and together (chunked,
-    /// preempted) give the same greedy tokens, and the same as the CPU engine gives.
+    /// preempted) give the same greedy tokens, and the same as the CPU engine gives; seeded
+    /// temperature sampling, drawn on the device, gives the CPU engine's tokens too.
     #[test]
     fn greedy_tokens_do_not_depend_on_batching_and_equal_the_cpu_engine() {
         let rows = fixtures::batching_rows(&fixtures_dir(), DeviceKind::EmulatedCuda).unwrap();
-        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.len(), 3);
         assert_all_pass(&rows);
     }
 
@@ -134,13 +135,13 @@ mod emulated {
         assert!(measured("device copy bandwidth")[0] > 0.0);
     }
 
-    /// A step that samples some rows greedily on the device and returns the others' logits gives
-    /// what the full logits say, on the emulated CUDA device and on the CPU.
+    /// A step that samples some rows on the device and returns the others' logits gives what the
+    /// full logits say, on the emulated CUDA device and on the CPU.
     #[test]
-    fn mixed_greedy_and_host_rows_split_as_asked() {
+    fn rows_sampled_on_the_device_and_rows_for_the_host_split_as_asked() {
         use pagoda::backend::cpu::CpuBackend;
         use pagoda::backend::cuda::CudaBackend;
-        use pagoda::backend::{BatchLayout, SeqLayout};
+        use pagoda::backend::{BatchLayout, RowSampling, SeqLayout, draw_by_index};
         use pagoda::engine::sampler::argmax;
         use pagoda::model::{Executor, ModelFiles, ModelRunner};
         use pagoda::weights::DType;
@@ -162,23 +163,20 @@ mod emulated {
             }
         }
         let rows = [2u32, 6, 11];
+        let draw = RowSampling::Draw { temperature: 0.9, min_p: 0.0, uniform: 0.6 };
         let runners: Vec<Box<dyn Executor>> = vec![
             Box::new(ModelRunner::new(CudaBackend::new(device(), DType::F32), &files, 64, 4, 16).unwrap()),
             Box::new(ModelRunner::new(CpuBackend::new(), &files, 64, 4, 16).unwrap()),
         ];
         for mut runner in runners {
             let all = runner.execute(&layout, &rows).unwrap();
-            let step = runner.execute_step(&layout, &rows, &[true, false, true]).unwrap();
-            assert_eq!(
-                step.greedy_tokens,
-                vec![argmax(&all[..1024]), argmax(&all[2048..])],
-                "{}",
-                runner.backend_name()
-            );
+            let step = runner.execute_step(&layout, &rows, &[Some(RowSampling::Greedy), None, Some(draw)]).unwrap();
+            let expected = vec![argmax(&all[..1024]), draw_by_index(&all[2048..], 0.9, 0.0, 0.6)];
+            assert_eq!(step.tokens, expected, "{}", runner.backend_name());
             assert_eq!(step.logits, all[1024..2048].to_vec());
-            let only_greedy = runner.execute_step(&layout, &rows, &[true; 3]).unwrap();
-            assert_eq!(only_greedy.greedy_tokens.len(), 3);
-            assert!(only_greedy.logits.is_empty());
+            let on_device = runner.execute_step(&layout, &rows, &[Some(RowSampling::Greedy); 3]).unwrap();
+            assert_eq!(on_device.tokens.len(), 3);
+            assert!(on_device.logits.is_empty());
         }
     }
 

@@ -65,7 +65,7 @@ pub fn attention_merge(num_tokens: usize, num_heads: usize) -> LaunchConfig {
     config((dim(num_tokens), dim(num_heads), 1), ROW_THREADS)
 }
 
-/// `pagoda_argmax_f32`: one block per row.
+/// `pagoda_argmax_f32` and `pagoda_sample_f32`: one block per row.
 pub fn argmax(num_rows: usize) -> LaunchConfig {
     config((dim(num_rows), 1, 1), NORM_THREADS)
 }

@@ -18,7 +18,7 @@ mod tests;
 
 use device::{DeviceBuffer, DeviceError, DeviceHandle, DevicePtr, GemmCall, KernelArg, Transpose};
 
-use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape};
+use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowSampling};
 use crate::weights::{DType, RawTensor};
 
 impl From<DeviceError> for BackendError {
@@ -751,19 +751,44 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn argmax_rows(&self, x: &CudaTensor) -> Result<Vec<u32>, BackendError> {
+    fn sample_rows(&self, x: &CudaTensor, sampling: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
         if x.dtype != DType::F32 {
-            return Err(BackendError::Batch("argmax_rows: logits must be f32".into()));
+            return Err(BackendError::Batch("sample_rows: logits must be f32".into()));
+        }
+        if sampling.len() != x.rows {
+            return Err(BackendError::Batch(format!("{} sampling rules for {} rows", sampling.len(), x.rows)));
         }
         if x.rows == 0 {
             return Ok(Vec::new());
         }
         let tokens = self.handle.buffer(x.rows * 4)?;
-        self.handle.device().launch(
-            "pagoda_argmax_f32",
-            geometry::argmax(x.rows),
-            &[KernelArg::Ptr(tokens.ptr()), KernelArg::Ptr(x.ptr()), KernelArg::I32(x.cols as i32)],
-        )?;
+        if sampling.iter().all(|r| *r == RowSampling::Greedy) {
+            self.handle.device().launch(
+                "pagoda_argmax_f32",
+                geometry::argmax(x.rows),
+                &[KernelArg::Ptr(tokens.ptr()), KernelArg::Ptr(x.ptr()), KernelArg::I32(x.cols as i32)],
+            )?;
+        } else {
+            // Per row: temperature (0 for greedy), min_p and the uniform number, as f32 triples.
+            let rules: Vec<f32> = sampling
+                .iter()
+                .flat_map(|r| match *r {
+                    RowSampling::Greedy => [0.0, 0.0, 0.0],
+                    RowSampling::Draw { temperature, min_p, uniform } => [temperature, min_p, uniform],
+                })
+                .collect();
+            let rules = self.handle.upload(bytemuck::cast_slice(&rules))?;
+            self.handle.device().launch(
+                "pagoda_sample_f32",
+                geometry::argmax(x.rows),
+                &[
+                    KernelArg::Ptr(tokens.ptr()),
+                    KernelArg::Ptr(x.ptr()),
+                    KernelArg::Ptr(rules.ptr()),
+                    KernelArg::I32(x.cols as i32),
+                ],
+            )?;
+        }
         let mut ids = vec![0u32; x.rows];
         self.handle.device().copy_to_host(tokens.ptr(), bytemuck::cast_slice_mut(&mut ids))?;
         Ok(ids)

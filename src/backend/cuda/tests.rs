@@ -132,6 +132,13 @@ fn greedy_picks_on_the_device_equal_the_host_argmax() {
 }
 
 #[test]
+fn draws_on_the_device_equal_the_hosts() {
+    for dtype in conformance::DTYPES {
+        assert_all_pass(&conformance::draws(&mut rig(dtype)).unwrap());
+    }
+}
+
+#[test]
 fn dummy_weights_are_the_hosts_stream() {
     for dtype in conformance::DTYPES {
         assert_all_pass(&conformance::dummy_weights(&mut rig(dtype)).unwrap());
