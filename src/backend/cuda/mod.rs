@@ -234,6 +234,33 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// `pagoda_add_rms_norm`: RMSNorm of `residual`, after adding `delta` into it when given.
+    fn norm(
+        &self,
+        residual: &CudaTensor,
+        delta: Option<&CudaTensor>,
+        weight: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor, BackendError> {
+        check_vector(weight, residual.cols, "rms_norm")?;
+        let out = self.new_tensor(residual.rows, residual.cols)?;
+        if residual.rows > 0 {
+            self.launch(
+                "add_rms_norm",
+                geometry::add_rms_norm(residual.rows),
+                &[
+                    KernelArg::Ptr(residual.ptr()),
+                    KernelArg::Ptr(delta.map_or(0, CudaTensor::ptr)),
+                    KernelArg::Ptr(out.ptr()),
+                    KernelArg::Ptr(weight.buf.ptr()),
+                    KernelArg::I32(residual.cols as i32),
+                    KernelArg::F32(eps),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
     fn kernel(&self, op: &str) -> String {
         format!("pagoda_{op}_{}", geometry::dtype_suffix(self.dtype))
     }
@@ -508,23 +535,7 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor, BackendError> {
-        check_vector(weight, x.cols, "rms_norm")?;
-        let out = self.new_tensor(x.rows, x.cols)?;
-        if x.rows > 0 {
-            self.launch(
-                "add_rms_norm",
-                geometry::add_rms_norm(x.rows),
-                &[
-                    KernelArg::Ptr(x.ptr()),
-                    KernelArg::Ptr(0),
-                    KernelArg::Ptr(out.ptr()),
-                    KernelArg::Ptr(weight.buf.ptr()),
-                    KernelArg::I32(x.cols as i32),
-                    KernelArg::F32(eps),
-                ],
-            )?;
-        }
-        Ok(out)
+        self.norm(x, None, weight, eps)
     }
 
     fn add_rms_norm(
@@ -535,23 +546,8 @@ impl Backend for CudaBackend {
         eps: f32,
     ) -> Result<CudaTensor, BackendError> {
         check_shape(delta, hidden.rows, hidden.cols, "add_rms_norm")?;
-        check_vector(weight, hidden.cols, "add_rms_norm")?;
-        let out = self.new_tensor(hidden.rows, hidden.cols)?;
-        if hidden.rows > 0 {
-            self.launch(
-                "add_rms_norm",
-                geometry::add_rms_norm(hidden.rows),
-                &[
-                    KernelArg::Ptr(hidden.ptr()),
-                    KernelArg::Ptr(delta.ptr()),
-                    KernelArg::Ptr(out.ptr()),
-                    KernelArg::Ptr(weight.buf.ptr()),
-                    KernelArg::I32(hidden.cols as i32),
-                    KernelArg::F32(eps),
-                ],
-            )?;
-        }
-        Ok(out)
+        // The kernel adds `delta` into `hidden` in place before normalizing.
+        self.norm(hidden, Some(delta), weight, eps)
     }
 
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<(), BackendError> {
