@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowSampling};
+use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowSampling, SampledRow};
 use crate::weights::{DType, RawTensor, convert_to_f32};
 
 /// A 2-D f32 activation, row-major.
@@ -511,23 +511,14 @@ impl Backend for CpuBackend {
         Ok(x.data.clone())
     }
 
-    fn sample_rows(&self, x: &CpuTensor, sampling: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
+    fn sample_rows(&self, x: &CpuTensor, sampling: &[RowSampling]) -> Result<Vec<SampledRow>, BackendError> {
         if sampling.len() != x.rows {
             return Err(BackendError::Batch(format!("{} sampling rules for {} rows", sampling.len(), x.rows)));
         }
-        // Strictly greater, scanning upwards: the first maximum wins; NaN counts as -inf.
-        let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
-        let first_max =
-            |row: &[f32]| (1..row.len()).fold(0, |best, i| if key(row[i]) > key(row[best]) { i } else { best });
         Ok(x.data
             .chunks_exact(x.cols.max(1))
             .zip(sampling)
-            .map(|(row, rule)| match *rule {
-                RowSampling::Greedy => first_max(row) as u32,
-                RowSampling::Draw { temperature, min_p, uniform } => {
-                    super::draw_by_index(row, temperature, min_p, uniform)
-                }
-            })
+            .map(|(row, rule)| super::sampling::sample_row(&mut row.to_vec(), rule))
             .collect())
     }
 }

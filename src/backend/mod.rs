@@ -13,6 +13,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod sampling;
+
+pub use sampling::{Draw, LogitEdit, RowLogprobs, RowSampling, SampledRow};
 
 use crate::weights::{DType, RawTensor};
 
@@ -63,42 +66,6 @@ pub fn check_split(widths: &[usize], cols: usize) -> Result<(), BackendError> {
         return Err(BackendError::Batch(format!("split_columns: {widths:?} do not add up to {cols}")));
     }
     Ok(())
-}
-
-/// How one row of logits becomes a token where the logits are (`Backend::sample_rows`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum RowSampling {
-    /// The first index of the largest logit, NaN counting as -inf.
-    Greedy,
-    /// [`draw_by_index`] with these parameters and this uniform number in [0, 1).
-    Draw { temperature: f32, min_p: f32, uniform: f32 },
-}
-
-/// A token drawn from `softmax(logits / temperature)` without the tokens whose probability is
-/// below `min_p` times the most likely one's: the vocabulary is walked in index order until
-/// `uniform` × the kept mass is used up. The host sampler draws exactly this when no top-k/top-p
-/// applies, and `Backend::sample_rows` computes it on the device (there, with the mass summed
-/// in another order, so a draw within rounding of a boundary may land on its neighbour).
-pub fn draw_by_index(logits: &[f32], temperature: f32, min_p: f32, uniform: f32) -> u32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) / temperature;
-    let probs: Vec<f32> = logits
-        .iter()
-        .map(|&l| {
-            // The most likely token has probability ∝ exp(0) = 1 here.
-            let p = (l / temperature - max).exp();
-            if p < min_p { 0.0 } else { p }
-        })
-        .collect();
-    let total: f32 = probs.iter().sum();
-    let mut target = uniform * total;
-    for (i, &p) in probs.iter().enumerate() {
-        if target < p {
-            return i as u32;
-        }
-        target -= p;
-    }
-    // Rounding left a sliver at the end: take the last token with any probability.
-    probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
 }
 
 /// Geometry of the paged KV cache: per layer, K and V each `[num_blocks, block_size, num_kv_heads,
@@ -302,7 +269,8 @@ pub trait Backend: Send + Sync + 'static {
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
-    /// A token for each row of f32 logits `x`, picked as `sampling` says, where the logits are:
-    /// only the ids leave the device.
-    fn sample_rows(&self, x: &Self::Tensor, sampling: &[RowSampling]) -> Result<Vec<u32>, BackendError>;
+    /// A token for each row of f32 logits `x`, picked as `sampling` says ([`sampling::sample_row`]
+    /// defines it) where the logits are: only the ids and the logprobs asked for leave the device.
+    /// `x` is used up.
+    fn sample_rows(&self, x: &Self::Tensor, sampling: &[RowSampling]) -> Result<Vec<SampledRow>, BackendError>;
 }

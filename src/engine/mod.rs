@@ -265,8 +265,8 @@ impl Engine {
         let mut layout = BatchLayout::default();
         let mut logits_rows = Vec::new();
         let mut sampled = Vec::new();
-        // Rows the device can sample as the host would are sampled where the logits are.
-        let mut device_rules = Vec::new();
+        // Every row is sampled where its logits are, by the rule its parameters give.
+        let mut rules = Vec::new();
         for s in &plan.scheduled {
             let runtime = self.seqs.get_mut(&s.seq).expect("scheduled sequences have runtime state");
             if runtime.timings.first_scheduled.is_none() {
@@ -291,7 +291,7 @@ impl Engine {
                 logits_rows.push((query_start + s.num_new_tokens - 1) as u32);
                 sampled.push(s.seq);
                 let tokens = self.scheduler.tokens(s.seq);
-                device_rules.push(sampler::device_rule(
+                rules.push(sampler::row_rule(
                     &runtime.params,
                     &SamplingContext {
                         prompt_ids: &tokens[..runtime.num_prompt_tokens],
@@ -302,30 +302,19 @@ impl Engine {
                 ));
             }
         }
-        let result = self.executor.execute_step(&layout, &logits_rows, &device_rules)?;
+        let picked = self.executor.execute_step(&layout, &logits_rows, &rules)?;
+        if picked.len() != sampled.len() {
+            return Err(
+                BackendError::Batch("the executor returned another number of rows than were sampled".into()).into()
+            );
+        }
         self.scheduler.complete_step(&plan);
 
         let now = Instant::now();
-        let vocab = self.vocab_size;
         let mut outputs = Vec::with_capacity(sampled.len());
-        let mut device_tokens = result.tokens.into_iter();
-        let mut logits = result.logits;
-        let mut host_rows = logits.chunks_exact_mut(vocab);
-        let missing = || BackendError::Batch("the executor returned fewer rows than were sampled".into());
-        for (seq, rule) in sampled.into_iter().zip(device_rules) {
+        for (seq, row) in sampled.into_iter().zip(picked) {
             let runtime = self.seqs.get_mut(&seq).expect("sampled sequences have runtime state");
-            let params = runtime.params.clone();
-            let tokens = self.scheduler.tokens(seq);
-            let ctx = SamplingContext {
-                prompt_ids: &tokens[..runtime.num_prompt_tokens],
-                output_ids: &tokens[runtime.num_prompt_tokens..],
-                stop_token_ids: &runtime.stop_token_ids,
-            };
-            let (token, logprobs) = if rule.is_some() {
-                (device_tokens.next().ok_or_else(missing)?, None)
-            } else {
-                sampler::sample(host_rows.next().ok_or_else(missing)?, &params, &ctx, &mut runtime.rng)
-            };
+            let (token, logprobs) = sampler::token_and_logprobs(row);
             self.scheduler.append_token(seq, token);
             runtime.timings.first_token.get_or_insert(now);
             runtime.timings.last_token = Some(now);

@@ -1,15 +1,17 @@
-//! Choosing the next token from a row of logits, in vLLM's order: logprobs from the raw logits;
-//! then the `min_tokens` mask, `logit_bias`, and repetition/frequency/presence penalties; then
-//! either the argmax (temperature 0) or temperature, min-p, top-k, top-p and a draw from the
-//! sequence's own random generator.
+//! The sampling rule of one sequence's next token, in vLLM's order: logprobs from the raw
+//! logits; then the `min_tokens` mask, `logit_bias`, and repetition/frequency/presence penalties;
+//! then either the argmax (temperature 0) or temperature, min-p, top-k, top-p and a draw with a
+//! number from the sequence's own random generator. The rule is applied where the logits are
+//! (`Backend::sample_rows`, defined by `backend::sampling::sample_row`).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::RngCore;
 
 use super::request::{SamplingParams, TokenLogprobs};
-use crate::backend::{RowSampling, draw_by_index};
+use crate::backend::sampling::sample_row;
+use crate::backend::{Draw, LogitEdit, RowSampling, SampledRow};
 
 /// Temperatures below this are greedy, as in vLLM.
 const GREEDY_TEMPERATURE: f32 = 1e-5;
@@ -23,161 +25,64 @@ pub struct SamplingContext<'a> {
     pub stop_token_ids: &'a [u32],
 }
 
-/// Picks the next token from `logits` (which it modifies) and, if asked, its logprobs.
+/// The rule that picks this step's token for a sequence. A draw takes its uniform number from
+/// `rng` now; a greedy pick takes none.
+pub fn row_rule(params: &SamplingParams, ctx: &SamplingContext, rng: &mut ChaCha8Rng) -> RowSampling {
+    let draw = (params.temperature >= GREEDY_TEMPERATURE).then(|| Draw {
+        temperature: params.temperature,
+        min_p: params.min_p,
+        top_k: params.top_k as u32,
+        top_p: params.top_p,
+        uniform: uniform(rng),
+    });
+    RowSampling { edits: edits(params, ctx), draw, logprobs: params.logprobs.map(|k| k as u32) }
+}
+
+/// Picks the next token from `logits` (which it modifies) and, if asked, its logprobs, on the host.
 pub fn sample(
     logits: &mut [f32],
     params: &SamplingParams,
     ctx: &SamplingContext,
     rng: &mut ChaCha8Rng,
 ) -> (u32, Option<TokenLogprobs>) {
-    // Logprobs describe the model's own distribution, before any processing (vLLM's default).
-    let raw = params.logprobs.map(|_| logits.to_vec());
-    apply_processors(logits, params, ctx);
-    let token = if params.temperature < GREEDY_TEMPERATURE { argmax(logits) } else { draw(logits, params, rng) };
-    let logprobs = raw.map(|raw| token_logprobs(&raw, token, params.logprobs.unwrap_or(0)));
-    (token, logprobs)
+    token_and_logprobs(sample_row(logits, &row_rule(params, ctx, rng)))
 }
 
-/// How the row can be sampled where its logits are (`Backend::sample_rows`), giving what
-/// [`sample`] gives: greedy, or a draw after temperature and min-p (with the uniform number taken
-/// from `rng` now, as [`sample`] would take it), when no logprobs are asked for, no processor
-/// changes a logit this step and no top-k/top-p applies. `None`: the host sampler is needed.
-pub fn device_rule(params: &SamplingParams, ctx: &SamplingContext, rng: &mut ChaCha8Rng) -> Option<RowSampling> {
-    let masks_stops = ctx.output_ids.len() < params.min_tokens && !ctx.stop_token_ids.is_empty();
-    let untouched = params.logprobs.is_none()
-        && params.logit_bias.is_empty()
-        && params.repetition_penalty == 1.0
-        && params.frequency_penalty == 0.0
-        && params.presence_penalty == 0.0
-        && !masks_stops;
-    if !untouched {
-        return None;
-    }
-    if params.temperature < GREEDY_TEMPERATURE {
-        return Some(RowSampling::Greedy);
-    }
-    if params.top_k > 0 || params.top_p < 1.0 {
-        return None;
-    }
-    Some(RowSampling::Draw { temperature: params.temperature, min_p: params.min_p, uniform: uniform(rng) })
+/// A backend's pick as the engine reports it.
+pub fn token_and_logprobs(row: SampledRow) -> (u32, Option<TokenLogprobs>) {
+    let logprobs = row.logprobs.map(|l| TokenLogprobs { token_id: row.token, logprob: l.logprob, top: l.top });
+    (row.token, logprobs)
 }
 
-/// The log-softmax of `logits` at `token`, and the `k` most likely tokens with theirs.
-pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    let log_sum_exp = max + sum.ln() as f32;
-    let top = top_k_indices(logits, k).into_iter().map(|i| (i, logits[i as usize] - log_sum_exp)).collect();
-    TokenLogprobs { token_id: token, logprob: logits[token as usize] - log_sum_exp, top }
-}
-
-/// Indices of the `k` largest values, largest first, ties broken by lower index.
-pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
-    let k = k.min(values.len());
-    if k == 0 {
-        return Vec::new();
+/// The logit processors as one edit per token they touch, in token order.
+fn edits(params: &SamplingParams, ctx: &SamplingContext) -> Vec<LogitEdit> {
+    fn at(edits: &mut BTreeMap<u32, LogitEdit>, token: u32) -> &mut LogitEdit {
+        edits.entry(token).or_insert(LogitEdit { token, add: 0.0, repetition: 1.0, subtract: 0.0 })
     }
-    let order = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
-    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, order);
-        idx.truncate(k);
-    }
-    idx.sort_unstable_by(order);
-    idx
-}
-
-/// The first index of the largest value, NaN counting as -inf (as `Backend::argmax_rows` does).
-pub fn argmax(values: &[f32]) -> u32 {
-    let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if key(v) > key(values[best]) {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn apply_processors(logits: &mut [f32], params: &SamplingParams, ctx: &SamplingContext) {
+    let mut edits = BTreeMap::new();
     if ctx.output_ids.len() < params.min_tokens {
         for &t in ctx.stop_token_ids {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l = f32::NEG_INFINITY;
-            }
+            at(&mut edits, t).add = f32::NEG_INFINITY;
         }
     }
     for &(t, bias) in &params.logit_bias {
-        if let Some(l) = logits.get_mut(t as usize) {
-            *l += bias;
-        }
+        at(&mut edits, t).add += bias;
     }
     if params.repetition_penalty != 1.0 {
-        let p = params.repetition_penalty;
-        let mut seen = std::collections::HashSet::new();
         for &t in ctx.prompt_ids.iter().chain(ctx.output_ids) {
-            if seen.insert(t)
-                && let Some(l) = logits.get_mut(t as usize)
-            {
-                *l = if *l > 0.0 { *l / p } else { *l * p };
-            }
+            at(&mut edits, t).repetition = params.repetition_penalty;
         }
     }
     if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
-        let mut counts: HashMap<u32, u32> = HashMap::new();
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
         for &t in ctx.output_ids {
             *counts.entry(t).or_default() += 1;
         }
         for (t, count) in counts {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l -= params.frequency_penalty * count as f32 + params.presence_penalty;
-            }
+            at(&mut edits, t).subtract = params.frequency_penalty * count as f32 + params.presence_penalty;
         }
     }
-}
-
-/// A random draw after temperature, min-p, top-k and top-p.
-fn draw(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
-    if params.top_k == 0 && params.top_p >= 1.0 {
-        // The walk in index order, as the device does it (`device_rule`).
-        return draw_by_index(logits, params.temperature, params.min_p, uniform(rng));
-    }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) / params.temperature;
-    let mut probs: Vec<f32> = logits.iter().map(|&l| (l / params.temperature - max).exp()).collect();
-    if params.min_p > 0.0 {
-        // The most likely token has probability ∝ exp(0) = 1 here; drop those below min_p of it.
-        for p in probs.iter_mut() {
-            if *p < params.min_p {
-                *p = 0.0;
-            }
-        }
-    }
-    // Candidates in the order the draw walks them: by probability, cut by top-k and top-p.
-    let k = if params.top_k > 0 { params.top_k } else { probs.len() };
-    let mut candidates = top_k_indices(&probs, k);
-    if params.top_p < 1.0 {
-        let total: f32 = candidates.iter().map(|&i| probs[i as usize]).sum();
-        let mut cumulative = 0.0;
-        let keep = candidates
-            .iter()
-            .position(|&i| {
-                cumulative += probs[i as usize];
-                cumulative >= params.top_p * total
-            })
-            .map_or(candidates.len(), |p| p + 1);
-        candidates.truncate(keep);
-    }
-    let total: f32 = candidates.iter().map(|&i| probs[i as usize]).sum();
-    let mut target = uniform(rng) * total;
-    for &i in &candidates {
-        let p = probs[i as usize];
-        if target < p {
-            return i;
-        }
-        target -= p;
-    }
-    // Rounding left a sliver at the end: take the last token with any probability.
-    candidates.iter().rev().copied().find(|&i| probs[i as usize] > 0.0).unwrap_or(candidates[0])
+    edits.into_values().collect()
 }
 
 /// Uniform in [0, 1) with 24 bits, the precision of an f32.
@@ -271,55 +176,55 @@ mod tests {
     }
 
     #[test]
-    fn rows_go_to_the_device_only_when_it_gives_what_the_host_gives() {
-        let stops = [0u32];
-        let c = SamplingContext { prompt_ids: &[], output_ids: &[5], stop_token_ids: &stops };
-        let rule = |params: &SamplingParams, c: &SamplingContext| device_rule(params, c, &mut rng(1));
-        assert_eq!(rule(&SamplingParams::greedy(), &c), Some(RowSampling::Greedy));
-        let temperature = SamplingParams { temperature: 0.7, min_p: 0.1, ..SamplingParams::default() };
-        let expected_uniform = uniform(&mut rng(1));
+    fn rules_carry_the_processors_as_one_edit_per_token() {
+        let stops = [0u32, 9];
+        let c = SamplingContext { prompt_ids: &[4, 7, 4], output_ids: &[7, 5, 7], stop_token_ids: &stops };
+        let params = SamplingParams {
+            min_tokens: 5,
+            logit_bias: vec![(9, 2.0), (5, -1.0)],
+            repetition_penalty: 1.5,
+            frequency_penalty: 0.25,
+            presence_penalty: 0.5,
+            logprobs: Some(3),
+            ..SamplingParams::greedy()
+        };
+        let rule = row_rule(&params, &c, &mut rng(1));
+        let edit = |token, add, repetition, subtract| LogitEdit { token, add, repetition, subtract };
         assert_eq!(
-            rule(&temperature, &c),
-            Some(RowSampling::Draw { temperature: 0.7, min_p: 0.1, uniform: expected_uniform })
+            rule.edits,
+            vec![
+                edit(0, f32::NEG_INFINITY, 1.0, 0.0),
+                edit(4, 0.0, 1.5, 0.0),
+                edit(5, -1.0, 1.5, 0.75),
+                edit(7, 0.0, 1.5, 1.0),
+                edit(9, f32::NEG_INFINITY, 1.0, 0.0),
+            ]
         );
-        for params in [
-            SamplingParams { top_k: 5, ..SamplingParams::default() },
-            SamplingParams { top_p: 0.9, ..SamplingParams::default() },
-            SamplingParams { logprobs: Some(0), ..SamplingParams::greedy() },
-            SamplingParams { logit_bias: vec![(1, 1.0)], ..SamplingParams::greedy() },
-            SamplingParams { repetition_penalty: 1.1, ..SamplingParams::greedy() },
-            SamplingParams { frequency_penalty: 0.1, ..SamplingParams::greedy() },
-            SamplingParams { presence_penalty: 0.1, ..SamplingParams::greedy() },
-            SamplingParams { min_tokens: 2, ..SamplingParams::greedy() },
-        ] {
-            assert_eq!(rule(&params, &c), None, "{params:?}");
-        }
-        // min_tokens reached, or nothing to mask: on the device again.
-        assert!(rule(&SamplingParams { min_tokens: 1, ..SamplingParams::greedy() }, &c).is_some());
-        let no_stops = SamplingContext { prompt_ids: &[], output_ids: &[], stop_token_ids: &[] };
-        assert!(rule(&SamplingParams { min_tokens: 3, ..SamplingParams::greedy() }, &no_stops).is_some());
-    }
-
-    /// The device's rule draws what `sample` draws from the same generator.
-    #[test]
-    fn a_device_rule_draws_what_the_host_sampler_draws() {
-        let logits: Vec<f32> = (0..50).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
-        let params = SamplingParams { temperature: 0.8, min_p: 0.05, ..SamplingParams::default() };
-        let (mut host_rng, mut device_rng) = (rng(9), rng(9));
-        for _ in 0..200 {
-            let (host, _) = sample(&mut logits.clone(), &params, &ctx(&[], &[]), &mut host_rng);
-            let Some(RowSampling::Draw { temperature, min_p, uniform }) =
-                device_rule(&params, &ctx(&[], &[]), &mut device_rng)
-            else {
-                panic!("a temperature draw goes to the device")
-            };
-            assert_eq!(draw_by_index(&logits, temperature, min_p, uniform), host);
-        }
+        assert_eq!((rule.draw, rule.logprobs), (None, Some(3)));
+        // Past min_tokens, the stops are no longer masked; with no processor, no edit.
+        let done = SamplingContext { output_ids: &[1; 5], ..c };
+        assert!(
+            row_rule(&SamplingParams { min_tokens: 5, ..SamplingParams::greedy() }, &done, &mut rng(1))
+                .edits
+                .is_empty()
+        );
     }
 
     #[test]
-    fn top_k_indices_orders_ties_by_index() {
-        assert_eq!(top_k_indices(&[1.0, 5.0, 5.0, 2.0], 3), vec![1, 2, 3]);
-        assert_eq!(top_k_indices(&[1.0], 5), vec![0]);
+    fn a_draw_takes_one_number_from_the_generator_and_greedy_none() {
+        let c = ctx(&[], &[]);
+        let params = SamplingParams { temperature: 0.7, min_p: 0.1, top_k: 5, top_p: 0.9, ..SamplingParams::default() };
+        let mut r = rng(1);
+        let rule = row_rule(&params, &c, &mut r);
+        let expected = Draw { temperature: 0.7, min_p: 0.1, top_k: 5, top_p: 0.9, uniform: uniform(&mut rng(1)) };
+        assert_eq!(rule.draw, Some(expected));
+        assert_eq!(uniform(&mut r), {
+            let mut again = rng(1);
+            uniform(&mut again);
+            uniform(&mut again)
+        });
+        let mut r = rng(1);
+        assert_eq!(row_rule(&SamplingParams::greedy(), &c, &mut r).draw, None);
+        assert_eq!(uniform(&mut r), uniform(&mut rng(1)));
     }
 }

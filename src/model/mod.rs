@@ -9,7 +9,7 @@ pub mod rope;
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Backend, BackendError, BatchLayout, KvCacheShape, RowSampling};
+use crate::backend::{Backend, BackendError, BatchLayout, KvCacheShape, RowSampling, SampledRow};
 use crate::tokenizer::{Tokenizer, TokenizerError, TokenizerFiles};
 use crate::weights::{WeightStore, WeightsError};
 pub use config::{Architecture, ConfigError, ModelConfig};
@@ -120,28 +120,18 @@ impl ModelFiles {
     }
 }
 
-/// A step's results for its sampled rows: those with a device rule as token ids picked where the
-/// logits are, the others as logits for the host sampler.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct StepResult {
-    /// One token per row with a rule, in row order.
-    pub tokens: Vec<u32>,
-    /// `[rows without a rule, vocab_size]` logits, row-major, in row order.
-    pub logits: Vec<f32>,
-}
-
 /// What the engine needs from a model: run one batch, and sample or return the requested rows.
 pub trait Executor: Send {
     /// Runs `layout` and returns `[logits_rows.len(), vocab_size]` logits, row-major.
     fn execute(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<Vec<f32>, BackendError>;
-    /// Runs `layout`; of `logits_rows`, those with a rule in `sampling` come back as the token the
-    /// rule picks on the device (only the ids leave it), the others as logits.
+    /// Runs `layout` and picks a token for each of `logits_rows` by its rule in `sampling`, where
+    /// the logits are: only the ids and the logprobs asked for leave the device.
     fn execute_step(
         &mut self,
         layout: &BatchLayout,
         logits_rows: &[u32],
-        sampling: &[Option<RowSampling>],
-    ) -> Result<StepResult, BackendError>;
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledRow>, BackendError>;
     fn vocab_size(&self) -> usize;
     fn backend_name(&self) -> &'static str;
     fn kv_cache_shape(&self) -> KvCacheShape;
@@ -226,24 +216,13 @@ impl<B: Backend> Executor for ModelRunner<B> {
         &mut self,
         layout: &BatchLayout,
         logits_rows: &[u32],
-        sampling: &[Option<RowSampling>],
-    ) -> Result<StepResult, BackendError> {
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledRow>, BackendError> {
         if sampling.len() != logits_rows.len() {
-            return Err(BackendError::Batch("one sampling choice per sampled row is needed".into()));
+            return Err(BackendError::Batch("one sampling rule per sampled row is needed".into()));
         }
         let logits = self.forward(layout, logits_rows)?;
-        let backend = &self.backend;
-        let rules: Vec<RowSampling> = sampling.iter().flatten().copied().collect();
-        let (picked, host): (Vec<u32>, Vec<u32>) =
-            (0..sampling.len() as u32).partition(|&i| sampling[i as usize].is_some());
-        Ok(match (picked.is_empty(), host.is_empty()) {
-            (_, true) => StepResult { tokens: backend.sample_rows(&logits, &rules)?, logits: Vec::new() },
-            (true, false) => StepResult { tokens: Vec::new(), logits: backend.to_host(&logits)? },
-            (false, false) => StepResult {
-                tokens: backend.sample_rows(&backend.gather_rows(&logits, &picked)?, &rules)?,
-                logits: backend.to_host(&backend.gather_rows(&logits, &host)?)?,
-            },
-        })
+        self.backend.sample_rows(&logits, sampling)
     }
 
     fn vocab_size(&self) -> usize {

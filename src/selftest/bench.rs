@@ -6,8 +6,8 @@
 use super::Row;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::cuda::device::{DeviceError, DeviceHandle};
+use crate::backend::sampling::argmax;
 use crate::backend::{AttentionParams, Backend, BatchLayout, KvCacheShape, SeqLayout};
-use crate::engine::sampler::argmax;
 use crate::model::{Executor, ModelConfig, ModelRunner, Weights};
 use crate::weights::DType;
 

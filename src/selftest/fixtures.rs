@@ -10,8 +10,8 @@ use serde_json::Value;
 use super::Row;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::cuda::device::DeviceHandle;
+use crate::backend::sampling::argmax;
 use crate::backend::{Backend, BatchLayout, KvCacheShape, SeqLayout};
-use crate::engine::sampler::argmax;
 use crate::engine::{EngineRequest, RequestId, SamplingParams};
 use crate::launch::{DeviceKind, EngineOptions, load_engine};
 use crate::model::{Executor, ModelFiles, ModelRunner};
@@ -221,7 +221,8 @@ pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, St
     let (together, preemptions) = generate(&together_opts, &requests)?;
     let same_batched = together.iter().zip(&alone).filter(|(a, b)| a == b).count();
     let n = requests.len();
-    // Seeded temperature and min-p sampling, drawn on the device: the CPU engine's tokens.
+    // Seeded sampling with every parameter the device applies (temperature, min-p, top-k, top-p,
+    // penalties, logit bias, min_tokens), drawn on the device: the CPU engine's tokens.
     let seeded: Vec<(Vec<u32>, SamplingParams)> = requests
         .iter()
         .take(6)
@@ -230,6 +231,13 @@ pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, St
             let params = SamplingParams {
                 temperature: 0.6 + 0.2 * i as f32,
                 min_p: if i % 2 == 0 { 0.0 } else { 0.05 },
+                top_k: [0, 5, 40][i % 3],
+                top_p: [1.0, 0.9, 0.6][(i / 2) % 3],
+                repetition_penalty: if i % 2 == 1 { 1.2 } else { 1.0 },
+                frequency_penalty: if i >= 3 { 0.3 } else { 0.0 },
+                presence_penalty: if i == 4 { -0.2 } else { 0.0 },
+                logit_bias: if i == 5 { vec![(7, 3.0), (9, -100.0)] } else { Vec::new() },
+                min_tokens: 4,
                 seed: Some(i as u64),
                 ..greedy(12)
             };
@@ -254,7 +262,7 @@ pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, St
         ),
         Row::check(
             "batching",
-            "seeded temperature/min-p draws equal to the CPU engine's (f32)".into(),
+            "seeded draws (every sampling parameter) equal to the CPU engine's (f32)".into(),
             format!("{same_seeded} of {}", seeded.len()),
             same_seeded == seeded.len(),
         ),

@@ -10,7 +10,10 @@ use rand_core::{RngCore, SeedableRng};
 use crate::backend::cpu::{CpuBackend, CpuTensor, CpuWeight};
 use crate::backend::cuda::device::DeviceHandle;
 use crate::backend::cuda::{CudaBackend, CudaBatch, CudaKvCache, CudaTensor, CudaWeight, encode};
-use crate::backend::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowSampling, SeqLayout};
+use crate::backend::{
+    AttentionParams, Backend, BackendError, BatchLayout, Draw, KvCacheShape, LogitEdit, RowSampling, SampledRow,
+    SeqLayout,
+};
 use crate::model::config::{RopeConfig, RopeScaling};
 use crate::weights::{DType, WeightStore, serialize};
 
@@ -217,8 +220,9 @@ pub fn argmax(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     let (_, w) = rig.weights(&[1000, 40], 1.0)?;
     let logits = rig.cuda.logits(&x, &w)?;
     let mut rows: Vec<Vec<f32>> = rig.cuda.to_host(&logits)?.chunks_exact(1000).map(<[f32]>::to_vec).collect();
-    let greedy = |n: usize| vec![RowSampling::Greedy; n];
-    let mut ours = rig.cuda.sample_rows(&logits, &greedy(6))?;
+    let greedy = |n: usize| vec![RowSampling::greedy(); n];
+    let tokens = |rows: Vec<SampledRow>| rows.into_iter().map(|r| r.token).collect::<Vec<_>>();
+    let mut ours = tokens(rig.cuda.sample_rows(&logits, &greedy(6))?);
     if rig.dtype() == DType::F32 {
         let special = vec![
             vec![1.0, 3.0, 3.0, -1.0],
@@ -228,10 +232,12 @@ pub fn argmax(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
             vec![-5.0, -4.0, f32::NEG_INFINITY, -4.0],
         ];
         let flat: Vec<f32> = special.concat();
-        ours.extend(rig.cuda.sample_rows(&rig.cuda.tensor_from_f32(&flat, special.len(), 4)?, &greedy(special.len()))?);
+        ours.extend(tokens(
+            rig.cuda.sample_rows(&rig.cuda.tensor_from_f32(&flat, special.len(), 4)?, &greedy(special.len()))?,
+        ));
         rows.extend(special);
     }
-    let wrong = rows.iter().zip(&ours).filter(|(row, t)| crate::engine::sampler::argmax(row) != **t).count();
+    let wrong = rows.iter().zip(&ours).filter(|(row, t)| crate::backend::sampling::argmax(row) != **t).count();
     Ok(vec![Check {
         name: format!("argmax of {} rows", rows.len()),
         dtype: rig.dtype(),
@@ -240,36 +246,84 @@ pub fn argmax(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     }])
 }
 
-/// Draws on the device (temperature, min-p, a uniform number) equal `draw_by_index` on the host
-/// over the same logits, greedy rows mixed in.
-pub fn draws(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
-    let rows = 48;
-    // Small weights: flat distributions, where a wrong walk would pick another token.
+/// Every sampling rule on the device picks what `backend::sampling::sample_row` picks on the host
+/// from the same logits (greedy and draws; temperature, min-p, top-k, top-p; the logit edits;
+/// logprobs within rounding), with rows of ties where top-k must break them by index.
+pub fn sampling(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
+    let rows = 64;
+    // Small weights: flat distributions, where a wrong walk or a wrong cut picks another token.
     let (_, x) = rig.tensors(rows, 40, 1.0)?;
     let (_, w) = rig.weights(&[1000, 40], 0.2)?;
-    let logits = rig.cuda.logits(&x, &w)?;
-    let host = rig.cuda.to_host(&logits)?;
-    let rules: Vec<RowSampling> = (0..rows)
-        .map(|r| match r % 4 {
-            0 => RowSampling::Greedy,
-            1 => RowSampling::Draw {
-                temperature: 1.0,
-                min_p: 0.0,
-                uniform: crate::backend::dummy_value(5, r as u64) * 500.0 + 0.5,
-            },
-            2 => RowSampling::Draw { temperature: 0.3, min_p: 0.0, uniform: (r as f32 + 0.5) / rows as f32 },
-            _ => RowSampling::Draw { temperature: 1.5, min_p: 0.2, uniform: (r as f32 * 0.37) % 1.0 },
-        })
-        .collect();
+    let mut host = rig.cuda.to_host(&rig.cuda.logits(&x, &w)?)?;
+    // Rows 56..64 (one of each rule): plateaus of equal logits, so that top-k and top-p cut inside
+    // a run of ties, drawn near the end of the kept mass, where an extra tie would be picked (and
+    // not at a multiple of the plateaus' period, where a boundary falls within rounding).
+    for (r, row) in host.chunks_exact_mut(1000).enumerate().skip(56) {
+        for (j, l) in row.iter_mut().enumerate() {
+            *l = ((j * 7 + r) % 5) as f32 * 0.5;
+        }
+    }
+    let rules: Vec<RowSampling> = (0..rows).map(|r| sampling_rule(r, rows)).collect();
+    let logits = rig.cuda.logits_from_f32(&host, rows, 1000)?;
     let ours = rig.cuda.sample_rows(&logits, &rules)?;
     let expected = CpuBackend.sample_rows(&CpuTensor { data: host, rows, cols: 1000 }, &rules)?;
-    let wrong = ours.iter().zip(&expected).filter(|(a, b)| a != b).count();
-    Ok(vec![Check {
-        name: format!("sampling of {rows} rows"),
-        dtype: rig.dtype(),
-        error: wrong as f32,
-        tolerance: 0.0,
-    }])
+    let wrong_tokens = ours.iter().zip(&expected).filter(|(a, b)| a.token != b.token).count();
+    let mut logprob_error = 0f32;
+    let mut wrong_top = 0;
+    for (a, b) in ours.iter().zip(&expected) {
+        match (&a.logprobs, &b.logprobs) {
+            (None, None) => {}
+            (Some(a), Some(b)) => {
+                logprob_error = logprob_error.max((a.logprob - b.logprob).abs());
+                for (x, y) in a.top.iter().zip(&b.top) {
+                    logprob_error = logprob_error.max((x.1 - y.1).abs());
+                }
+                wrong_top += usize::from(a.top.iter().map(|t| t.0).ne(b.top.iter().map(|t| t.0)));
+            }
+            _ => wrong_top += 1,
+        }
+    }
+    Ok(vec![
+        Check {
+            name: format!("sampled tokens of {rows} rows"),
+            dtype: rig.dtype(),
+            error: wrong_tokens as f32,
+            tolerance: 0.0,
+        },
+        Check { name: "top logprob tokens".into(), dtype: rig.dtype(), error: wrong_top as f32, tolerance: 0.0 },
+        Check { name: "logprobs (absolute)".into(), dtype: rig.dtype(), error: logprob_error, tolerance: 1e-4 },
+    ])
+}
+
+/// The rule of row `r` in [`sampling`]: one of each kind in turn, with uniform numbers spread over
+/// [0, 1).
+fn sampling_rule(r: usize, rows: usize) -> RowSampling {
+    let uniform = if r >= 56 { 0.9973 - (r - 56) as f32 * 0.0021 } else { (r as f32 * 0.618_034) % 1.0 };
+    let d = |temperature, min_p, top_k, top_p| Draw { temperature, min_p, top_k, top_p, uniform };
+    let edits = vec![
+        LogitEdit { token: 3, add: f32::NEG_INFINITY, repetition: 1.0, subtract: 0.0 },
+        LogitEdit { token: 10, add: 2.5, repetition: 1.3, subtract: 0.0 },
+        LogitEdit { token: 11, add: 0.0, repetition: 1.3, subtract: 0.75 },
+        LogitEdit { token: 999, add: -1.0, repetition: 1.2, subtract: 0.1 },
+        LogitEdit { token: 5000, add: 9.0, repetition: 1.0, subtract: 0.0 },
+    ];
+    let mut rule = match r % 8 {
+        0 => RowSampling::greedy(),
+        1 => RowSampling::draw(d(1.0, 0.0, 0, 1.0)),
+        2 => RowSampling::draw(d(0.3, 0.0, 0, 1.0)),
+        3 => RowSampling::draw(d(1.5, 0.2, 0, 1.0)),
+        4 => RowSampling::draw(d(1.0, 0.0, 1 + (r as u32 * 13) % 40, 1.0)),
+        5 => RowSampling::draw(d(0.8, 0.0, 0, 0.05 + (r as f32 / rows as f32) * 0.9)),
+        6 => RowSampling::draw(d(1.2, 0.05, 50, 0.7)),
+        _ => RowSampling { edits: edits.clone(), ..RowSampling::greedy() },
+    };
+    if r.is_multiple_of(3) {
+        rule.edits = edits;
+    }
+    if r.is_multiple_of(5) {
+        rule.logprobs = Some((r % 7) as u32);
+    }
+    rule
 }
 
 /// Dummy weights made on the device equal the host's stream, element for element.
@@ -492,7 +546,7 @@ pub fn run_all(
         checks.extend(fused_rotary(&mut rig)?);
         checks.extend(dummy_weights(&mut rig)?);
         checks.extend(argmax(&mut rig)?);
-        checks.extend(draws(&mut rig)?);
+        checks.extend(sampling(&mut rig)?);
     }
     for (case, dtypes) in attention_cases() {
         for dtype in dtypes {

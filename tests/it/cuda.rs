@@ -135,14 +135,15 @@ mod emulated {
         assert!(measured("device copy bandwidth")[0] > 0.0);
     }
 
-    /// A step that samples some rows on the device and returns the others' logits gives what the
-    /// full logits say, on the emulated CUDA device and on the CPU.
+    /// A step picks each sampled row's token by its rule where the logits are, as the host rule
+    /// says over the full logits, on the emulated CUDA device and on the CPU, and returns only the
+    /// ids and the logprobs asked for.
     #[test]
-    fn rows_sampled_on_the_device_and_rows_for_the_host_split_as_asked() {
+    fn a_step_picks_each_row_by_its_rule_where_the_logits_are() {
         use pagoda::backend::cpu::CpuBackend;
         use pagoda::backend::cuda::CudaBackend;
-        use pagoda::backend::{BatchLayout, RowSampling, SeqLayout, draw_by_index};
-        use pagoda::engine::sampler::argmax;
+        use pagoda::backend::sampling::sample_row;
+        use pagoda::backend::{BatchLayout, Draw, LogitEdit, RowSampling, SeqLayout};
         use pagoda::model::{Executor, ModelFiles, ModelRunner};
         use pagoda::weights::DType;
 
@@ -163,20 +164,36 @@ mod emulated {
             }
         }
         let rows = [2u32, 6, 11];
-        let draw = RowSampling::Draw { temperature: 0.9, min_p: 0.0, uniform: 0.6 };
+        let rules = [
+            RowSampling { logprobs: Some(3), ..RowSampling::greedy() },
+            RowSampling {
+                edits: vec![LogitEdit { token: 17, add: 0.5, repetition: 1.2, subtract: 0.3 }],
+                ..RowSampling::draw(Draw { temperature: 0.9, min_p: 0.0, top_k: 20, top_p: 0.8, uniform: 0.6 })
+            },
+            RowSampling::draw(Draw { temperature: 0.7, min_p: 0.05, top_k: 0, top_p: 1.0, uniform: 0.3 }),
+        ];
         let runners: Vec<Box<dyn Executor>> = vec![
             Box::new(ModelRunner::new(CudaBackend::new(device(), DType::F32), &files, 64, 4, 16).unwrap()),
             Box::new(ModelRunner::new(CpuBackend::new(), &files, 64, 4, 16).unwrap()),
         ];
         for mut runner in runners {
             let all = runner.execute(&layout, &rows).unwrap();
-            let step = runner.execute_step(&layout, &rows, &[Some(RowSampling::Greedy), None, Some(draw)]).unwrap();
-            let expected = vec![argmax(&all[..1024]), draw_by_index(&all[2048..], 0.9, 0.0, 0.6)];
-            assert_eq!(step.tokens, expected, "{}", runner.backend_name());
-            assert_eq!(step.logits, all[1024..2048].to_vec());
-            let on_device = runner.execute_step(&layout, &rows, &[Some(RowSampling::Greedy); 3]).unwrap();
-            assert_eq!(on_device.tokens.len(), 3);
-            assert!(on_device.logits.is_empty());
+            let step = runner.execute_step(&layout, &rows, &rules).unwrap();
+            assert_eq!(step.len(), 3);
+            for ((row, rule), picked) in all.chunks_exact(1024).zip(&rules).zip(&step) {
+                let expected = sample_row(&mut row.to_vec(), rule);
+                assert_eq!(picked.token, expected.token, "{}", runner.backend_name());
+                match (&picked.logprobs, &expected.logprobs) {
+                    (Some(a), Some(b)) => {
+                        assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} {b:?}");
+                        assert_eq!(
+                            a.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                            b.top.iter().map(|t| t.0).collect::<Vec<_>>()
+                        );
+                    }
+                    (a, b) => assert_eq!(a, b),
+                }
+            }
         }
     }
 

@@ -18,7 +18,7 @@ mod tests;
 
 use device::{DeviceBuffer, DeviceError, DeviceHandle, DevicePtr, GemmCall, KernelArg, Transpose};
 
-use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowSampling};
+use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowLogprobs, RowSampling, SampledRow};
 use crate::weights::{DType, RawTensor};
 
 impl From<DeviceError> for BackendError {
@@ -138,11 +138,20 @@ impl CudaBackend {
 
     /// An activation holding `data` `[rows, cols]`, rounded to the backend's dtype.
     pub fn tensor_from_f32(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor, BackendError> {
+        self.tensor_in(data, rows, cols, self.dtype)
+    }
+
+    /// An f32 tensor holding `data` `[rows, cols]`, as logits are.
+    pub fn logits_from_f32(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor, BackendError> {
+        self.tensor_in(data, rows, cols, DType::F32)
+    }
+
+    fn tensor_in(&self, data: &[f32], rows: usize, cols: usize, dtype: DType) -> Result<CudaTensor, BackendError> {
         if data.len() != rows * cols {
             return Err(BackendError::Batch(format!("{} values for a [{rows}, {cols}] tensor", data.len())));
         }
-        let buf = self.handle.upload(&encode(data, self.dtype))?;
-        Ok(CudaTensor { buf, rows, cols, dtype: self.dtype })
+        let buf = self.handle.upload(&encode(data, dtype))?;
+        Ok(CudaTensor { buf, rows, cols, dtype })
     }
 
     /// Fills every cache slot with NaN (all-ones bits in every dtype), so that a kernel reading
@@ -330,6 +339,79 @@ fn check_vector(w: &CudaWeight, len: usize, op: &str) -> Result<(), BackendError
         return Err(BackendError::Batch(format!("{op}: weight [{}, {}] is not a vector of {len}", w.rows, w.cols)));
     }
     Ok(())
+}
+
+/// The sampling rules of a step as `kernels/sampling.cu` reads them, packed into one upload of
+/// 32-bit words: per row a rule (temperature (0: greedy), min_p, top_p, uniform, top_k), then the
+/// edits (row, token, add, repetition, subtract), then the rows whose logprobs are asked for. Empty
+/// when every row is a plain greedy pick (the argmax kernel needs no rules).
+struct SamplingUpload {
+    words: Vec<u32>,
+    edits_at: usize,
+    num_edits: usize,
+    logprob_rows_at: usize,
+    logprob_rows: Vec<u32>,
+    /// The most top logprobs any row asks for (capped at the vocabulary); each row gets this many.
+    max_logprobs: usize,
+}
+
+impl SamplingUpload {
+    fn new(sampling: &[RowSampling], vocab: usize) -> SamplingUpload {
+        let logprob_rows: Vec<u32> =
+            (0..sampling.len() as u32).filter(|&r| sampling[r as usize].logprobs.is_some()).collect();
+        let max_logprobs = sampling.iter().filter_map(|r| r.logprobs).max().unwrap_or(0).min(vocab as u32) as usize;
+        let plain = sampling.iter().all(|r| r.draw.is_none() && r.edits.is_empty()) && logprob_rows.is_empty();
+        if plain {
+            return SamplingUpload {
+                words: Vec::new(),
+                edits_at: 0,
+                num_edits: 0,
+                logprob_rows_at: 0,
+                logprob_rows,
+                max_logprobs,
+            };
+        }
+        let mut words = Vec::with_capacity(5 * sampling.len() + logprob_rows.len());
+        for rule in sampling {
+            words.extend(match rule.draw {
+                None => [0; 5],
+                Some(d) => {
+                    [d.temperature.to_bits(), d.min_p.to_bits(), d.top_p.to_bits(), d.uniform.to_bits(), d.top_k]
+                }
+            });
+        }
+        let edits_at = words.len();
+        for (row, rule) in sampling.iter().enumerate() {
+            for e in &rule.edits {
+                words.extend([row as u32, e.token, e.add.to_bits(), e.repetition.to_bits(), e.subtract.to_bits()]);
+            }
+        }
+        let num_edits = (words.len() - edits_at) / 5;
+        let logprob_rows_at = words.len();
+        words.extend(&logprob_rows);
+        SamplingUpload { words, edits_at, num_edits, logprob_rows_at, logprob_rows, max_logprobs }
+    }
+
+    /// Words per logprobs row of the output: the token's logprob, then (id, logprob) pairs.
+    fn logprob_width(&self) -> usize {
+        1 + 2 * self.max_logprobs
+    }
+
+    fn unpack(&self, sampling: &[RowSampling], tokens: &[u32], logprobs: &[u32]) -> Vec<SampledRow> {
+        let mut rows = logprobs.chunks_exact(self.logprob_width());
+        tokens
+            .iter()
+            .zip(sampling)
+            .map(|(&token, rule)| SampledRow {
+                token,
+                logprobs: rule.logprobs.map(|k| {
+                    let row = rows.next().unwrap_or_default();
+                    let top = row[1..].chunks_exact(2).take(k as usize).map(|p| (p[0], f32::from_bits(p[1]))).collect();
+                    RowLogprobs { logprob: f32::from_bits(row.first().copied().unwrap_or(0)), top }
+                }),
+            })
+            .collect()
+    }
 }
 
 impl Backend for CudaBackend {
@@ -747,7 +829,7 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn sample_rows(&self, x: &CudaTensor, sampling: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
+    fn sample_rows(&self, x: &CudaTensor, sampling: &[RowSampling]) -> Result<Vec<SampledRow>, BackendError> {
         if x.dtype != DType::F32 {
             return Err(BackendError::Batch("sample_rows: logits must be f32".into()));
         }
@@ -757,37 +839,64 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(Vec::new());
         }
-        let tokens = self.handle.buffer(x.rows * 4)?;
-        if sampling.iter().all(|r| *r == RowSampling::Greedy) {
-            self.handle.device().launch(
+        let plan = SamplingUpload::new(sampling, x.cols);
+        // One output buffer, downloaded in one copy: the tokens, then each logprobs row.
+        let out = self.handle.buffer(4 * (x.rows + plan.logprob_rows.len() * plan.logprob_width()))?;
+        let tokens = out.ptr();
+        let logprobs_out = tokens + 4 * x.rows as u64;
+        let device = self.handle.device();
+        if plan.words.is_empty() {
+            device.launch(
                 "pagoda_argmax_f32",
                 geometry::argmax(x.rows),
-                &[KernelArg::Ptr(tokens.ptr()), KernelArg::Ptr(x.ptr()), KernelArg::I32(x.cols as i32)],
+                &[KernelArg::Ptr(tokens), KernelArg::Ptr(x.ptr()), KernelArg::I32(x.cols as i32)],
             )?;
         } else {
-            // Per row: temperature (0 for greedy), min_p and the uniform number, as f32 triples.
-            let rules: Vec<f32> = sampling
-                .iter()
-                .flat_map(|r| match *r {
-                    RowSampling::Greedy => [0.0, 0.0, 0.0],
-                    RowSampling::Draw { temperature, min_p, uniform } => [temperature, min_p, uniform],
-                })
-                .collect();
-            let rules = self.handle.upload(bytemuck::cast_slice(&rules))?;
-            self.handle.device().launch(
+            // Everything the rules say, in one upload: the rules, the edits, the logprob rows.
+            let words = self.handle.upload(bytemuck::cast_slice(&plan.words))?;
+            let word = |i: usize| words.ptr() + 4 * i as u64;
+            // The logprobs describe the raw logits: keep those rows before the edits change them.
+            let raw = if plan.logprob_rows.is_empty() { None } else { Some(self.gather_rows(x, &plan.logprob_rows)?) };
+            if plan.num_edits > 0 {
+                device.launch(
+                    "pagoda_logit_edits_f32",
+                    geometry::elementwise(plan.num_edits),
+                    &[
+                        KernelArg::Ptr(x.ptr()),
+                        KernelArg::Ptr(word(plan.edits_at)),
+                        KernelArg::I32(plan.num_edits as i32),
+                        KernelArg::I32(x.cols as i32),
+                    ],
+                )?;
+            }
+            device.launch(
                 "pagoda_sample_f32",
                 geometry::argmax(x.rows),
                 &[
-                    KernelArg::Ptr(tokens.ptr()),
+                    KernelArg::Ptr(tokens),
                     KernelArg::Ptr(x.ptr()),
-                    KernelArg::Ptr(rules.ptr()),
+                    KernelArg::Ptr(word(0)),
                     KernelArg::I32(x.cols as i32),
                 ],
             )?;
+            if let Some(raw) = raw {
+                device.launch(
+                    "pagoda_logprobs_f32",
+                    geometry::argmax(raw.rows),
+                    &[
+                        KernelArg::Ptr(logprobs_out),
+                        KernelArg::Ptr(raw.ptr()),
+                        KernelArg::Ptr(tokens),
+                        KernelArg::Ptr(word(plan.logprob_rows_at)),
+                        KernelArg::I32(plan.max_logprobs as i32),
+                        KernelArg::I32(x.cols as i32),
+                    ],
+                )?;
+            }
         }
-        let mut ids = vec![0u32; x.rows];
-        self.handle.device().copy_to_host(tokens.ptr(), bytemuck::cast_slice_mut(&mut ids))?;
-        Ok(ids)
+        let mut words = vec![0u32; out.num_bytes() / 4];
+        device.copy_to_host(out.ptr(), bytemuck::cast_slice_mut(&mut words))?;
+        Ok(plan.unpack(sampling, &words[..x.rows], &words[x.rows..]))
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>, BackendError> {

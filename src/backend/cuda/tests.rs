@@ -132,9 +132,9 @@ fn greedy_picks_on_the_device_equal_the_host_argmax() {
 }
 
 #[test]
-fn draws_on_the_device_equal_the_hosts() {
+fn every_sampling_rule_on_the_device_picks_what_the_host_picks() {
     for dtype in conformance::DTYPES {
-        assert_all_pass(&conformance::draws(&mut rig(dtype)).unwrap());
+        assert_all_pass(&conformance::sampling(&mut rig(dtype)).unwrap());
     }
 }
 

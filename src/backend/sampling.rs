@@ -1,0 +1,252 @@
+//! How a row of logits becomes a token, defined once on the host. The engine's sampler turns a
+//! request's parameters into a [`RowSampling`]; `Backend::sample_rows` applies it where the logits
+//! are: the CPU backend by calling [`sample_row`], the CUDA backend with the kernels of
+//! `kernels/sampling.cu`, which compute the same thing and are tested against this file
+//! (`selftest::ops`). Only the token ids (and the logprobs asked for) leave the device.
+
+/// A change to one token's logit before the pick, in vLLM's order: `add` (the `min_tokens` mask as
+/// -inf, plus any logit bias), then the repetition penalty (a positive logit divided by it, a
+/// negative one multiplied), then `subtract` (frequency penalty × count + presence penalty).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LogitEdit {
+    pub token: u32,
+    pub add: f32,
+    /// 1 when there is no repetition penalty for this token.
+    pub repetition: f32,
+    pub subtract: f32,
+}
+
+impl LogitEdit {
+    pub fn apply(&self, logit: f32) -> f32 {
+        let mut x = logit + self.add;
+        if self.repetition != 1.0 {
+            x = if x > 0.0 { x / self.repetition } else { x * self.repetition };
+        }
+        x - self.subtract
+    }
+}
+
+/// A random pick: [`draw`]'s parameters and the uniform number in [0, 1) it uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draw {
+    pub temperature: f32,
+    pub min_p: f32,
+    /// 0: no top-k.
+    pub top_k: u32,
+    /// 1: no top-p.
+    pub top_p: f32,
+    pub uniform: f32,
+}
+
+/// Everything that decides one row's token.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowSampling {
+    /// At most one per token, applied before the pick (after the logprobs, which describe the
+    /// model's own distribution, as vLLM's default).
+    pub edits: Vec<LogitEdit>,
+    /// `None`: greedy, the first index of the largest logit (NaN counting as -inf).
+    pub draw: Option<Draw>,
+    /// Logprobs of the raw logits: the chosen token's, and this many of the most likely tokens'.
+    pub logprobs: Option<u32>,
+}
+
+impl RowSampling {
+    pub fn greedy() -> RowSampling {
+        RowSampling::default()
+    }
+
+    pub fn draw(draw: Draw) -> RowSampling {
+        RowSampling { draw: Some(draw), ..RowSampling::default() }
+    }
+}
+
+/// One row's pick.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampledRow {
+    pub token: u32,
+    pub logprobs: Option<RowLogprobs>,
+}
+
+/// The chosen token's log-probability, and the most likely tokens with theirs, most likely first
+/// (ties by lower index).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Picks `row`'s token by `rule`, as every backend must. `row` is used up (the edits change it).
+pub fn sample_row(row: &mut [f32], rule: &RowSampling) -> SampledRow {
+    let raw = rule.logprobs.map(|_| row.to_vec());
+    for edit in &rule.edits {
+        if let Some(l) = row.get_mut(edit.token as usize) {
+            *l = edit.apply(*l);
+        }
+    }
+    let token = match &rule.draw {
+        None => argmax(row),
+        Some(d) => draw(row, d),
+    };
+    let logprobs = raw.map(|raw| row_logprobs(&raw, token, rule.logprobs.unwrap_or(0) as usize));
+    SampledRow { token, logprobs }
+}
+
+/// A token drawn from `softmax(logits / temperature)`, keeping only the tokens whose probability
+/// is at least `min_p` times the most likely one's, then the `top_k` most likely (ties by lower
+/// index), then the fewest most likely whose mass reaches `top_p` of what is left. The kept tokens
+/// are walked in index order until `uniform` × their mass is used up. (The device sums the mass in
+/// another order, so a draw within rounding of a boundary may land on its neighbour.)
+pub fn draw(logits: &[f32], d: &Draw) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) / d.temperature;
+    let mut probs: Vec<f32> = logits
+        .iter()
+        .map(|&l| {
+            // The most likely token has probability ∝ exp(0) = 1 here; NaN counts as 0.
+            let p = (l / d.temperature - max).exp();
+            if p >= d.min_p { p } else { 0.0 }
+        })
+        .collect();
+    let n = probs.len();
+    let k = if d.top_k > 0 { (d.top_k as usize).min(n) } else { n };
+    if k < n || d.top_p < 1.0 {
+        let order = top_k_indices(&probs, k);
+        let mut keep = order.len();
+        if d.top_p < 1.0 {
+            let total: f32 = order.iter().map(|&i| probs[i as usize]).sum();
+            let target = d.top_p * total;
+            let mut cumulative = 0.0;
+            keep = order
+                .iter()
+                .position(|&i| {
+                    cumulative += probs[i as usize];
+                    cumulative >= target
+                })
+                .map_or(order.len(), |p| p + 1);
+        }
+        let mut kept = vec![false; n];
+        for &i in &order[..keep] {
+            kept[i as usize] = true;
+        }
+        for (p, kept) in probs.iter_mut().zip(kept) {
+            if !kept {
+                *p = 0.0;
+            }
+        }
+    }
+    let total: f32 = probs.iter().sum();
+    let mut target = d.uniform * total;
+    for (i, &p) in probs.iter().enumerate() {
+        if target < p {
+            return i as u32;
+        }
+        target -= p;
+    }
+    // Rounding left a sliver at the end: take the last token with any probability.
+    probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
+}
+
+/// The log-softmax of `logits` at `token`, and the `k` most likely tokens with theirs.
+pub fn row_logprobs(logits: &[f32], token: u32, k: usize) -> RowLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_sum_exp = max + sum.ln() as f32;
+    let top = top_k_indices(logits, k).into_iter().map(|i| (i, logits[i as usize] - log_sum_exp)).collect();
+    let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - log_sum_exp);
+    RowLogprobs { logprob, top }
+}
+
+/// Indices of the `k` largest values, largest first, ties broken by lower index.
+pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
+    let k = k.min(values.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let order = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, order);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(order);
+    idx
+}
+
+/// The first index of the largest value, NaN counting as -inf.
+pub fn argmax(values: &[f32]) -> u32 {
+    let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if key(v) > key(values[best]) {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draw_with(logits: &[f32], top_k: u32, top_p: f32, uniform: f32) -> u32 {
+        draw(logits, &Draw { temperature: 1.0, min_p: 0.0, top_k, top_p, uniform })
+    }
+
+    #[test]
+    fn edits_apply_in_vllms_order() {
+        let edit = LogitEdit { token: 0, add: 1.0, repetition: 2.0, subtract: 0.5 };
+        assert_eq!(edit.apply(3.0), 1.5);
+        assert_eq!(edit.apply(-3.0), -4.5);
+        let mask = LogitEdit { token: 0, add: f32::NEG_INFINITY, repetition: 1.3, subtract: 0.2 };
+        assert_eq!(mask.apply(7.0), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn the_kept_tokens_are_walked_in_index_order() {
+        // Probabilities 0.15, 0.5, 0.05, 0.3: top-2 keeps 1 and 3, walked as 1 then 3.
+        let logits: Vec<f32> = [0.15f32, 0.5, 0.05, 0.3].iter().map(|p| p.ln()).collect();
+        assert_eq!(draw_with(&logits, 2, 1.0, 0.0), 1);
+        assert_eq!(draw_with(&logits, 2, 1.0, 0.6), 1);
+        assert_eq!(draw_with(&logits, 2, 1.0, 0.65), 3);
+        // top-p 0.8 keeps 0.5 + 0.3; 0.81 also needs 0.15.
+        assert_eq!(draw_with(&logits, 0, 0.8, 0.99), 3);
+        assert_eq!(draw_with(&logits, 0, 0.81, 0.0), 0);
+        // Without a cut, the walk starts at index 0.
+        assert_eq!(draw_with(&logits, 0, 1.0, 0.1), 0);
+    }
+
+    #[test]
+    fn top_k_ties_keep_the_lower_indices() {
+        let logits = [0.0, 1.0, 1.0, 1.0, 0.0];
+        let seen: Vec<u32> = (0..20).map(|i| draw_with(&logits, 2, 1.0, i as f32 / 20.0)).collect();
+        assert!(seen.contains(&1) && seen.contains(&2) && !seen.contains(&3), "{seen:?}");
+    }
+
+    #[test]
+    fn logprobs_describe_the_raw_logits_and_the_edits_the_pick() {
+        let mut row = vec![1.0, 3.0, 2.0];
+        let rule = RowSampling {
+            edits: vec![LogitEdit { token: 0, add: 5.0, repetition: 1.0, subtract: 0.0 }],
+            draw: None,
+            logprobs: Some(2),
+        };
+        let picked = sample_row(&mut row, &rule);
+        assert_eq!(picked.token, 0);
+        let lp = picked.logprobs.unwrap();
+        let lse = (1f64.exp() + 3f64.exp() + 2f64.exp()).ln() as f32;
+        assert!((lp.logprob - (1.0 - lse)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn rows_with_no_probability_left_pick_token_zero() {
+        let logits = [f32::NEG_INFINITY; 3];
+        assert_eq!(draw_with(&logits, 2, 0.5, 0.5), 0);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+    }
+
+    #[test]
+    fn top_k_indices_orders_ties_by_index() {
+        assert_eq!(top_k_indices(&[1.0, 5.0, 5.0, 2.0], 3), vec![1, 2, 3]);
+        assert_eq!(top_k_indices(&[1.0], 5), vec![0]);
+    }
+}
