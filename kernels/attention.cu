@@ -1,4 +1,5 @@
-// Paged attention over Pagoda's KV cache, for decode and for (chunked) prefill alike.
+// Paged attention over Pagoda's KV cache: pagoda_paged_attention serves any batch and is the one
+// decode steps use; pagoda_prefill_attention (below) serves steps with prompt chunks.
 //
 // Layout, per layer: K and V each [num_blocks, block_size, num_kv_heads, HEAD_DIM] in the
 // activation dtype T; the token at position j of a sequence lives in slot
@@ -204,6 +205,116 @@ __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ p
   }
 }
 
+// Prefill attention, flash-style: one thread block per (KV head, tile of a sequence's query
+// tokens, sequence) computes PREFILL_ROWS query rows (TILE_TOKENS tokens × GROUP heads of the KV
+// head) against tiles of PREFILL_KEYS keys staged in shared memory, so each key and value is read
+// from the cache once per tile of queries instead of once per query token. The masking is the
+// decode kernel's (causal, sliding window), so chunked prefill and prefix-cache hits need nothing
+// else. Each row belongs to PREFILL_TPR consecutive threads; thread h of a row owns the dims
+// i * PREFILL_TPR + h (so the threads of a row read neighbouring shared-memory words), computes its
+// part of each score and completes it with shuffles, and keeps its dims of the output.
+constexpr int PREFILL_ROWS = 32;  // with 128 threads
+constexpr int PREFILL_TPR = 4;
+constexpr int PREFILL_KEYS = 32;
+
+// out [num_tokens, num_heads, HEAD_DIM];  q likewise;  seq_query_start [num_seqs + 1] (the first
+// token of each sequence, then the number of tokens);  the rest as paged_attention.
+// grid (num_kv_heads, tiles of the longest query, num_seqs), block 128.
+template <typename T, int HEAD_DIM, int GROUP>
+__device__ void prefill_attention(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,
+                                  const T* __restrict__ v_cache, const unsigned* __restrict__ block_tables,
+                                  const unsigned* __restrict__ seq_query_start, const unsigned* __restrict__ positions,
+                                  int max_blocks_per_seq, int block_size, int num_kv_heads, int group,
+                                  int sliding_window, float scale) {
+  constexpr int TILE_TOKENS = PREFILL_ROWS / GROUP;
+  constexpr int DIMS = HEAD_DIM / PREFILL_TPR;  // per thread
+  constexpr int PER_VEC = 16 / (int)sizeof(T);   // elements per 16-byte load
+  constexpr int VECS_PER_KEY = HEAD_DIM / PER_VEC;
+  constexpr float LOG2E = 1.4426950408889634f;
+  static_assert(PREFILL_ROWS % GROUP == 0 && HEAD_DIM % PREFILL_TPR == 0 && HEAD_DIM % PER_VEC == 0, "shape");
+  const float NEG_INF = neg_inf();
+  __shared__ __align__(16) T s_k[PREFILL_KEYS][HEAD_DIM];
+  __shared__ __align__(16) T s_v[PREFILL_KEYS][HEAD_DIM];
+
+  const int kv_head = blockIdx.x, seq = blockIdx.z;
+  const int q_begin = (int)seq_query_start[seq], q_end = (int)seq_query_start[seq + 1];
+  const int t0 = q_begin + (int)blockIdx.y * TILE_TOKENS;
+  if (t0 >= q_end) return;  // the whole block: this sequence has fewer tiles
+  const int num_tile_tokens = imin(TILE_TOKENS, q_end - t0);
+  const int num_heads = num_kv_heads * group;
+  const int row = threadIdx.x / PREFILL_TPR, h = threadIdx.x % PREFILL_TPR;
+  const int g = row % GROUP, tok = row / GROUP;
+  const bool active = tok < num_tile_tokens && g < group;
+  const int t = t0 + (active ? tok : 0);
+  const int pos = (int)positions[t];
+  const int row_start = (sliding_window > 0 && pos + 1 > sliding_window) ? pos + 1 - sliding_window : 0;
+  // The keys any row of the tile sees: from the first token's window to the last token.
+  const int first_pos = (int)positions[t0];
+  const int key_begin = (sliding_window > 0 && first_pos + 1 > sliding_window) ? first_pos + 1 - sliding_window : 0;
+  const int key_end = (int)positions[t0 + num_tile_tokens - 1] + 1;
+  const unsigned* __restrict__ table = block_tables + (size_t)seq * max_blocks_per_seq;
+  const size_t token_stride = (size_t)num_kv_heads * HEAD_DIM;
+
+  float qr[DIMS], acc[DIMS];
+  const float qscale = scale * LOG2E;
+  const size_t q_row = ((size_t)t * num_heads + (size_t)kv_head * group + (active ? g : 0)) * HEAD_DIM;
+#pragma unroll
+  for (int i = 0; i < DIMS; i++) {
+    qr[i] = active ? to_float(q[q_row + i * PREFILL_TPR + h]) * qscale : 0.f;
+    acc[i] = 0.f;
+  }
+  float m = NEG_INF, l = 0.f;
+
+  for (int kb = key_begin; kb < key_end; kb += PREFILL_KEYS) {
+    __syncthreads();  // the previous tile is no longer read
+    for (int idx = threadIdx.x; idx < PREFILL_KEYS * VECS_PER_KEY; idx += blockDim.x) {
+      const int k = idx / VECS_PER_KEY, v = idx % VECS_PER_KEY, j = kb + k;
+      uint4 kw = {0u, 0u, 0u, 0u}, vw = kw;  // keys past the tile: zeros, never NaN
+      if (j < key_end) {
+        const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+        const size_t off = slot * token_stride + (size_t)kv_head * HEAD_DIM + v * PER_VEC;
+        kw = *reinterpret_cast<const uint4*>(k_cache + off);
+        vw = *reinterpret_cast<const uint4*>(v_cache + off);
+      }
+      *reinterpret_cast<uint4*>(&s_k[k][v * PER_VEC]) = kw;
+      *reinterpret_cast<uint4*>(&s_v[k][v * PER_VEC]) = vw;
+    }
+    __syncthreads();
+    float sc[PREFILL_KEYS];
+    float tile_max = NEG_INF;
+#pragma unroll
+    for (int k = 0; k < PREFILL_KEYS; k++) {
+      float part = 0.f;
+#pragma unroll
+      for (int i = 0; i < DIMS; i++) part = fmaf(qr[i], to_float(s_k[k][i * PREFILL_TPR + h]), part);
+#pragma unroll
+      for (int o = PREFILL_TPR / 2; o > 0; o >>= 1) part += __shfl_xor_sync(FULL_MASK, part, o);
+      const int j = kb + k;
+      sc[k] = (active && j >= row_start && j <= pos) ? part : NEG_INF;
+      tile_max = fmaxf(tile_max, sc[k]);
+    }
+    const float m_new = fmaxf(m, tile_max);
+    if (m_new == NEG_INF) continue;  // no key of this row yet (the threads of a row agree)
+    const float alpha = exp2f(m - m_new);  // 0 while m = -inf
+    l *= alpha;
+#pragma unroll
+    for (int i = 0; i < DIMS; i++) acc[i] *= alpha;
+#pragma unroll
+    for (int k = 0; k < PREFILL_KEYS; k++) {
+      const float p = exp2f(sc[k] - m_new);  // 0 for masked keys
+      l += p;
+#pragma unroll
+      for (int i = 0; i < DIMS; i++) acc[i] = fmaf(p, to_float(s_v[k][i * PREFILL_TPR + h]), acc[i]);
+    }
+    m = m_new;
+  }
+  if (active) {
+    const float inv = 1.f / l;  // the window always holds the token itself
+#pragma unroll
+    for (int i = 0; i < DIMS; i++) out[q_row + i * PREFILL_TPR + h] = from_float<T>(acc[i] * inv);
+  }
+}
+
 }  // namespace pagoda
 
 #define ATTENTION_ARGS(T)                                                                                      \
@@ -227,6 +338,27 @@ __device__ void attention_merge(T* __restrict__ out, const float* __restrict__ p
 ATTENTION_HEAD_DIMS(f32, float)
 ATTENTION_HEAD_DIMS(f16, f16)
 ATTENTION_HEAD_DIMS(bf16, bf16)
+
+#define PREFILL_ARGS(T)                                                                                        \
+  (T * out, const T* q, const T* k_cache, const T* v_cache, const unsigned* block_tables,                      \
+   const unsigned* seq_query_start, const unsigned* positions, int max_blocks_per_seq, int block_size,         \
+   int num_kv_heads, int group, int sliding_window, float scale)
+#define PREFILL_KERNEL(HD, G, SUFFIX, TYPE)                                                                       \
+  extern "C" __global__ void __launch_bounds__(128, 1) pagoda_prefill_attention_h##HD##_g##G##_##SUFFIX PREFILL_ARGS( \
+      TYPE) {                                                                                                     \
+    pagoda::prefill_attention<TYPE, HD, G>(out, q, k_cache, v_cache, block_tables, seq_query_start, positions,   \
+                                           max_blocks_per_seq, block_size, num_kv_heads, group, sliding_window, \
+                                           scale);                                                               \
+  }                                                                                                               \
+  PAGODA_REGISTER(pagoda_prefill_attention_h##HD##_g##G##_##SUFFIX)
+#define PREFILL_GROUPS(HD, SUFFIX, TYPE)                                                     \
+  PREFILL_KERNEL(HD, 1, SUFFIX, TYPE)                                                        \
+  PREFILL_KERNEL(HD, 2, SUFFIX, TYPE) PREFILL_KERNEL(HD, 4, SUFFIX, TYPE) PREFILL_KERNEL(HD, 8, SUFFIX, TYPE)
+#define PREFILL_HEAD_DIMS(SUFFIX, TYPE) \
+  PREFILL_GROUPS(16, SUFFIX, TYPE) PREFILL_GROUPS(64, SUFFIX, TYPE) PREFILL_GROUPS(128, SUFFIX, TYPE)
+PREFILL_HEAD_DIMS(f32, float)
+PREFILL_HEAD_DIMS(f16, f16)
+PREFILL_HEAD_DIMS(bf16, bf16)
 
 #define MERGE_PARAMS(T) (T * out, const float* partial_out, const float* partial_lse, int num_splits, int head_dim)
 #define MERGE_BODY(T) pagoda::attention_merge<T>(out, partial_out, partial_lse, num_splits, head_dim)

@@ -42,7 +42,7 @@ __device__ void block_best(float& v, int& idx) {
 
 // The first index of the largest value of `row`, NaN counting as -inf (as the host sampler's
 // argmax); every thread of the block gets it.
-__device__ int row_argmax(const float* __restrict__ row, int vocab) {
+__device__ __forceinline__ int row_argmax(const float* __restrict__ row, int vocab) {
   float v = neg_inf();
   int idx = 0x7fffffff;
   // Each thread walks its indices upwards, so it keeps its first maximum.
@@ -81,7 +81,7 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // The sum of the threads' `v` before this one, in thread order; `incl` gets it plus `v` and
 // `total` the whole block's. A thread's `incl` is bitwise the next thread's result, so the
 // intervals [result, incl) tile [0, total) with no gap or overlap. `scratch`: 32 shared floats.
-__device__ float block_exclusive_scan(float v, float& incl, float& total, float* scratch) {
+__device__ __forceinline__ float block_exclusive_scan(float v, float& incl, float& total, float* scratch) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
   float in_warp = v;
 #pragma unroll
@@ -128,7 +128,7 @@ struct Cut {
 };
 
 // How many probabilities have bits >= key, and their mass, over the block.
-__device__ void count_mass_from(const float* __restrict__ row, int vocab, const Rule& r, float max_t, unsigned key,
+__device__ __forceinline__ void count_mass_from(const float* __restrict__ row, int vocab, const Rule& r, float max_t, unsigned key,
                                 float& count, float& mass, float* scratch) {
   float c = 0.f, m = 0.f;
   for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
@@ -147,7 +147,7 @@ constexpr unsigned KEY_END = 0x3f800001u;
 
 // The cut of backend::sampling::draw, found by bisection over the probabilities' bits, so that no
 // sort is needed and every sum has a fixed order (the same seed draws the same token).
-__device__ Cut row_cut(const float* __restrict__ row, int vocab, const Rule& r, float max_t, float* scratch) {
+__device__ __forceinline__ Cut row_cut(const float* __restrict__ row, int vocab, const Rule& r, float max_t, float* scratch) {
   Cut cut{0u, vocab};  // everything
   float count, mass, count_above, mass_above;
   if (r.top_k > 0 && r.top_k < (unsigned)vocab) {
@@ -329,7 +329,7 @@ extern "C" __global__ void __launch_bounds__(256) pagoda_argmax_f32(unsigned* to
 }
 PAGODA_REGISTER(pagoda_argmax_f32)
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 1)
     pagoda_sample_f32(unsigned* tokens, const float* logits, const unsigned* rules, int vocab) {
   pagoda::sample(tokens, logits, rules, vocab);
 }

@@ -39,7 +39,7 @@ for arch in sm_80 sm_90; do
       /bytes spill stores/ { spill = $5 + $9 }
       /Used [0-9]+ registers/ {
         regs = $5; smem = 0
-        for (i = 1; i <= NF; i++) if ($(i+1) == "bytes" && $(i+2) == "smem") smem = $i
+        for (i = 1; i <= NF; i++) if ($(i+1) == "bytes" && $(i+2) ~ /^smem/) smem = $i
         printf "%-6s %-40s %4d regs %6d B spilled %6d B smem\n", arch, fn, regs, spill, smem
       }' "$log" >"$out/$name.$arch.report"
     cat "$out/$name.$arch.report" | tee -a "$out/report.txt"

@@ -349,8 +349,11 @@ pub struct AttentionCase {
 
 pub const BLOCK_SIZE: usize = 16;
 
-/// Lengths around a block boundary, a partial last block, a chunk attending to its cached prefix.
+/// Lengths around a block boundary, a partial last block, a chunk attending to its cached prefix:
+/// a step with prompt chunks (the prefill kernel).
 pub const MIXED_SEQS: [(usize, usize); 6] = [(1, 1), (15, 15), (16, 16), (17, 17), (40, 8), (37, 1)];
+/// The same lengths one token at a time: a decode step (the paged decode kernel).
+pub const DECODE_SEQS: [(usize, usize); 6] = [(1, 1), (15, 1), (16, 1), (17, 1), (40, 1), (37, 1)];
 
 /// A case's inputs laid out on both backends: the cache filled through `write_kv_cache` over
 /// scrambled blocks (every slot no sequence owns is NaN on the CUDA side), the queries, and the
@@ -523,7 +526,15 @@ pub fn attention_cases() -> Vec<(AttentionCase, Vec<DType>)> {
         (case(64, 6, 2, &MIXED_SEQS, None), vec![DType::BF16]),
         (case(128, 8, 1, &MIXED_SEQS, None), vec![DType::BF16]),
         (case(16, 4, 2, &MIXED_SEQS, None), vec![DType::BF16]),
+        (case(128, 8, 2, &DECODE_SEQS, None), DTYPES.to_vec()),
+        (case(64, 4, 4, &DECODE_SEQS, None), vec![DType::BF16]),
+        (case(128, 8, 1, &DECODE_SEQS, None), vec![DType::BF16]),
+        (case(16, 4, 2, &DECODE_SEQS, None), vec![DType::F16]),
+        // Chunks longer than a query tile (32 / group tokens), with a cached prefix.
+        (case(128, 4, 4, &[(90, 70), (33, 33), (2, 1)], None), vec![DType::BF16]),
+        (case(64, 8, 1, &[(75, 75), (20, 3)], None), vec![DType::F16]),
         (case(64, 4, 2, &[(40, 40), (33, 1), (5, 5)], Some(9)), vec![DType::F32]),
+        (case(64, 4, 2, &[(40, 1), (33, 1)], Some(9)), vec![DType::F32]),
         (case(64, 8, 2, &[(600, 1)], None), vec![DType::F32]),
         (case(64, 8, 2, &[(1100, 1), (5, 1)], None), vec![DType::F32, DType::BF16]),
     ]

@@ -60,6 +60,8 @@ pub struct EmulatedDevice {
     /// 0 for none. For tests of what a failed step does.
     num_launches: AtomicU64,
     fail_launch: AtomicU64,
+    /// The kernels launched since the last `take_launched`, in order.
+    launched: Mutex<Vec<String>>,
 }
 
 impl EmulatedDevice {
@@ -74,6 +76,7 @@ impl EmulatedDevice {
             seed: AtomicU64::new(1),
             num_launches: AtomicU64::new(0),
             fail_launch: AtomicU64::new(0),
+            launched: Mutex::default(),
         }
     }
 
@@ -81,6 +84,11 @@ impl EmulatedDevice {
     /// kernel that faults on a GPU would.
     pub fn fail_launch(&self, n: u64) {
         self.fail_launch.store(n, Ordering::Relaxed);
+    }
+
+    /// The names of the kernels launched since the last call, in order.
+    pub fn take_launched(&self) -> Vec<String> {
+        std::mem::take(&mut *self.launched.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn set_thread_order(&self, order: ThreadOrder, seed: u64) {
@@ -199,6 +207,7 @@ impl Device for EmulatedDevice {
         if number == self.fail_launch.load(Ordering::Relaxed) {
             return Err(launch_error(format!("injected failure of launch {number}")));
         }
+        self.launched.lock().unwrap_or_else(|e| e.into_inner()).push(kernel.to_string());
         let name = CString::new(kernel).map_err(|_| launch_error("kernel name contains a NUL byte".into()))?;
         let mut slots: Vec<u64> = args.iter().map(|a| a.to_slot()).collect();
         let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();

@@ -60,6 +60,22 @@ pub fn paged_attention(num_kv_heads: usize, num_tokens: usize, num_splits: usize
     config((dim(num_kv_heads), dim(num_tokens), dim(num_splits)), ROW_THREADS)
 }
 
+/// Query rows (tokens × query heads of one KV head) of a `pagoda_prefill_attention_*` block, as
+/// `PREFILL_ROWS` in `kernels/attention.cu`.
+const PREFILL_ROWS: usize = 32;
+
+/// `pagoda_prefill_attention_*`: one block per (KV head, tile of a sequence's query tokens,
+/// sequence); a sequence with fewer tiles than the longest leaves its extra blocks idle.
+pub fn prefill_attention(
+    num_kv_heads: usize,
+    max_query_len: usize,
+    group_bucket: usize,
+    num_seqs: usize,
+) -> LaunchConfig {
+    let tiles = max_query_len.div_ceil(PREFILL_ROWS / group_bucket);
+    config((dim(num_kv_heads), dim(tiles), dim(num_seqs)), ROW_THREADS)
+}
+
 /// `pagoda_attention_merge_*`: one block per (query token, head).
 pub fn attention_merge(num_tokens: usize, num_heads: usize) -> LaunchConfig {
     config((dim(num_tokens), dim(num_heads), 1), ROW_THREADS)
@@ -82,11 +98,22 @@ pub fn dtype_suffix(dtype: DType) -> &'static str {
 /// The attention kernel for a head size and a number of query heads per KV head: the smallest
 /// group bucket that holds `group`. `None` when no instantiation fits.
 pub fn attention_kernel(dtype: DType, head_dim: usize, group: usize) -> Option<String> {
+    let bucket = group_bucket(head_dim, group)?;
+    Some(format!("pagoda_paged_attention_h{head_dim}_g{bucket}_{}", dtype_suffix(dtype)))
+}
+
+/// The prefill attention kernel, instantiated for the same shapes as [`attention_kernel`].
+pub fn prefill_attention_kernel(dtype: DType, head_dim: usize, group: usize) -> Option<String> {
+    let bucket = group_bucket(head_dim, group)?;
+    Some(format!("pagoda_prefill_attention_h{head_dim}_g{bucket}_{}", dtype_suffix(dtype)))
+}
+
+/// The group bucket the attention kernels serve `group` query heads per KV head with.
+pub fn group_bucket(head_dim: usize, group: usize) -> Option<usize> {
     if !ATTENTION_HEAD_DIMS.contains(&head_dim) {
         return None;
     }
-    let bucket = ATTENTION_GROUP_BUCKETS.iter().find(|&&b| b >= group && group > 0)?;
-    Some(format!("pagoda_paged_attention_h{head_dim}_g{bucket}_{}", dtype_suffix(dtype)))
+    ATTENTION_GROUP_BUCKETS.iter().copied().find(|&b| b >= group && group > 0)
 }
 
 /// How many splits the keys of each query token are cut into. One while the batch alone gives
@@ -145,6 +172,10 @@ mod tests {
         }
         assert_eq!(paged_attention(8, 5, 2).grid_dim, (8, 5, 2));
         assert_eq!(attention_merge(5, 32).grid_dim, (5, 32, 1));
+        // Tiles of 32 / group tokens: a 33-token chunk with groups of 4 needs 5 tiles of 8.
+        assert_eq!(prefill_attention(8, 33, 4, 3).grid_dim, (8, 5, 3));
+        assert_eq!(prefill_attention(8, 32, 1, 1).grid_dim, (8, 1, 1));
+        assert_eq!(prefill_attention(2, 1, 8, 7).grid_dim, (2, 1, 7));
         assert_eq!(add_rms_norm(7).block_dim.0 % 32, 0);
     }
 }

@@ -60,6 +60,9 @@ pub struct CudaKvCache {
 pub struct CudaBatch {
     meta: DeviceBuffer,
     num_tokens: usize,
+    num_seqs: usize,
+    /// The most tokens any sequence computes: 1 in a decode step.
+    max_query_len: usize,
     max_blocks_per_seq: usize,
     /// The longest context any token attends to.
     max_context: usize,
@@ -68,7 +71,8 @@ pub struct CudaBatch {
 }
 
 impl CudaBatch {
-    /// `[num_tokens]` arrays, then `[num_seqs, max_blocks_per_seq]` block tables.
+    /// `[num_tokens]` arrays, then `[num_seqs, max_blocks_per_seq]` block tables, then
+    /// `[num_seqs + 1]` query starts.
     fn array(&self, idx: usize) -> DevicePtr {
         self.meta.ptr() + (idx * self.num_tokens * 4) as u64
     }
@@ -86,6 +90,9 @@ impl CudaBatch {
     }
     fn block_tables(&self) -> DevicePtr {
         self.array(4)
+    }
+    fn seq_query_start(&self) -> DevicePtr {
+        self.block_tables() + (self.num_seqs * self.max_blocks_per_seq * 4) as u64
     }
 }
 
@@ -545,7 +552,7 @@ impl Backend for CudaBackend {
     fn prepare_batch(&self, layout: &BatchLayout) -> Result<CudaBatch, BackendError> {
         let n = layout.num_tokens();
         let max_blocks_per_seq = layout.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
-        let mut meta: Vec<u32> = Vec::with_capacity(4 * n + layout.seqs.len() * max_blocks_per_seq);
+        let mut meta: Vec<u32> = Vec::with_capacity(4 * n + layout.seqs.len() * (max_blocks_per_seq + 1) + 1);
         meta.extend(&layout.token_ids);
         meta.extend(&layout.positions);
         meta.extend(&layout.slot_mapping);
@@ -557,10 +564,14 @@ impl Backend for CudaBackend {
             // Entries past a sequence's blocks are never read; 0 keeps them inside the cache.
             meta.extend(std::iter::repeat_n(0, max_blocks_per_seq - seq.block_table.len()));
         }
+        meta.extend(layout.seqs.iter().map(|s| s.query_start as u32));
+        meta.push(n as u32);
         let meta = self.handle.upload(bytemuck::cast_slice(&meta))?;
         Ok(CudaBatch {
             meta,
             num_tokens: n,
+            num_seqs: layout.seqs.len(),
+            max_query_len: layout.seqs.iter().map(|s| s.query_len).max().unwrap_or(0),
             max_blocks_per_seq,
             max_context: layout.seqs.iter().map(|s| s.context_len).max().unwrap_or(0),
             max_token_id: layout.token_ids.iter().copied().max().unwrap_or(0),
@@ -758,6 +769,34 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(out);
         }
+        let (k_cache, v_cache) = &cache.layers[layer];
+        let window = sliding_window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        if batch.max_query_len > 1 {
+            // A step with prompt chunks: query tiles share each key tile.
+            let (kernel, bucket) = geometry::prefill_attention_kernel(self.dtype, head_dim, group)
+                .zip(geometry::group_bucket(head_dim, group))
+                .ok_or_else(|| BackendError::Batch(format!("no prefill attention kernel for head_dim {head_dim}")))?;
+            self.handle.device().launch(
+                &kernel,
+                geometry::prefill_attention(num_kv_heads, batch.max_query_len, bucket, batch.num_seqs),
+                &[
+                    KernelArg::Ptr(out.ptr()),
+                    KernelArg::Ptr(q.ptr()),
+                    KernelArg::Ptr(k_cache.ptr()),
+                    KernelArg::Ptr(v_cache.ptr()),
+                    KernelArg::Ptr(batch.block_tables()),
+                    KernelArg::Ptr(batch.seq_query_start()),
+                    KernelArg::Ptr(batch.positions()),
+                    KernelArg::I32(batch.max_blocks_per_seq as i32),
+                    KernelArg::I32(shape.block_size as i32),
+                    KernelArg::I32(num_kv_heads as i32),
+                    KernelArg::I32(group as i32),
+                    KernelArg::I32(window),
+                    KernelArg::F32(scale),
+                ],
+            )?;
+            return Ok(out);
+        }
         let splits = geometry::attention_splits(n, num_kv_heads, batch.max_context, self.handle.device().num_sms());
         let partial = if splits > 1 {
             Some((
@@ -767,8 +806,6 @@ impl Backend for CudaBackend {
         } else {
             None
         };
-        let (k_cache, v_cache) = &cache.layers[layer];
-        let window = sliding_window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         self.handle.device().launch(
             &kernel,
             geometry::paged_attention(num_kv_heads, n, splits),

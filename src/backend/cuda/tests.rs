@@ -166,7 +166,28 @@ fn attention_matches_the_cpu_in_every_case_and_thread_order() {
             }
         }
     }
-    assert_eq!(num_checks, 3 * 11);
+    assert_eq!(num_checks, 3 * 20);
+}
+
+#[test]
+fn steps_with_prompt_chunks_use_the_prefill_kernel_and_decode_steps_the_decode_kernel() {
+    let (device, handle) = emulated();
+    let attention_kernels = |seqs: &[(usize, usize)]| {
+        let case = conformance::AttentionCase {
+            head_dim: 64,
+            num_heads: 4,
+            num_kv_heads: 2,
+            seqs: seqs.to_vec(),
+            sliding_window: None,
+        };
+        let mut rig = Rig::new(&handle, DType::BF16, Tolerances::EMULATED);
+        let setup = conformance::attention_setup(&mut rig, &case).unwrap();
+        device.take_launched();
+        assert_all_pass(&[conformance::attention_check(&rig, &case, &setup).unwrap()]);
+        device.take_launched()
+    };
+    assert_eq!(attention_kernels(&conformance::MIXED_SEQS), ["pagoda_prefill_attention_h64_g2_bf16"]);
+    assert_eq!(attention_kernels(&conformance::DECODE_SEQS), ["pagoda_paged_attention_h64_g2_bf16"]);
 }
 
 #[test]
