@@ -91,6 +91,7 @@ __device__ __forceinline__ void rotate_pair(T* __restrict__ head, const float* _
 //   q [n, num_heads * head_dim] rotated in place;  k, v [n, num_kv_heads * head_dim], k rotated in
 //   place;  cos_sin [max_positions, head_dim] f32;  positions, slots [n];
 //   k_cache, v_cache [num_blocks * block_size, num_kv_heads * head_dim] (this layer's part).
+constexpr unsigned NO_SLOT = 0xffffffffu;  // backend::NO_SLOT
 template <typename T>
 __device__ void rotary_write_kv(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v,
                                 T* __restrict__ k_cache, T* __restrict__ v_cache, const float* __restrict__ cos_sin,
@@ -112,7 +113,8 @@ __device__ void rotary_write_kv(T* __restrict__ q, T* __restrict__ k, const T* _
   }
   // The pairs a thread rotated are not the elements it copies below.
   __syncthreads();
-  if (k_cache != nullptr) {
+  // NO_SLOT: a padding token of a captured decode graph, which owns no slot.
+  if (k_cache != nullptr && slots[t] != NO_SLOT) {
     const size_t dst = (size_t)slots[t] * kv_width;
     const T* v_row = v + (size_t)t * kv_width;
     for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {

@@ -11,7 +11,7 @@ use crate::backend::{Backend, BatchLayout, KvCacheShape, SeqLayout};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::model::config::GenerationDefaults;
 use crate::model::demo::{DEMO_MODEL_NAME, DemoSpec};
-use crate::model::{Architecture, Executor, LoadError, ModelConfig, ModelFiles, ModelRunner, Weights};
+use crate::model::{Architecture, Executor, LoadError, ModelConfig, ModelFiles, ModelRunner, Weights, graph_sizes};
 use crate::weights::DType;
 
 /// KV-cache memory on the CPU when nothing is said (vLLM's CPU default is 4 GiB as well). Pages
@@ -39,6 +39,8 @@ pub struct EngineOptions {
     pub load_format: LoadFormat,
     /// Share of the GPU's memory Pagoda may use (weights, activations and the KV cache).
     pub gpu_memory_utilization: f32,
+    /// No CUDA graphs: every step runs eagerly (`--enforce-eager`).
+    pub enforce_eager: bool,
 }
 
 /// `--device`: where the model runs.
@@ -85,6 +87,7 @@ impl Default for EngineOptions {
             device: DeviceKind::Auto,
             load_format: LoadFormat::Auto,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
+            enforce_eager: false,
         }
     }
 }
@@ -331,7 +334,8 @@ fn bind_cuda(opts: &EngineOptions, files: &ModelFiles, handle: DeviceHandle) -> 
             return Err(no_room(bytes_per_block, "raise --kv-cache-memory-bytes or --num-gpu-blocks-override"));
         }
         let max_model_len = resolve_max_model_len(opts, config, num_blocks * opts.block_size)?;
-        let runner = ModelRunner::new(backend, files, max_model_len, num_blocks, opts.block_size)?;
+        let mut runner = ModelRunner::new(backend, files, max_model_len, num_blocks, opts.block_size)?;
+        capture_graphs(opts, &mut runner, max_model_len)?;
         return Ok(BoundModel { executor: Box::new(runner), max_model_len, bytes_per_block });
     }
     // Size the cache from what is left after the weights and the activations of the largest step:
@@ -366,7 +370,26 @@ fn bind_cuda(opts: &EngineOptions, files: &ModelFiles, handle: DeviceHandle) -> 
     runner.resize_kv_cache(num_blocks)?;
     let max_model_len = resolve_max_model_len(opts, config, num_blocks * opts.block_size)?;
     tracing::info!(num_blocks, capacity_tokens = num_blocks * opts.block_size, "KV cache sized from GPU memory");
+    capture_graphs(opts, &mut runner, max_model_len)?;
     Ok(BoundModel { executor: Box::new(runner), max_model_len, bytes_per_block })
+}
+
+/// Captures the decode graphs (after the KV cache has its final size: they address it), unless
+/// `--enforce-eager`. Their memory comes from what `--gpu-memory-utilization` leaves.
+fn capture_graphs(
+    opts: &EngineOptions,
+    runner: &mut ModelRunner<CudaBackend>,
+    max_model_len: usize,
+) -> Result<(), LaunchError> {
+    if opts.enforce_eager {
+        tracing::info!("--enforce-eager: every step runs eagerly, no CUDA graphs");
+        return Ok(());
+    }
+    let sizes = graph_sizes(opts.max_num_seqs);
+    let started = std::time::Instant::now();
+    let captured = runner.capture_decode_graphs(&sizes, max_model_len)?;
+    tracing::info!(captured, ?sizes, seconds = started.elapsed().as_secs_f64(), "decode steps run from CUDA graphs");
+    Ok(())
 }
 
 /// One sequence of `num_tokens` tokens in blocks `0..num_blocks`: the largest step the engine runs.

@@ -219,6 +219,7 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type KvCache = CpuKvCache;
     type Batch = CpuBatch;
+    type Graph = ();
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -301,6 +302,19 @@ impl Backend for CpuBackend {
 
     fn prepare_batch(&self, layout: &BatchLayout) -> Result<CpuBatch, BackendError> {
         Ok(CpuBatch { layout: layout.clone() })
+    }
+
+    fn update_batch(&self, batch: &mut CpuBatch, layout: &BatchLayout) -> Result<(), BackendError> {
+        *batch = self.prepare_batch(layout)?;
+        Ok(())
+    }
+
+    fn capture<T>(&self, _: impl FnOnce() -> Result<T, BackendError>) -> Result<Option<((), T)>, BackendError> {
+        Ok(None)
+    }
+
+    fn replay(&self, _: &()) -> Result<(), BackendError> {
+        Err(BackendError::Batch("the CPU backend captures no graphs".into()))
     }
 
     fn embedding(&self, table: &CpuWeight, batch: &CpuBatch) -> Result<CpuTensor, BackendError> {
@@ -505,6 +519,10 @@ impl Backend for CpuBackend {
             dst.copy_from_slice(x.row(r as usize));
         }
         Ok(out)
+    }
+
+    fn rows(&self, x: &CpuTensor) -> usize {
+        x.rows
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>, BackendError> {

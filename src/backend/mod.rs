@@ -149,6 +149,10 @@ impl BatchLayout {
     }
 }
 
+/// The slot of a token that writes nothing to the KV cache: the padding of a decode step replayed
+/// from a graph captured for more tokens. Only the model runner's padding uses it.
+pub const NO_SLOT: u32 = u32::MAX;
+
 /// Shape and options of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionParams {
@@ -167,6 +171,8 @@ pub trait Backend: Send + Sync + 'static {
     type Weight: Send + Sync;
     type KvCache: Send;
     type Batch: Send;
+    /// Work captured once and replayed as a whole (CUDA graphs); `()` where there are none.
+    type Graph: Send;
 
     /// A short name for logs and `/version` ("cpu", "cuda").
     fn name(&self) -> &'static str;
@@ -188,6 +194,17 @@ pub trait Backend: Send + Sync + 'static {
     /// A KV cache of `shape`, whose dtype must be [`Backend::kv_cache_dtype`].
     fn new_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, BackendError>;
     fn prepare_batch(&self, layout: &BatchLayout) -> Result<Self::Batch, BackendError>;
+    /// Rewrites `batch` in place for `layout`, which has its shape (tokens, sequences, block-table
+    /// width), in one upload: work captured reading `batch` then computes `layout`.
+    fn update_batch(&self, batch: &mut Self::Batch, layout: &BatchLayout) -> Result<(), BackendError>;
+    /// Records the work `capture` issues as a graph instead of running it; `None` (and `capture`
+    /// not called) where this backend has no graphs. The work must not copy to or from the host.
+    fn capture<T>(
+        &self,
+        capture: impl FnOnce() -> Result<T, BackendError>,
+    ) -> Result<Option<(Self::Graph, T)>, BackendError>;
+    /// Runs a captured graph again, on the buffers it captured.
+    fn replay(&self, graph: &Self::Graph) -> Result<(), BackendError>;
 
     /// Rows of `table` `[vocab, hidden]` for the batch's token ids.
     fn embedding(&self, table: &Self::Weight, batch: &Self::Batch) -> Result<Self::Tensor, BackendError>;
@@ -269,6 +286,8 @@ pub trait Backend: Send + Sync + 'static {
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+    /// The number of rows of `x`.
+    fn rows(&self, x: &Self::Tensor) -> usize;
     /// A token for each row of f32 logits `x`, picked as `sampling` says ([`sampling::sample_row`]
     /// defines it) where the logits are: only the ids and the logprobs asked for leave the device.
     /// `x` is used up.

@@ -147,9 +147,9 @@ pub struct EngineArgs {
     #[arg(long, env = "PAGODA_KV_CACHE_DTYPE", default_value = "auto", value_parser = parse_kv_cache_dtype)]
     pub kv_cache_dtype: KvCacheDtypeArg,
 
-    /// Run every step eagerly, never from captured CUDA graphs (vLLM's flag). Pagoda does not
-    /// capture graphs yet, so every step already runs eagerly; the flag is accepted so that vLLM
-    /// command lines work, and will keep meaning this once graphs exist.
+    /// Run every step eagerly, never from CUDA graphs (vLLM's flag). By default a GPU captures a
+    /// graph of the decode step at start for batch sizes 1, 2, 4, … up to --max-num-seqs (at most
+    /// 256) and replays it for decode steps of up to that many sequences.
     #[arg(long, env = "PAGODA_ENFORCE_EAGER")]
     pub enforce_eager: bool,
 
@@ -260,6 +260,7 @@ impl EngineArgs {
                 LoadFormatArg::Dummy => crate::launch::LoadFormat::Dummy,
             },
             gpu_memory_utilization: self.gpu_memory_utilization,
+            enforce_eager: self.enforce_eager,
         }
     }
 }

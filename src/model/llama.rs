@@ -127,13 +127,29 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Runs the batch through every layer, writing its K and V into `cache`, and returns the logits
-    /// `[logits_rows.len(), vocab]` of the requested rows of the batch.
+    /// `[rows, vocab]` of the requested rows of the batch (`None`: every row).
     pub fn forward(
         &self,
         backend: &B,
         batch: &B::Batch,
         cache: &mut B::KvCache,
-        logits_rows: &[u32],
+        logits_rows: Option<&[u32]>,
+    ) -> Result<B::Tensor, BackendError> {
+        self.logits(backend, &self.final_hidden(backend, batch, cache, logits_rows)?)
+    }
+
+    /// The output projection of [`Llama::final_hidden`]'s rows.
+    pub fn logits(&self, backend: &B, hidden: &B::Tensor) -> Result<B::Tensor, BackendError> {
+        backend.logits(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+    }
+
+    /// [`Llama::forward`] up to the final norm: `[rows, hidden]`.
+    pub fn final_hidden(
+        &self,
+        backend: &B,
+        batch: &B::Batch,
+        cache: &mut B::KvCache,
+        logits_rows: Option<&[u32]>,
     ) -> Result<B::Tensor, BackendError> {
         let (c, attn) = (&self.config, &self.attention);
         let mut hidden = backend.embedding(&self.embed_tokens, batch)?;
@@ -164,14 +180,14 @@ impl<B: Backend> Llama<B> {
         }
         // Only the rows that are sampled need the last residual add, the final norm and the
         // (large) output projection.
-        let mut last = backend.gather_rows(&hidden, logits_rows)?;
-        let normed = match pending {
-            None => backend.rms_norm(&last, &self.norm, c.rms_norm_eps)?,
-            Some(delta) => {
-                let delta = backend.gather_rows(&delta, logits_rows)?;
-                backend.add_rms_norm(&mut last, &delta, &self.norm, c.rms_norm_eps)?
-            }
+        let gather = |x: B::Tensor| match logits_rows {
+            Some(rows) => backend.gather_rows(&x, rows),
+            None => Ok(x),
         };
-        backend.logits(&normed, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+        let mut last = gather(hidden)?;
+        match pending {
+            None => backend.rms_norm(&last, &self.norm, c.rms_norm_eps),
+            Some(delta) => backend.add_rms_norm(&mut last, &gather(delta)?, &self.norm, c.rms_norm_eps),
+        }
     }
 }

@@ -9,7 +9,7 @@ pub mod rope;
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Backend, BackendError, BatchLayout, KvCacheShape, RowSampling, SampledRow};
+use crate::backend::{Backend, BackendError, BatchLayout, KvCacheShape, NO_SLOT, RowSampling, SampledRow, SeqLayout};
 use crate::tokenizer::{Tokenizer, TokenizerError, TokenizerFiles};
 use crate::weights::{WeightStore, WeightsError};
 pub use config::{Architecture, ConfigError, ModelConfig};
@@ -144,6 +144,33 @@ pub struct ModelRunner<B: Backend> {
     cache: B::KvCache,
     cache_shape: KvCacheShape,
     vocab_size: usize,
+    /// Decode graphs by ascending size (none on the CPU, with `--enforce-eager`, or before
+    /// `capture_decode_graphs`).
+    graphs: Vec<DecodeGraph<B>>,
+}
+
+/// A decode step of `size` tokens captured once (`Backend::capture`): `batch` is the metadata
+/// buffer its kernels read, `hidden` the final hidden states it writes. Smaller steps are padded
+/// to `size` with tokens that write no cache slot.
+struct DecodeGraph<B: Backend> {
+    size: usize,
+    /// Block-table width every sequence is padded to: the blocks of the longest context.
+    table_width: usize,
+    batch: B::Batch,
+    graph: B::Graph,
+    hidden: B::Tensor,
+}
+
+/// The largest decode step captured, as vLLM's default: beyond it, steps run eagerly.
+pub const MAX_GRAPH_SIZE: usize = 256;
+
+/// The decode batch sizes graphs are captured for: powers of two below `max_num_seqs` (capped at
+/// [`MAX_GRAPH_SIZE`]), and that cap itself, so a step pads at most to twice its size.
+pub fn graph_sizes(max_num_seqs: usize) -> Vec<usize> {
+    let cap = max_num_seqs.clamp(1, MAX_GRAPH_SIZE);
+    let mut sizes: Vec<usize> = (0..).map(|i| 1usize << i).take_while(|&s| s < cap).collect();
+    sizes.push(cap);
+    sizes
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -178,12 +205,14 @@ impl<B: Backend> ModelRunner<B> {
             dtype: backend.kv_cache_dtype(),
         };
         let cache = backend.new_kv_cache(cache_shape)?;
-        Ok(ModelRunner { backend, model, cache, cache_shape, vocab_size: config.vocab_size })
+        Ok(ModelRunner { backend, model, cache, cache_shape, vocab_size: config.vocab_size, graphs: Vec::new() })
     }
 
     /// Replaces the KV cache with one of `num_blocks` blocks (the old one is freed first), as
     /// after a profiling pass on a small cache. Its contents are lost.
     pub fn resize_kv_cache(&mut self, num_blocks: usize) -> Result<(), LoadError> {
+        // The graphs address the old cache.
+        self.graphs.clear();
         let shape = KvCacheShape { num_blocks, ..self.cache_shape };
         let small = KvCacheShape { num_blocks: 1, ..self.cache_shape };
         self.cache = self.backend.new_kv_cache(small)?;
@@ -199,17 +228,80 @@ impl<B: Backend> ModelRunner<B> {
 }
 
 impl<B: Backend> ModelRunner<B> {
-    fn forward(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<B::Tensor, BackendError> {
-        layout.validate(&self.cache_shape)?;
-        let batch = self.backend.prepare_batch(layout)?;
-        self.model.forward(&self.backend, &batch, &mut self.cache, logits_rows)
+    /// Captures a graph of the decode step for each of `sizes` (ascending), for contexts up to
+    /// `max_model_len`; returns how many were captured (none where the backend has no graphs).
+    /// Each is run eagerly first, so that libraries finish their lazy setup outside the capture.
+    pub fn capture_decode_graphs(&mut self, sizes: &[usize], max_model_len: usize) -> Result<usize, LoadError> {
+        self.graphs.clear();
+        let table_width = max_model_len.div_ceil(self.cache_shape.block_size).max(1);
+        let mut graphs = Vec::new();
+        // Largest first: the smaller graphs reuse the pool's buffers.
+        for &size in sizes.iter().rev() {
+            let layout = pad_decode_layout(&BatchLayout::default(), size, table_width, max_model_len);
+            let (backend, model, cache) = (&self.backend, &self.model, &mut self.cache);
+            let batch = backend.prepare_batch(&layout)?;
+            model.final_hidden(backend, &batch, cache, None)?;
+            let Some((graph, hidden)) = backend.capture(|| model.final_hidden(backend, &batch, cache, None))? else {
+                return Ok(0);
+            };
+            graphs.push(DecodeGraph { size, table_width, batch, graph, hidden });
+        }
+        graphs.reverse();
+        self.graphs = graphs;
+        Ok(self.graphs.len())
     }
+
+    /// The logits of `logits_rows`, and how many of their rows are real: a decode step that a
+    /// graph covers replays it (its logits then have the graph's padded rows after the real ones).
+    fn forward(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<(B::Tensor, usize), BackendError> {
+        layout.validate(&self.cache_shape)?;
+        let n = layout.num_tokens();
+        let every_row = logits_rows.len() == n && logits_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+        let decode = layout.seqs.iter().all(|s| s.query_len == 1) && every_row && n > 0;
+        if decode
+            && let Some(g) = self.graphs.iter_mut().find(|g| g.size >= n)
+            && layout.seqs.iter().all(|s| s.block_table.len() <= g.table_width)
+        {
+            let padded = pad_decode_layout(layout, g.size, g.table_width, 1);
+            self.backend.update_batch(&mut g.batch, &padded)?;
+            self.backend.replay(&g.graph)?;
+            return Ok((self.model.logits(&self.backend, &g.hidden)?, n));
+        }
+        let batch = self.backend.prepare_batch(layout)?;
+        let rows = if every_row { None } else { Some(logits_rows) };
+        Ok((self.model.forward(&self.backend, &batch, &mut self.cache, rows)?, logits_rows.len()))
+    }
+}
+
+/// `layout` (one token per sequence) padded to `size` sequences, every block table padded with
+/// zeros to `table_width`. A padding token is token 0 at position 0 writing no cache slot
+/// ([`NO_SLOT`]), in a sequence of its own with a context of `pad_context` (the longest context,
+/// when capturing, so that the captured attention splits suit any step).
+fn pad_decode_layout(layout: &BatchLayout, size: usize, table_width: usize, pad_context: usize) -> BatchLayout {
+    let mut padded = layout.clone();
+    for seq in &mut padded.seqs {
+        seq.block_table.resize(table_width, 0);
+    }
+    for i in layout.num_tokens()..size {
+        padded.token_ids.push(0);
+        padded.positions.push(0);
+        padded.slot_mapping.push(NO_SLOT);
+        padded.seqs.push(SeqLayout {
+            query_start: i,
+            query_len: 1,
+            context_len: pad_context,
+            block_table: vec![0; table_width],
+        });
+    }
+    padded
 }
 
 impl<B: Backend> Executor for ModelRunner<B> {
     fn execute(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<Vec<f32>, BackendError> {
-        let logits = self.forward(layout, logits_rows)?;
-        self.backend.to_host(&logits)
+        let (logits, rows) = self.forward(layout, logits_rows)?;
+        let mut host = self.backend.to_host(&logits)?;
+        host.truncate(rows * self.vocab_size);
+        Ok(host)
     }
 
     fn execute_step(
@@ -221,8 +313,14 @@ impl<B: Backend> Executor for ModelRunner<B> {
         if sampling.len() != logits_rows.len() {
             return Err(BackendError::Batch("one sampling rule per sampled row is needed".into()));
         }
-        let logits = self.forward(layout, logits_rows)?;
-        self.backend.sample_rows(&logits, sampling)
+        let (logits, _) = self.forward(layout, logits_rows)?;
+        // A graph's padding rows are picked greedily and dropped.
+        let padded_rows = self.backend.rows(&logits);
+        let mut rules = sampling.to_vec();
+        rules.resize(padded_rows.max(sampling.len()), RowSampling::greedy());
+        let mut picked = self.backend.sample_rows(&logits, &rules)?;
+        picked.truncate(sampling.len());
+        Ok(picked)
     }
 
     fn vocab_size(&self) -> usize {
@@ -235,5 +333,39 @@ impl<B: Backend> Executor for ModelRunner<B> {
 
     fn kv_cache_shape(&self) -> KvCacheShape {
         self.cache_shape
+    }
+}
+
+#[cfg(test)]
+mod graph_tests {
+    use super::*;
+
+    #[test]
+    fn graph_sizes_double_up_to_max_num_seqs_and_stop_at_256() {
+        assert_eq!(graph_sizes(256), vec![1, 2, 4, 8, 16, 32, 64, 128, 256]);
+        assert_eq!(graph_sizes(100), vec![1, 2, 4, 8, 16, 32, 64, 100]);
+        assert_eq!(graph_sizes(1024), vec![1, 2, 4, 8, 16, 32, 64, 128, 256]);
+        assert_eq!(graph_sizes(1), vec![1]);
+        assert_eq!(graph_sizes(0), vec![1]);
+    }
+
+    #[test]
+    fn padding_writes_no_slot_and_keeps_every_table_at_the_graph_width() {
+        let layout = BatchLayout {
+            token_ids: vec![5, 6],
+            positions: vec![9, 3],
+            slot_mapping: vec![41, 67],
+            seqs: vec![
+                SeqLayout { query_start: 0, query_len: 1, context_len: 10, block_table: vec![2] },
+                SeqLayout { query_start: 1, query_len: 1, context_len: 4, block_table: vec![4, 1] },
+            ],
+        };
+        let padded = pad_decode_layout(&layout, 4, 3, 1);
+        assert_eq!(padded.token_ids, [5, 6, 0, 0]);
+        assert_eq!(padded.positions, [9, 3, 0, 0]);
+        assert_eq!(padded.slot_mapping, [41, 67, NO_SLOT, NO_SLOT]);
+        assert!(padded.seqs.iter().all(|s| s.block_table.len() == 3 && s.query_len == 1));
+        assert_eq!(padded.seqs[1].block_table, [4, 1, 0]);
+        assert_eq!(padded.seqs[3].query_start, 3);
     }
 }

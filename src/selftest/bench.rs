@@ -169,7 +169,14 @@ pub fn num_parameters(c: &ModelConfig) -> usize {
 /// Decode throughput of `plan.model_config` with dummy weights: for each batch size, `batch`
 /// prompts of `prompt_len` tokens prefilled together, then `decode_steps` steps of one token per
 /// sequence (logits to the host and a greedy pick, as the engine does). Tokens per second.
-pub fn decode_throughput(handle: &DeviceHandle, dtype: DType, plan: &Plan) -> Result<Vec<(usize, f64)>, String> {
+/// With `graphs`, decode steps replay CUDA graphs captured for the plan's batch sizes, as a server
+/// does by default; without, they run eagerly (`--enforce-eager`).
+pub fn decode_throughput(
+    handle: &DeviceHandle,
+    dtype: DType,
+    plan: &Plan,
+    graphs: bool,
+) -> Result<Vec<(usize, f64)>, String> {
     let config = ModelConfig::from_json("benchmark/config.json", &plan.model_config).map_err(|e| e.to_string())?;
     let block_size = 16;
     let max_batch = plan.decode_batches.iter().copied().max().unwrap_or(1);
@@ -185,6 +192,12 @@ pub fn decode_throughput(handle: &DeviceHandle, dtype: DType, plan: &Plan) -> Re
         block_size,
     )
     .map_err(|e| e.to_string())?;
+    if graphs {
+        let mut sizes = plan.decode_batches.clone();
+        sizes.sort_unstable();
+        sizes.dedup();
+        runner.capture_decode_graphs(&sizes, max_len).map_err(|e| e.to_string())?;
+    }
     let vocab = config.vocab_size;
     let mut results = Vec::new();
     for &batch in &plan.decode_batches {
@@ -265,13 +278,16 @@ pub fn rows(handle: &DeviceHandle, plan: &Plan) -> Result<Vec<Row>, String> {
         format!("{floor:.0} tok/s ({:.2} GB of weights)", weight_bytes as f64 / 1e9),
         floor,
     ));
-    for (batch, tokens_per_second) in decode_throughput(handle, DType::BF16, plan)? {
-        let value = if batch == 1 {
-            format!("{tokens_per_second:.1} tok/s, {:.0}% of the floor", 100.0 * tokens_per_second / floor)
-        } else {
-            format!("{tokens_per_second:.1} tok/s")
-        };
-        rows.push(Row::measure("bench", format!("decode bf16 dummy weights, batch {batch}"), value, tokens_per_second));
+    for (graphs, mode) in [(true, ""), (false, "eager, ")] {
+        for (batch, tokens_per_second) in decode_throughput(handle, DType::BF16, plan, graphs)? {
+            let value = if batch == 1 {
+                format!("{tokens_per_second:.1} tok/s, {:.0}% of the floor", 100.0 * tokens_per_second / floor)
+            } else {
+                format!("{tokens_per_second:.1} tok/s")
+            };
+            let name = format!("decode bf16 dummy weights, {mode}batch {batch}");
+            rows.push(Row::measure("bench", name, value, tokens_per_second));
+        }
     }
     Ok(rows)
 }

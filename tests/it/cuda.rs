@@ -215,6 +215,8 @@ mod emulated {
             "cuda-emulated",
             "--dtype",
             "float32",
+            // Launches are counted from the device's start: without graphs, load makes none.
+            "--enforce-eager",
         ];
         let server = Server::spawn(&args, &[("PAGODA_EMULATED_FAIL_LAUNCH", "3")]);
         server.wait_ready();

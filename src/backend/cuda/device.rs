@@ -7,7 +7,8 @@
 //! Device memory is named by a plain address ([`DevicePtr`]) and owned by [`DeviceBuffer`], which
 //! returns activation-sized buffers to a pool on drop so a warmed-up step allocates nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::weights::DType;
@@ -116,6 +117,16 @@ pub trait Device: Send + Sync {
     fn gemm(&self, call: &GemmCall) -> Result<(), DeviceError>;
     /// Waits for all work so far; a failed kernel surfaces here at the latest.
     fn synchronize(&self) -> Result<(), DeviceError>;
+    /// Starts recording the launches and GEMMs issued from now on instead of running them (CUDA
+    /// stream capture, relaxed mode: allocations are allowed). Copies, memsets, timing and
+    /// synchronization are errors until `end_capture`, as they are to CUDA.
+    fn begin_capture(&self) -> Result<(), DeviceError>;
+    /// Ends the recording and makes it replayable; returns its id. Ends the recording even when it
+    /// fails, so the device is usable afterwards.
+    fn end_capture(&self) -> Result<u64, DeviceError>;
+    /// Runs a recording again, with the same kernel arguments (so the same buffers) it recorded.
+    fn replay(&self, graph: u64) -> Result<(), DeviceError>;
+    fn destroy_graph(&self, graph: u64);
 }
 
 /// Buffers up to this size are pooled by power-of-two size class; larger ones (weights, the KV
@@ -126,12 +137,24 @@ const MAX_POOLED_BYTES: usize = 1 << 30;
 struct BufferPool {
     device: Arc<dyn Device>,
     free: Mutex<HashMap<usize, Vec<DevicePtr>>>,
+    /// Buffers handed out while a graph was being captured: the graph's kernels address them, so
+    /// they stay allocated (reused by later work, never freed) as long as the pool lives.
+    pinned: Mutex<HashSet<DevicePtr>>,
+    capturing: AtomicBool,
 }
 
 impl BufferPool {
+    /// Frees the idle buffers no captured graph uses.
     fn release(&self) {
-        let drained: Vec<DevicePtr> =
-            self.free.lock().unwrap_or_else(|e| e.into_inner()).drain().flat_map(|(_, v)| v).collect();
+        let pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut drained = Vec::new();
+        for list in free.values_mut() {
+            let (keep, gone): (Vec<DevicePtr>, Vec<DevicePtr>) = list.drain(..).partition(|p| pinned.contains(p));
+            *list = keep;
+            drained.extend(gone);
+        }
+        drop((free, pinned));
         for ptr in drained {
             self.device.free(ptr);
         }
@@ -140,7 +163,8 @@ impl BufferPool {
 
 impl Drop for BufferPool {
     fn drop(&mut self) {
-        // Every buffer holds the handle, so the pool goes last: only idle buffers remain.
+        // Every buffer and graph holds the handle, so the pool goes last: only idle buffers remain.
+        self.pinned.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.release();
     }
 }
@@ -154,7 +178,12 @@ pub struct DeviceHandle {
 
 impl DeviceHandle {
     pub fn new(device: Arc<dyn Device>) -> DeviceHandle {
-        let pool = Arc::new(BufferPool { device: device.clone(), free: Mutex::default() });
+        let pool = Arc::new(BufferPool {
+            device: device.clone(),
+            free: Mutex::default(),
+            pinned: Mutex::default(),
+            capturing: AtomicBool::new(false),
+        });
         DeviceHandle { device, pool }
     }
 
@@ -165,7 +194,8 @@ impl DeviceHandle {
     /// A buffer of at least `num_bytes`, from the pool when one of its size class is free.
     pub fn buffer(&self, num_bytes: usize) -> Result<DeviceBuffer, DeviceError> {
         let num_bytes = num_bytes.max(1);
-        if num_bytes > MAX_POOLED_BYTES {
+        let capturing = self.pool.capturing.load(Ordering::Relaxed);
+        if num_bytes > MAX_POOLED_BYTES && !capturing {
             return self.buffer_exact(num_bytes);
         }
         let class = num_bytes.next_power_of_two().max(256);
@@ -182,7 +212,22 @@ impl DeviceHandle {
                 Err(e) => return Err(e),
             },
         };
+        if capturing {
+            self.pool.pinned.lock().unwrap_or_else(|e| e.into_inner()).insert(ptr);
+        }
         Ok(DeviceBuffer { handle: self.clone(), ptr, num_bytes, size_class: Some(class) })
+    }
+
+    /// Records the device work `capture` issues as a graph instead of running it (see
+    /// [`Device::begin_capture`]); the buffers it takes stay allocated for the graph's replays.
+    pub fn capture<T, E: From<DeviceError>>(&self, capture: impl FnOnce() -> Result<T, E>) -> Result<(Graph, T), E> {
+        self.device.begin_capture()?;
+        self.pool.capturing.store(true, Ordering::Relaxed);
+        let captured = capture();
+        self.pool.capturing.store(false, Ordering::Relaxed);
+        let ended = self.device.end_capture();
+        let value = captured?;
+        Ok((Graph { handle: self.clone(), id: ended? }, value))
     }
 
     /// A buffer of exactly `num_bytes`, outside the pool: for weights and the KV cache, which live
@@ -203,6 +248,24 @@ impl DeviceHandle {
         let buf = self.buffer(bytes.len())?;
         self.device.copy_to_device(buf.ptr, bytes)?;
         Ok(buf)
+    }
+}
+
+/// A captured graph; destroyed on drop.
+pub struct Graph {
+    handle: DeviceHandle,
+    id: u64,
+}
+
+impl Graph {
+    pub fn replay(&self) -> Result<(), DeviceError> {
+        self.handle.device.replay(self.id)
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        self.handle.device.destroy_graph(self.id);
     }
 }
 

@@ -6,8 +6,9 @@
 //! build.rs embeds when nvcc was available; otherwise the embedded source is compiled with NVRTC
 //! at start, and the PTX is cached on disk by source hash, architecture and driver version.
 //!
-//! All work runs on the legacy default stream, so every call is ordered after the previous ones
-//! and host copies wait for the kernels before them.
+//! All work runs on one stream of the device's own, created blocking, so the synchronous copies
+//! (which run on the legacy default stream) wait for the kernels before them and the kernels wait
+//! for the copies; graphs are captured on that stream (the legacy stream cannot be captured).
 
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
@@ -19,6 +20,9 @@ use cudarc::driver::{result, sys};
 
 use super::device::{Device, DeviceError, DevicePtr, GemmCall, KernelArg, LaunchConfig, Transpose};
 use crate::weights::DType;
+
+/// cuBLAS's workspace (what NVIDIA recommends for Hopper).
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Kernels compiled by nvcc at build time (empty when the build had no nvcc).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
@@ -46,6 +50,10 @@ pub fn device_count() -> Result<usize, DeviceError> {
 
 pub struct CudaDevice {
     context: sys::CUcontext,
+    stream: sys::CUstream,
+    /// Captured graphs by id: the graph and its executable instance.
+    graphs: Mutex<HashMap<u64, (sys::CUgraph, sys::CUgraphExec)>>,
+    next_graph: std::sync::atomic::AtomicU64,
     module: sys::CUmodule,
     functions: Mutex<HashMap<String, sys::CUfunction>>,
     blas: Mutex<cublas::sys::cublasHandle_t>,
@@ -55,7 +63,7 @@ pub struct CudaDevice {
 
 // SAFETY: the CUDA driver API and a cuBLAS handle may be used from any thread once the context is
 // current there (`bind` does that on every call); the cuBLAS handle is used under its mutex, and
-// the function cache is behind a mutex too.
+// the function cache and the graphs are behind mutexes too.
 unsafe impl Send for CudaDevice {}
 unsafe impl Sync for CudaDevice {}
 
@@ -88,11 +96,31 @@ impl CudaDevice {
             ));
         }
         let blas = cublas::result::create_handle().map_err(|e| DeviceError::Driver(format!("cublasCreate: {e:?}")))?;
-        // SAFETY: the handle was just created; a null stream is the legacy default stream.
-        unsafe { cublas::result::set_stream(blas, std::ptr::null_mut()) }
+        let stream = result::stream::create(result::stream::StreamKind::Default)
+            .map_err(|e| driver_error("cuStreamCreate", e))?;
+        // SAFETY: the handle and the stream were just created.
+        unsafe { cublas::result::set_stream(blas, stream as _) }
             .map_err(|e| DeviceError::Driver(format!("cublasSetStream: {e:?}")))?;
+        // A workspace of cuBLAS's own, so that a GEMM captured in a graph allocates nothing.
+        // SAFETY: the context is current; the allocation is kept for the device's life.
+        let workspace =
+            unsafe { result::malloc_sync(CUBLAS_WORKSPACE_BYTES) }.map_err(|e| driver_error("cuMemAlloc", e))?;
+        // SAFETY: the workspace is a live allocation of that size, kept for the device's life.
+        unsafe { cublas::sys::cublasSetWorkspace_v2(blas, workspace as *mut c_void, CUBLAS_WORKSPACE_BYTES) }
+            .result()
+            .map_err(|e| DeviceError::Driver(format!("cublasSetWorkspace: {e:?}")))?;
         tracing::info!(device = %name, compute_capability = %format!("{major}.{minor}"), num_sms, "CUDA device opened");
-        Ok(CudaDevice { context, module, functions: Mutex::default(), blas: Mutex::new(blas), name, num_sms })
+        Ok(CudaDevice {
+            context,
+            stream,
+            graphs: Mutex::default(),
+            next_graph: std::sync::atomic::AtomicU64::new(1),
+            module,
+            functions: Mutex::default(),
+            blas: Mutex::new(blas),
+            name,
+            num_sms,
+        })
     }
 
     /// Makes this device's context current on the calling thread.
@@ -306,13 +334,11 @@ impl Device for CudaDevice {
         let start = result::event::create(flags).map_err(|e| driver_error("cuEventCreate", e))?;
         let end = result::event::create(flags).map_err(|e| driver_error("cuEventCreate", e))?;
         let timed = (|| {
-            // SAFETY: the events were just created; the null stream is the one all work runs on.
-            unsafe { result::event::record(start, std::ptr::null_mut()) }
-                .map_err(|e| driver_error("cuEventRecord", e))?;
+            // SAFETY: the events were just created; the stream is the one all work runs on.
+            unsafe { result::event::record(start, self.stream) }.map_err(|e| driver_error("cuEventRecord", e))?;
             run()?;
             // SAFETY: as above.
-            unsafe { result::event::record(end, std::ptr::null_mut()) }
-                .map_err(|e| driver_error("cuEventRecord", e))?;
+            unsafe { result::event::record(end, self.stream) }.map_err(|e| driver_error("cuEventRecord", e))?;
             // SAFETY: `end` was recorded above.
             unsafe { result::event::synchronize(end) }.map_err(|e| driver_error("a kernel failed", e))?;
             // SAFETY: both events were recorded and `end` has completed.
@@ -340,7 +366,7 @@ impl Device for CudaDevice {
                 config.grid_dim,
                 config.block_dim,
                 config.shared_mem_bytes,
-                std::ptr::null_mut(),
+                self.stream,
                 &mut params,
             )
         }
@@ -383,5 +409,54 @@ impl Device for CudaDevice {
     fn synchronize(&self) -> Result<(), DeviceError> {
         self.bind()?;
         result::ctx::synchronize().map_err(|e| driver_error("a kernel failed", e))
+    }
+
+    fn begin_capture(&self) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: the stream lives as long as the device.
+        unsafe { result::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }
+            .map_err(|e| driver_error("cuStreamBeginCapture", e))
+    }
+
+    fn end_capture(&self) -> Result<u64, DeviceError> {
+        self.bind()?;
+        // SAFETY: the stream lives as long as the device; ending a capture that failed part way
+        // still returns the stream to normal work.
+        let graph =
+            unsafe { result::stream::end_capture(self.stream) }.map_err(|e| driver_error("cuStreamEndCapture", e))?;
+        // SAFETY: `graph` was just captured.
+        let exec = match unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
+            Ok(exec) => exec,
+            Err(e) => {
+                // SAFETY: the graph is not used after this.
+                let _ = unsafe { result::graph::destroy(graph) };
+                return Err(driver_error("cuGraphInstantiate", e));
+            }
+        };
+        let id = self.next_graph.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.graphs.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (graph, exec));
+        Ok(id)
+    }
+
+    fn replay(&self, graph: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        let exec = self.graphs.lock().unwrap_or_else(|e| e.into_inner()).get(&graph).map(|g| g.1);
+        let exec = exec.ok_or_else(|| DeviceError::Driver(format!("no graph {graph}")))?;
+        // SAFETY: `exec` stays instantiated until destroy_graph; the stream is the device's.
+        unsafe { result::graph::launch(exec, self.stream) }.map_err(|e| driver_error("cuGraphLaunch", e))
+    }
+
+    fn destroy_graph(&self, graph: u64) {
+        let removed = self.graphs.lock().unwrap_or_else(|e| e.into_inner()).remove(&graph);
+        if let Some((graph, exec)) = removed
+            && self.bind().is_ok()
+        {
+            // SAFETY: removed from the map, so destroyed once; no replay can be in flight on the
+            // host side (replays hold no reference), and the driver keeps queued work valid.
+            unsafe {
+                let _ = result::graph::exec_destroy(exec);
+                let _ = result::graph::destroy(graph);
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! backend's GEMM arguments are checked too. Every copy, launch pointer range and GEMM operand
 //! is checked against the live allocations, so a wrong size is an error rather than a stray write.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -62,6 +62,18 @@ pub struct EmulatedDevice {
     fail_launch: AtomicU64,
     /// The kernels launched since the last `take_launched`, in order.
     launched: Mutex<Vec<String>>,
+    /// The recording under way (`begin_capture`), and the finished ones by id.
+    capture: Mutex<Option<Vec<Recorded>>>,
+    graphs: Mutex<HashMap<u64, Vec<Recorded>>>,
+    next_graph: AtomicU64,
+    num_replays: AtomicU64,
+}
+
+/// One recorded operation of a graph.
+#[derive(Clone)]
+enum Recorded {
+    Launch { kernel: String, config: LaunchConfig, args: Vec<KernelArg> },
+    Gemm(GemmCall),
 }
 
 impl EmulatedDevice {
@@ -77,6 +89,10 @@ impl EmulatedDevice {
             num_launches: AtomicU64::new(0),
             fail_launch: AtomicU64::new(0),
             launched: Mutex::default(),
+            capture: Mutex::default(),
+            graphs: Mutex::default(),
+            next_graph: AtomicU64::new(1),
+            num_replays: AtomicU64::new(0),
         }
     }
 
@@ -84,6 +100,30 @@ impl EmulatedDevice {
     /// kernel that faults on a GPU would.
     pub fn fail_launch(&self, n: u64) {
         self.fail_launch.store(n, Ordering::Relaxed);
+    }
+
+    /// Graph replays so far.
+    pub fn num_replays(&self) -> u64 {
+        self.num_replays.load(Ordering::Relaxed)
+    }
+
+    /// Records `op` if a capture is under way (true), as CUDA stream capture does.
+    fn record(&self, op: impl FnOnce() -> Recorded) -> bool {
+        match self.capture.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(ops) => {
+                ops.push(op());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// CUDA refuses synchronous copies, memsets, timing and synchronization inside a capture.
+    fn not_capturing(&self, what: &str) -> Result<(), DeviceError> {
+        if self.capture.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return Err(DeviceError::Driver(format!("{what} is not permitted while a graph is being captured")));
+        }
+        Ok(())
     }
 
     /// The names of the kernels launched since the last call, in order.
@@ -166,6 +206,7 @@ impl Device for EmulatedDevice {
     }
 
     fn copy_to_device(&self, dst: DevicePtr, src: &[u8]) -> Result<(), DeviceError> {
+        self.not_capturing("a copy to the device")?;
         self.check_range(dst, src.len(), "copy to device")?;
         // SAFETY: the destination range lies inside a live allocation (checked above), which
         // cannot overlap the caller's host slice.
@@ -174,6 +215,7 @@ impl Device for EmulatedDevice {
     }
 
     fn copy_to_host(&self, src: DevicePtr, dst: &mut [u8]) -> Result<(), DeviceError> {
+        self.not_capturing("a copy to the host")?;
         self.check_range(src, dst.len(), "copy to host")?;
         // SAFETY: the source range lies inside a live allocation (checked above).
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
@@ -181,6 +223,7 @@ impl Device for EmulatedDevice {
     }
 
     fn memset(&self, dst: DevicePtr, value: u8, num_bytes: usize) -> Result<(), DeviceError> {
+        self.not_capturing("a memset")?;
         self.check_range(dst, num_bytes, "memset")?;
         // SAFETY: the range lies inside a live allocation (checked above).
         unsafe { std::ptr::write_bytes(dst as *mut u8, value, num_bytes) };
@@ -188,6 +231,7 @@ impl Device for EmulatedDevice {
     }
 
     fn copy_on_device(&self, dst: DevicePtr, src: DevicePtr, num_bytes: usize) -> Result<(), DeviceError> {
+        self.not_capturing("a copy on the device")?;
         self.check_range(src, num_bytes, "copy on device (source)")?;
         self.check_range(dst, num_bytes, "copy on device (destination)")?;
         // SAFETY: both ranges lie inside live allocations (checked above); `copy` allows overlap.
@@ -196,12 +240,68 @@ impl Device for EmulatedDevice {
     }
 
     fn time(&self, run: &mut dyn FnMut() -> Result<(), DeviceError>) -> Result<f64, DeviceError> {
+        self.not_capturing("timing")?;
         let started = std::time::Instant::now();
         run()?;
         Ok(started.elapsed().as_secs_f64())
     }
 
     fn launch(&self, kernel: &str, config: LaunchConfig, args: &[KernelArg]) -> Result<(), DeviceError> {
+        if self.record(|| Recorded::Launch { kernel: kernel.to_string(), config, args: args.to_vec() }) {
+            return Ok(());
+        }
+        self.run_launch(kernel, config, args)
+    }
+
+    fn gemm(&self, call: &GemmCall) -> Result<(), DeviceError> {
+        if self.record(|| Recorded::Gemm(*call)) {
+            return Ok(());
+        }
+        self.run_gemm(call)
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        self.not_capturing("synchronization")
+    }
+
+    fn begin_capture(&self) -> Result<(), DeviceError> {
+        let mut capture = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        if capture.is_some() {
+            return Err(DeviceError::Driver("a capture is already under way".into()));
+        }
+        *capture = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<u64, DeviceError> {
+        let ops = self.capture.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let ops = ops.ok_or_else(|| DeviceError::Driver("no capture is under way".into()))?;
+        let id = self.next_graph.fetch_add(1, Ordering::Relaxed);
+        self.graphs.lock().unwrap_or_else(|e| e.into_inner()).insert(id, ops);
+        Ok(id)
+    }
+
+    fn replay(&self, graph: u64) -> Result<(), DeviceError> {
+        self.not_capturing("a graph launch")?;
+        let ops = self.graphs.lock().unwrap_or_else(|e| e.into_inner()).get(&graph).cloned();
+        let ops = ops.ok_or_else(|| DeviceError::Driver(format!("no graph {graph}")))?;
+        self.num_replays.fetch_add(1, Ordering::Relaxed);
+        for op in &ops {
+            match op {
+                Recorded::Launch { kernel, config, args } => self.run_launch(kernel, *config, args)?,
+                Recorded::Gemm(call) => self.run_gemm(call)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn destroy_graph(&self, graph: u64) {
+        self.graphs.lock().unwrap_or_else(|e| e.into_inner()).remove(&graph);
+    }
+}
+
+impl EmulatedDevice {
+    fn run_launch(&self, kernel: &str, config: LaunchConfig, args: &[KernelArg]) -> Result<(), DeviceError> {
         let launch_error = |message: String| DeviceError::Launch { kernel: kernel.to_string(), message };
         let number = self.num_launches.fetch_add(1, Ordering::Relaxed) + 1;
         if number == self.fail_launch.load(Ordering::Relaxed) {
@@ -236,7 +336,7 @@ impl Device for EmulatedDevice {
         }
     }
 
-    fn gemm(&self, call: &GemmCall) -> Result<(), DeviceError> {
+    fn run_gemm(&self, call: &GemmCall) -> Result<(), DeviceError> {
         let &GemmCall { transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, dtype, c_dtype } = call;
         // cuBLAS's own argument checks (CUBLAS_STATUS_INVALID_VALUE).
         let rows_a = if transa == Transpose::No { m } else { k };
@@ -285,10 +385,6 @@ impl Device for EmulatedDevice {
                 unsafe { write_element(c, idx, c_dtype, alpha * sum + beta * old) };
             }
         });
-        Ok(())
-    }
-
-    fn synchronize(&self) -> Result<(), DeviceError> {
         Ok(())
     }
 }

@@ -16,7 +16,7 @@ pub mod geometry;
 #[cfg(all(test, feature = "cuda-emu"))]
 mod tests;
 
-use device::{DeviceBuffer, DeviceError, DeviceHandle, DevicePtr, GemmCall, KernelArg, Transpose};
+use device::{DeviceBuffer, DeviceError, DeviceHandle, DevicePtr, GemmCall, Graph, KernelArg, Transpose};
 
 use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowLogprobs, RowSampling, SampledRow};
 use crate::weights::{DType, RawTensor};
@@ -93,6 +93,61 @@ impl CudaBatch {
     }
     fn seq_query_start(&self) -> DevicePtr {
         self.block_tables() + (self.num_seqs * self.max_blocks_per_seq * 4) as u64
+    }
+}
+
+/// A batch's metadata as one array of words, in `CudaBatch`'s order, and its sizes.
+struct BatchMeta {
+    num_tokens: usize,
+    num_seqs: usize,
+    max_query_len: usize,
+    max_blocks_per_seq: usize,
+    max_context: usize,
+    max_token_id: u32,
+    max_position: u32,
+}
+
+impl BatchMeta {
+    fn of(layout: &BatchLayout) -> (Vec<u32>, BatchMeta) {
+        let n = layout.num_tokens();
+        let max_blocks_per_seq = layout.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
+        let mut words: Vec<u32> = Vec::with_capacity(4 * n + layout.seqs.len() * (max_blocks_per_seq + 1) + 1);
+        words.extend(&layout.token_ids);
+        words.extend(&layout.positions);
+        words.extend(&layout.slot_mapping);
+        for (idx, seq) in layout.seqs.iter().enumerate() {
+            words.extend(std::iter::repeat_n(idx as u32, seq.query_len));
+        }
+        for seq in &layout.seqs {
+            words.extend(&seq.block_table);
+            // Entries past a sequence's blocks are never read; 0 keeps them inside the cache.
+            words.extend(std::iter::repeat_n(0, max_blocks_per_seq - seq.block_table.len()));
+        }
+        words.extend(layout.seqs.iter().map(|s| s.query_start as u32));
+        words.push(n as u32);
+        let meta = BatchMeta {
+            num_tokens: n,
+            num_seqs: layout.seqs.len(),
+            max_query_len: layout.seqs.iter().map(|s| s.query_len).max().unwrap_or(0),
+            max_blocks_per_seq,
+            max_context: layout.seqs.iter().map(|s| s.context_len).max().unwrap_or(0),
+            max_token_id: layout.token_ids.iter().copied().max().unwrap_or(0),
+            max_position: layout.positions.iter().copied().max().unwrap_or(0),
+        };
+        (words, meta)
+    }
+
+    fn with(self, meta: DeviceBuffer) -> CudaBatch {
+        CudaBatch {
+            meta,
+            num_tokens: self.num_tokens,
+            num_seqs: self.num_seqs,
+            max_query_len: self.max_query_len,
+            max_blocks_per_seq: self.max_blocks_per_seq,
+            max_context: self.max_context,
+            max_token_id: self.max_token_id,
+            max_position: self.max_position,
+        }
     }
 }
 
@@ -426,6 +481,7 @@ impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type KvCache = CudaKvCache;
     type Batch = CudaBatch;
+    type Graph = Graph;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -550,33 +606,36 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_batch(&self, layout: &BatchLayout) -> Result<CudaBatch, BackendError> {
-        let n = layout.num_tokens();
-        let max_blocks_per_seq = layout.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
-        let mut meta: Vec<u32> = Vec::with_capacity(4 * n + layout.seqs.len() * (max_blocks_per_seq + 1) + 1);
-        meta.extend(&layout.token_ids);
-        meta.extend(&layout.positions);
-        meta.extend(&layout.slot_mapping);
-        for (idx, seq) in layout.seqs.iter().enumerate() {
-            meta.extend(std::iter::repeat_n(idx as u32, seq.query_len));
+        let (words, batch) = BatchMeta::of(layout);
+        Ok(batch.with(self.handle.upload(bytemuck::cast_slice(&words))?))
+    }
+
+    fn update_batch(&self, batch: &mut CudaBatch, layout: &BatchLayout) -> Result<(), BackendError> {
+        let (words, meta) = BatchMeta::of(layout);
+        let same_shape = meta.num_tokens == batch.num_tokens
+            && meta.num_seqs == batch.num_seqs
+            && meta.max_blocks_per_seq == batch.max_blocks_per_seq
+            && words.len() * 4 <= batch.meta.num_bytes();
+        if !same_shape {
+            return Err(BackendError::Batch("update_batch: the layout does not have the batch's shape".into()));
         }
-        for seq in &layout.seqs {
-            meta.extend(&seq.block_table);
-            // Entries past a sequence's blocks are never read; 0 keeps them inside the cache.
-            meta.extend(std::iter::repeat_n(0, max_blocks_per_seq - seq.block_table.len()));
-        }
-        meta.extend(layout.seqs.iter().map(|s| s.query_start as u32));
-        meta.push(n as u32);
-        let meta = self.handle.upload(bytemuck::cast_slice(&meta))?;
-        Ok(CudaBatch {
-            meta,
-            num_tokens: n,
-            num_seqs: layout.seqs.len(),
-            max_query_len: layout.seqs.iter().map(|s| s.query_len).max().unwrap_or(0),
-            max_blocks_per_seq,
-            max_context: layout.seqs.iter().map(|s| s.context_len).max().unwrap_or(0),
-            max_token_id: layout.token_ids.iter().copied().max().unwrap_or(0),
-            max_position: layout.positions.iter().copied().max().unwrap_or(0),
-        })
+        self.handle.device().copy_to_device(batch.meta.ptr(), bytemuck::cast_slice(&words))?;
+        batch.max_query_len = meta.max_query_len;
+        batch.max_context = meta.max_context;
+        batch.max_token_id = meta.max_token_id;
+        batch.max_position = meta.max_position;
+        Ok(())
+    }
+
+    fn capture<T>(
+        &self,
+        capture: impl FnOnce() -> Result<T, BackendError>,
+    ) -> Result<Option<(Graph, T)>, BackendError> {
+        Ok(Some(self.handle.capture(capture)?))
+    }
+
+    fn replay(&self, graph: &Graph) -> Result<(), BackendError> {
+        Ok(graph.replay()?)
     }
 
     fn embedding(&self, table: &CudaWeight, batch: &CudaBatch) -> Result<CudaTensor, BackendError> {
@@ -934,6 +993,10 @@ impl Backend for CudaBackend {
         let mut words = vec![0u32; out.num_bytes() / 4];
         device.copy_to_host(out.ptr(), bytemuck::cast_slice_mut(&mut words))?;
         Ok(plan.unpack(sampling, &words[..x.rows], &words[x.rows..]))
+    }
+
+    fn rows(&self, x: &CudaTensor) -> usize {
+        x.rows
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>, BackendError> {

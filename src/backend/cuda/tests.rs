@@ -231,3 +231,111 @@ fn a_launch_with_the_wrong_arguments_is_an_error_not_a_crash() {
     let err = device.launch("pagoda_no_such_kernel", super::geometry::elementwise(4), &[]).unwrap_err();
     assert!(err.to_string().contains("no kernel named"), "{err}");
 }
+
+/// The runners of [`decode_steps_replay_graphs_and_give_what_eager_steps_give`]: a small model
+/// with a head size the kernels serve, on one emulated device.
+fn graph_test_runner(handle: &DeviceHandle, graph_sizes: &[usize]) -> crate::model::ModelRunner<super::CudaBackend> {
+    use crate::model::demo::DemoSpec;
+    let spec = DemoSpec {
+        hidden_size: 128,
+        intermediate_size: 256,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        vocab_size: 300,
+        max_position_embeddings: 256,
+        ..DemoSpec::demo()
+    };
+    let files = crate::model::ModelFiles::demo(&spec).unwrap();
+    let backend = super::CudaBackend::new(handle.clone(), DType::F32);
+    let mut runner = crate::model::ModelRunner::new(backend, &files, 128, 16, 16).unwrap();
+    if !graph_sizes.is_empty() {
+        assert_eq!(runner.capture_decode_graphs(graph_sizes, 128).unwrap(), graph_sizes.len());
+    }
+    runner
+}
+
+/// Decode steps a graph covers replay it (padded to the graph's size with tokens that write no
+/// cache slot) and give the eager steps' logits; prefill steps and decode steps larger than every
+/// graph run eagerly.
+#[test]
+fn decode_steps_replay_graphs_and_give_what_eager_steps_give() {
+    use crate::model::Executor;
+    let (device, handle) = emulated();
+    let mut eager = graph_test_runner(&handle, &[]);
+    let mut graphed = graph_test_runner(&handle, &[1, 2, 4]);
+    // Five sequences of 3, 9, 16, 17 and 20 prompt tokens; sequence s owns blocks 2s and 2s + 1.
+    let lens = [3usize, 9, 16, 17, 20];
+    let step = |seqs: &[usize], start: &dyn Fn(usize) -> usize, len: &dyn Fn(usize) -> usize| {
+        let mut layout = BatchLayout::default();
+        for &s in seqs {
+            let (from, n) = (start(s), len(s));
+            layout.seqs.push(SeqLayout {
+                query_start: layout.token_ids.len(),
+                query_len: n,
+                context_len: from + n,
+                block_table: vec![2 * s as u32, 2 * s as u32 + 1],
+            });
+            for p in from..from + n {
+                layout.token_ids.push((7 * s + 3 * p + 1) as u32 % 300);
+                layout.positions.push(p as u32);
+                layout.slot_mapping.push((2 * s * 16 + p) as u32);
+            }
+        }
+        let rows: Vec<u32> = layout.seqs.iter().map(|q| (q.query_start + q.query_len - 1) as u32).collect();
+        (layout, rows)
+    };
+    let run = |eager: &mut dyn Executor, graphed: &mut dyn Executor, (layout, rows): (BatchLayout, Vec<u32>)| {
+        let before = device.num_replays();
+        let a = eager.execute(&layout, &rows).unwrap();
+        let b = graphed.execute(&layout, &rows).unwrap();
+        assert_eq!(a.len(), rows.len() * 300);
+        let diff: f32 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(diff <= 1e-5 * norm, "graphed logits differ: {diff} of {norm}");
+        device.num_replays() - before
+    };
+    let all = [0, 1, 2, 3, 4];
+    assert_eq!(run(&mut eager, &mut graphed, step(&all, &|_| 0, &|s| lens[s])), 0, "prefill runs eagerly");
+    let mut pos = lens;
+    // Decode steps of 3 (the graph of 4), 1, 3 again (reading what the first wrote), and 5.
+    for seqs in [&[0, 2, 4][..], &[1], &[0, 2, 4], &all] {
+        let replays = run(&mut eager, &mut graphed, step(seqs, &|s| pos[s], &|_| 1));
+        assert_eq!(replays, u64::from(seqs.len() <= 4), "decode of {} sequences", seqs.len());
+        for &s in seqs {
+            pos[s] += 1;
+        }
+    }
+}
+
+/// Inside a capture, CUDA refuses host copies; the capture ends anyway and the device works on.
+#[test]
+fn a_capture_refuses_host_copies_and_leaves_the_device_usable() {
+    let (_, handle) = emulated();
+    let err = handle.capture(|| handle.upload(&[1, 2, 3])).err().unwrap();
+    assert!(err.to_string().contains("not permitted while a graph is being captured"), "{err}");
+    assert_eq!(handle.upload(&[4, 5]).unwrap().to_host().unwrap()[..2], [4, 5]);
+    // A captured launch runs only when replayed.
+    let buf = handle.upload(&[0u8; 16]).unwrap();
+    let ptr = buf.ptr();
+    let (graph, ()) = handle
+        .capture(|| {
+            handle.device().launch(
+                "pagoda_add_f32",
+                super::geometry::elementwise(4),
+                &[
+                    super::device::KernelArg::Ptr(ptr),
+                    super::device::KernelArg::Ptr(ptr),
+                    super::device::KernelArg::U32(4),
+                ],
+            )
+        })
+        .unwrap();
+    let ones: Vec<u8> = [1f32; 4].iter().flat_map(|x| x.to_le_bytes()).collect();
+    handle.device().copy_to_device(ptr, &ones).unwrap();
+    graph.replay().unwrap();
+    graph.replay().unwrap();
+    let out = buf.to_host().unwrap();
+    assert_eq!(f32::from_le_bytes(out[..4].try_into().unwrap()), 4.0, "x += x twice");
+}
