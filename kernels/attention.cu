@@ -329,15 +329,14 @@ __device__ void prefill_attention(T* __restrict__ out, const T* __restrict__ q, 
                                          group, sliding_window, scale);                                          \
   }                                                                                                               \
   PAGODA_REGISTER(pagoda_paged_attention_h##HD##_g##G##_##SUFFIX)
-// Head sizes 16 (the test fixtures), 64 and 128; groups up to 1, 2, 4 and 8 query heads per KV head.
-#define ATTENTION_GROUPS(HD, SUFFIX, TYPE)                                                       \
-  ATTENTION_KERNEL(HD, 1, SUFFIX, TYPE)                                                          \
-  ATTENTION_KERNEL(HD, 2, SUFFIX, TYPE) ATTENTION_KERNEL(HD, 4, SUFFIX, TYPE) ATTENTION_KERNEL(HD, 8, SUFFIX, TYPE)
-#define ATTENTION_HEAD_DIMS(SUFFIX, TYPE) \
-  ATTENTION_GROUPS(16, SUFFIX, TYPE) ATTENTION_GROUPS(64, SUFFIX, TYPE) ATTENTION_GROUPS(128, SUFFIX, TYPE)
-ATTENTION_HEAD_DIMS(f32, float)
-ATTENTION_HEAD_DIMS(f16, f16)
-ATTENTION_HEAD_DIMS(bf16, bf16)
+// Every attention kernel K is instantiated for head sizes 16 (the test fixtures), 64 and 128, groups
+// of up to 1, 2, 4 and 8 query heads per KV head, and every dtype (geometry.rs names them).
+#define ATTENTION_GROUPS(K, HD, SUFFIX, TYPE) K(HD, 1, SUFFIX, TYPE) K(HD, 2, SUFFIX, TYPE) K(HD, 4, SUFFIX, TYPE) K(HD, 8, SUFFIX, TYPE)
+#define ATTENTION_HEAD_DIMS(K, SUFFIX, TYPE) \
+  ATTENTION_GROUPS(K, 16, SUFFIX, TYPE) ATTENTION_GROUPS(K, 64, SUFFIX, TYPE) ATTENTION_GROUPS(K, 128, SUFFIX, TYPE)
+#define ATTENTION_INSTANCES(K) \
+  ATTENTION_HEAD_DIMS(K, f32, float) ATTENTION_HEAD_DIMS(K, f16, f16) ATTENTION_HEAD_DIMS(K, bf16, bf16)
+ATTENTION_INSTANCES(ATTENTION_KERNEL)
 
 #define PREFILL_ARGS(T)                                                                                        \
   (T * out, const T* q, const T* k_cache, const T* v_cache, const unsigned* block_tables,                      \
@@ -351,14 +350,7 @@ ATTENTION_HEAD_DIMS(bf16, bf16)
                                            scale);                                                               \
   }                                                                                                               \
   PAGODA_REGISTER(pagoda_prefill_attention_h##HD##_g##G##_##SUFFIX)
-#define PREFILL_GROUPS(HD, SUFFIX, TYPE)                                                     \
-  PREFILL_KERNEL(HD, 1, SUFFIX, TYPE)                                                        \
-  PREFILL_KERNEL(HD, 2, SUFFIX, TYPE) PREFILL_KERNEL(HD, 4, SUFFIX, TYPE) PREFILL_KERNEL(HD, 8, SUFFIX, TYPE)
-#define PREFILL_HEAD_DIMS(SUFFIX, TYPE) \
-  PREFILL_GROUPS(16, SUFFIX, TYPE) PREFILL_GROUPS(64, SUFFIX, TYPE) PREFILL_GROUPS(128, SUFFIX, TYPE)
-PREFILL_HEAD_DIMS(f32, float)
-PREFILL_HEAD_DIMS(f16, f16)
-PREFILL_HEAD_DIMS(bf16, bf16)
+ATTENTION_INSTANCES(PREFILL_KERNEL)
 
 #define MERGE_PARAMS(T) (T * out, const float* partial_out, const float* partial_lse, int num_splits, int head_dim)
 #define MERGE_BODY(T) pagoda::attention_merge<T>(out, partial_out, partial_lse, num_splits, head_dim)

@@ -830,6 +830,21 @@ impl Backend for CudaBackend {
         }
         let (k_cache, v_cache) = &cache.layers[layer];
         let window = sliding_window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        // Both kernels end with where each query token's keys are and the heads' shape; they
+        // differ in how a token finds its sequence (`token_map`).
+        let cache_args = |token_map: DevicePtr| {
+            [
+                KernelArg::Ptr(batch.block_tables()),
+                KernelArg::Ptr(token_map),
+                KernelArg::Ptr(batch.positions()),
+                KernelArg::I32(batch.max_blocks_per_seq as i32),
+                KernelArg::I32(shape.block_size as i32),
+                KernelArg::I32(num_kv_heads as i32),
+                KernelArg::I32(group as i32),
+                KernelArg::I32(window),
+                KernelArg::F32(scale),
+            ]
+        };
         if batch.max_query_len > 1 {
             // A step with prompt chunks: query tiles share each key tile.
             let (kernel, bucket) = geometry::prefill_attention_kernel(self.dtype, head_dim, group)
@@ -839,20 +854,15 @@ impl Backend for CudaBackend {
                 &kernel,
                 geometry::prefill_attention(num_kv_heads, batch.max_query_len, bucket, batch.num_seqs),
                 &[
-                    KernelArg::Ptr(out.ptr()),
-                    KernelArg::Ptr(q.ptr()),
-                    KernelArg::Ptr(k_cache.ptr()),
-                    KernelArg::Ptr(v_cache.ptr()),
-                    KernelArg::Ptr(batch.block_tables()),
-                    KernelArg::Ptr(batch.seq_query_start()),
-                    KernelArg::Ptr(batch.positions()),
-                    KernelArg::I32(batch.max_blocks_per_seq as i32),
-                    KernelArg::I32(shape.block_size as i32),
-                    KernelArg::I32(num_kv_heads as i32),
-                    KernelArg::I32(group as i32),
-                    KernelArg::I32(window),
-                    KernelArg::F32(scale),
-                ],
+                    &[
+                        KernelArg::Ptr(out.ptr()),
+                        KernelArg::Ptr(q.ptr()),
+                        KernelArg::Ptr(k_cache.ptr()),
+                        KernelArg::Ptr(v_cache.ptr()),
+                    ][..],
+                    &cache_args(batch.seq_query_start()),
+                ]
+                .concat(),
             )?;
             return Ok(out);
         }
@@ -869,22 +879,17 @@ impl Backend for CudaBackend {
             &kernel,
             geometry::paged_attention(num_kv_heads, n, splits),
             &[
-                KernelArg::Ptr(out.ptr()),
-                KernelArg::Ptr(partial.as_ref().map_or(0, |p| p.0.ptr())),
-                KernelArg::Ptr(partial.as_ref().map_or(0, |p| p.1.ptr())),
-                KernelArg::Ptr(q.ptr()),
-                KernelArg::Ptr(k_cache.ptr()),
-                KernelArg::Ptr(v_cache.ptr()),
-                KernelArg::Ptr(batch.block_tables()),
-                KernelArg::Ptr(batch.token_seq()),
-                KernelArg::Ptr(batch.positions()),
-                KernelArg::I32(batch.max_blocks_per_seq as i32),
-                KernelArg::I32(shape.block_size as i32),
-                KernelArg::I32(num_kv_heads as i32),
-                KernelArg::I32(group as i32),
-                KernelArg::I32(window),
-                KernelArg::F32(scale),
-            ],
+                &[
+                    KernelArg::Ptr(out.ptr()),
+                    KernelArg::Ptr(partial.as_ref().map_or(0, |p| p.0.ptr())),
+                    KernelArg::Ptr(partial.as_ref().map_or(0, |p| p.1.ptr())),
+                    KernelArg::Ptr(q.ptr()),
+                    KernelArg::Ptr(k_cache.ptr()),
+                    KernelArg::Ptr(v_cache.ptr()),
+                ][..],
+                &cache_args(batch.token_seq()),
+            ]
+            .concat(),
         )?;
         if let Some((partial_out, partial_lse)) = &partial {
             self.launch(
