@@ -3,9 +3,10 @@
 //!   `pagoda info` (builds outside a git checkout, such as Nix, pass `PAGODA_GIT_COMMIT`);
 //! - flattens `kernels/*.cu` into one source text the binary embeds and compiles with NVRTC at
 //!   start when no precompiled kernels are embedded;
-//! - with `PAGODA_CUDA_GENCODE` (nvcc `-gencode` flags, as the Nix package sets them) or
-//!   `PAGODA_NVCC` (an nvcc to use, with sm_80/86/89/90 + compute_90 PTX), compiles the kernels
-//!   into a fatbin the binary embeds;
+//! - when nvcc is present (`PAGODA_NVCC`, else `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc` or
+//!   `nvcc` on `PATH`) compiles the kernels into a fatbin the binary embeds, for the capabilities
+//!   in `PAGODA_CUDA_GENCODE` (nvcc `-gencode` flags, as the Nix package sets them) or
+//!   sm_80/86/89/90 + compute_90 PTX; `PAGODA_NVCC=none` skips it (NVRTC at start instead);
 //! - with the `cuda-emu` feature, compiles the kernels for the CPU with `kernels/cuda_emu.h`.
 
 use std::path::{Path, PathBuf};
@@ -67,15 +68,21 @@ fn write_flattened_source(kernels: &Path, sources: &[PathBuf], dest: &Path) {
 
 /// The fatbin, or an empty file when no nvcc was asked for (the binary then uses NVRTC).
 fn compile_fatbin(kernels: &Path, sources: &[PathBuf], dest: &Path) {
-    println!("cargo:rerun-if-env-changed=PAGODA_CUDA_GENCODE");
-    println!("cargo:rerun-if-env-changed=PAGODA_NVCC");
+    for var in ["PAGODA_CUDA_GENCODE", "PAGODA_NVCC", "CUDA_HOME", "CUDA_PATH", "PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
     let gencode = env::var("PAGODA_CUDA_GENCODE").ok().filter(|g| !g.trim().is_empty());
-    let nvcc = env::var("PAGODA_NVCC").ok().filter(|n| !n.is_empty());
-    if gencode.is_none() && nvcc.is_none() {
+    let nvcc = match env::var("PAGODA_NVCC").ok().filter(|n| !n.is_empty()) {
+        Some(n) if n == "none" => None,
+        Some(n) => Some(n),
+        // Asked for by the gencode flags: nvcc from PATH, or a clear failure below.
+        None if gencode.is_some() => Some(find_nvcc().unwrap_or_else(|| "nvcc".to_string())),
+        None => find_nvcc(),
+    };
+    let Some(nvcc) = nvcc else {
         fs::write(dest, b"").expect("OUT_DIR is writable");
         return;
-    }
-    let nvcc = nvcc.unwrap_or_else(|| "nvcc".to_string());
+    };
     let gencode = gencode.unwrap_or_else(|| DEFAULT_GENCODE.to_string());
     // nvcc takes one input with -fatbin: a unit that includes every source.
     let unit = dest.with_extension("unit.cu");
@@ -93,8 +100,19 @@ fn compile_fatbin(kernels: &Path, sources: &[PathBuf], dest: &Path) {
         .arg("-o")
         .arg(dest)
         .status()
-        .unwrap_or_else(|e| panic!("running {nvcc} (PAGODA_NVCC / PAGODA_CUDA_GENCODE are set): {e}"));
+        .unwrap_or_else(|e| panic!("running {nvcc} (PAGODA_NVCC=none skips the precompiled kernels): {e}"));
     assert!(status.success(), "{nvcc} failed to compile kernels/*.cu");
+}
+
+/// An nvcc that runs: under `$CUDA_HOME` or `$CUDA_PATH`, or on `PATH`.
+fn find_nvcc() -> Option<String> {
+    let mut candidates: Vec<PathBuf> =
+        ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(env::var_os).map(|d| PathBuf::from(d).join("bin/nvcc")).collect();
+    candidates.push(PathBuf::from("nvcc"));
+    candidates
+        .into_iter()
+        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .map(|c| c.display().to_string())
 }
 
 /// The kernels as C++ for the CPU (cuda_emu.h force-included), plus the generated entry point

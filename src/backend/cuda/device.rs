@@ -8,7 +8,7 @@
 //! returns activation-sized buffers to a pool on drop so a warmed-up step allocates nothing.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::weights::DType;
@@ -141,6 +141,8 @@ struct BufferPool {
     /// they stay allocated (reused by later work, never freed) as long as the pool lives.
     pinned: Mutex<HashSet<DevicePtr>>,
     capturing: AtomicBool,
+    /// Graphs alive: when the last one goes, nothing needs the pinned buffers any more.
+    live_graphs: AtomicUsize,
 }
 
 impl BufferPool {
@@ -183,6 +185,7 @@ impl DeviceHandle {
             free: Mutex::default(),
             pinned: Mutex::default(),
             capturing: AtomicBool::new(false),
+            live_graphs: AtomicUsize::new(0),
         });
         DeviceHandle { device, pool }
     }
@@ -204,7 +207,8 @@ impl DeviceHandle {
             Some(ptr) => ptr,
             None => match self.device.alloc(class) {
                 Ok(ptr) => ptr,
-                Err(DeviceError::OutOfMemory { .. }) => {
+                // Freeing memory is not allowed while capturing: the capture fails instead.
+                Err(DeviceError::OutOfMemory { .. }) if !capturing => {
                     // Give the pool's idle buffers back and try once more before failing.
                     self.release_pool();
                     self.device.alloc(class)?
@@ -227,7 +231,9 @@ impl DeviceHandle {
         self.pool.capturing.store(false, Ordering::Relaxed);
         let ended = self.device.end_capture();
         let value = captured?;
-        Ok((Graph { handle: self.clone(), id: ended? }, value))
+        let id = ended?;
+        self.pool.live_graphs.fetch_add(1, Ordering::Relaxed);
+        Ok((Graph { handle: self.clone(), id }, value))
     }
 
     /// A buffer of exactly `num_bytes`, outside the pool: for weights and the KV cache, which live
@@ -266,6 +272,9 @@ impl Graph {
 impl Drop for Graph {
     fn drop(&mut self) {
         self.handle.device.destroy_graph(self.id);
+        if self.handle.pool.live_graphs.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.handle.pool.pinned.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 }
 

@@ -60,6 +60,8 @@ pub struct EmulatedDevice {
     /// 0 for none. For tests of what a failed step does.
     num_launches: AtomicU64,
     fail_launch: AtomicU64,
+    /// Calls of `alloc` so far.
+    num_allocs: AtomicU64,
     /// The kernels launched since the last `take_launched`, in order.
     launched: Mutex<Vec<String>>,
     /// The recording under way (`begin_capture`), and the finished ones by id.
@@ -88,6 +90,7 @@ impl EmulatedDevice {
             seed: AtomicU64::new(1),
             num_launches: AtomicU64::new(0),
             fail_launch: AtomicU64::new(0),
+            num_allocs: AtomicU64::new(0),
             launched: Mutex::default(),
             capture: Mutex::default(),
             graphs: Mutex::default(),
@@ -100,6 +103,11 @@ impl EmulatedDevice {
     /// kernel that faults on a GPU would.
     pub fn fail_launch(&self, n: u64) {
         self.fail_launch.store(n, Ordering::Relaxed);
+    }
+
+    /// Device allocations so far (the pool's reuse makes none).
+    pub fn num_allocs(&self) -> u64 {
+        self.num_allocs.load(Ordering::Relaxed)
     }
 
     /// Graph replays so far.
@@ -180,6 +188,7 @@ impl Device for EmulatedDevice {
     }
 
     fn alloc(&self, num_bytes: usize) -> Result<DevicePtr, DeviceError> {
+        self.num_allocs.fetch_add(1, Ordering::Relaxed);
         let num_bytes = num_bytes.max(1);
         let free_bytes = self.capacity_bytes.saturating_sub(self.used_bytes());
         let layout = std::alloc::Layout::from_size_align(num_bytes, ALIGN)

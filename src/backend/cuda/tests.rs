@@ -258,7 +258,7 @@ fn graph_test_runner(handle: &DeviceHandle, graph_sizes: &[usize]) -> crate::mod
 
 /// Decode steps a graph covers replay it (padded to the graph's size with tokens that write no
 /// cache slot) and give the eager steps' logits; prefill steps and decode steps larger than every
-/// graph run eagerly.
+/// graph run eagerly; a step of a shape seen before allocates nothing.
 #[test]
 fn decode_steps_replay_graphs_and_give_what_eager_steps_give() {
     use crate::model::Executor;
@@ -300,9 +300,14 @@ fn decode_steps_replay_graphs_and_give_what_eager_steps_give() {
     assert_eq!(run(&mut eager, &mut graphed, step(&all, &|_| 0, &|s| lens[s])), 0, "prefill runs eagerly");
     let mut pos = lens;
     // Decode steps of 3 (the graph of 4), 1, 3 again (reading what the first wrote), and 5.
-    for seqs in [&[0, 2, 4][..], &[1], &[0, 2, 4], &all] {
+    for (i, seqs) in [&[0, 2, 4][..], &[1], &[0, 2, 4], &all].into_iter().enumerate() {
+        let allocs = device.num_allocs();
         let replays = run(&mut eager, &mut graphed, step(seqs, &|s| pos[s], &|_| 1));
         assert_eq!(replays, u64::from(seqs.len() <= 4), "decode of {} sequences", seqs.len());
+        if i == 2 {
+            // A step of a shape run before takes every buffer from the pool, eager or replayed.
+            assert_eq!(device.num_allocs(), allocs, "a warmed-up decode step allocated device memory");
+        }
         for &s in seqs {
             pos[s] += 1;
         }
