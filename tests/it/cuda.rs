@@ -246,6 +246,53 @@ mod emulated {
         assert_eq!(post(server.port, "/v1/completions", &body).status, 200);
     }
 
+    /// The real server on the CUDA backend (emulated device, decode from graphs) answers a seeded
+    /// request with every sampling parameter and logprobs as the CPU server does: the same text,
+    /// and the same logprobs within rounding.
+    #[test]
+    fn seeded_sampling_and_logprobs_over_http_equal_the_cpu_servers() {
+        use crate::http::post;
+        use crate::server::Server;
+
+        let model = fixture("tiny-llama");
+        let args = ["--model", model.to_str().unwrap(), "--num-gpu-blocks-override", "64", "--dtype", "float32"];
+        let cuda = Server::start(&[&args[..], &["--device", "cuda-emulated"]].concat());
+        let cpu = Server::start(&[&args[..], &["--device", "cpu"]].concat());
+        assert!(cuda.log().contains("decode steps run from CUDA graphs"), "{}", cuda.log());
+        for (i, extra) in [
+            serde_json::json!({"temperature": 0.9, "top_k": 20, "top_p": 0.9, "presence_penalty": 0.5}),
+            serde_json::json!({"temperature": 1.2, "min_p": 0.05, "repetition_penalty": 1.3, "logit_bias": {"7": 4}}),
+            serde_json::json!({"temperature": 0, "frequency_penalty": 0.7, "min_tokens": 5}),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut body = serde_json::json!({"model": model.to_str().unwrap(), "prompt": "Once upon a time",
+                                              "max_tokens": 10, "seed": 11 + i, "logprobs": 3, "ignore_eos": true});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let (a, b) = (post(cuda.port, "/v1/completions", &body), post(cpu.port, "/v1/completions", &body));
+            assert_eq!((a.status, b.status), (200, 200), "{}\n{}", a.text(), b.text());
+            let (a, b) = (&a.json()["choices"][0], &b.json()["choices"][0]);
+            assert_eq!(a["text"], b["text"], "{extra}");
+            let logprobs = |c: &serde_json::Value| -> Vec<f64> {
+                c["logprobs"]["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+            };
+            let (la, lb) = (logprobs(a), logprobs(b));
+            assert_eq!(la.len(), 10);
+            assert!(la.iter().zip(&lb).all(|(x, y)| (x - y).abs() < 1e-3), "{la:?}\n{lb:?}");
+            assert_eq!(a["logprobs"]["tokens"], b["logprobs"]["tokens"]);
+            let top = |c: &serde_json::Value| -> Vec<Vec<String>> {
+                c["logprobs"]["top_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.as_object().unwrap().keys().cloned().collect())
+                    .collect()
+            };
+            assert_eq!(top(a), top(b));
+        }
+    }
+
     /// Without an explicit size the KV cache gets what the weights and a profiling pass at the full
     /// token budget leave of `--gpu-memory-utilization` × the device's memory; a model that does
     /// not fit is one clear error naming the tensor.
