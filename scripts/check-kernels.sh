@@ -22,17 +22,30 @@ out=${OUT:-target/kernel-check}
 mkdir -p "$out"
 rm -f "$out/report.txt"
 "$nvcc" --version | tail -n1
+# Compile: one job per architecture, side by side (attention.cu dominates, a minute or more each).
+rm -f "$out/failed"
+for arch in sm_80 sm_90; do
+  (
+    for src in kernels/*.cu; do
+      name=$(basename "$src" .cu)
+      "$nvcc" -arch="$arch" -O3 -std=c++17 --use_fast_math -cubin -Xptxas -v -I kernels "$src" \
+        -o "$out/$name.$arch.cubin" >"$out/$name.$arch.log" 2>&1 || echo "$src $arch" >>"$out/failed"
+    done
+  ) &
+done
+wait
+if [ -s "$out/failed" ]; then
+  while read -r src arch; do
+    cat "$out/$(basename "$src" .cu).$arch.log" >&2
+    echo "check-kernels: $src does not compile for $arch" >&2
+  done <"$out/failed"
+  exit 1
+fi
 status=0
 for arch in sm_80 sm_90; do
   for src in kernels/*.cu; do
     name=$(basename "$src" .cu)
     log="$out/$name.$arch.log"
-    if ! "$nvcc" -arch="$arch" -O3 -std=c++17 --use_fast_math -cubin -Xptxas -v -I kernels "$src" \
-        -o "$out/$name.$arch.cubin" >"$log" 2>&1; then
-      cat "$log" >&2
-      echo "check-kernels: $src does not compile for $arch" >&2
-      exit 1
-    fi
     # One line per kernel: name, registers, spill bytes, shared memory.
     awk -v arch="$arch" '
       /Compiling entry function/ { gsub(/'\''/, "", $7); fn = $7 }
