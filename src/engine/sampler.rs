@@ -10,7 +10,6 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::RngCore;
 
 use super::request::{SamplingParams, TokenLogprobs};
-use crate::backend::sampling::sample_row;
 use crate::backend::{Draw, LogitEdit, RowSampling, SampledRow};
 
 /// Temperatures below this are greedy, as in vLLM.
@@ -36,16 +35,6 @@ pub fn row_rule(params: &SamplingParams, ctx: &SamplingContext, rng: &mut ChaCha
         uniform: uniform(rng),
     });
     RowSampling { edits: edits(params, ctx), draw, logprobs: params.logprobs.map(|k| k as u32) }
-}
-
-/// Picks the next token from `logits` (which it modifies) and, if asked, its logprobs, on the host.
-pub fn sample(
-    logits: &mut [f32],
-    params: &SamplingParams,
-    ctx: &SamplingContext,
-    rng: &mut ChaCha8Rng,
-) -> (u32, Option<TokenLogprobs>) {
-    token_and_logprobs(sample_row(logits, &row_rule(params, ctx, rng)))
 }
 
 /// A backend's pick as the engine reports it.
@@ -95,6 +84,18 @@ mod tests {
     use rand_core::SeedableRng;
 
     use super::*;
+    use crate::backend::sampling::sample_row;
+
+    /// The next token from `logits` (which it modifies) and, if asked, its logprobs, picked on the
+    /// host as a backend picks it.
+    fn sample(
+        logits: &mut [f32],
+        params: &SamplingParams,
+        ctx: &SamplingContext,
+        rng: &mut ChaCha8Rng,
+    ) -> (u32, Option<TokenLogprobs>) {
+        token_and_logprobs(sample_row(logits, &row_rule(params, ctx, rng)))
+    }
 
     fn ctx<'a>(prompt: &'a [u32], output: &'a [u32]) -> SamplingContext<'a> {
         SamplingContext { prompt_ids: prompt, output_ids: output, stop_token_ids: &[] }

@@ -314,10 +314,13 @@ impl<B: Backend> Executor for ModelRunner<B> {
             return Err(BackendError::Batch("one sampling rule per sampled row is needed".into()));
         }
         let (logits, _) = self.forward(layout, logits_rows)?;
-        // A graph's padding rows are picked greedily and dropped.
         let padded_rows = self.backend.rows(&logits);
+        if padded_rows <= sampling.len() {
+            return self.backend.sample_rows(&logits, sampling);
+        }
+        // A graph's padding rows are picked greedily and dropped.
         let mut rules = sampling.to_vec();
-        rules.resize(padded_rows.max(sampling.len()), RowSampling::greedy());
+        rules.resize(padded_rows, RowSampling::greedy());
         let mut picked = self.backend.sample_rows(&logits, &rules)?;
         picked.truncate(sampling.len());
         Ok(picked)

@@ -102,14 +102,15 @@ pub fn attention_kernel(dtype: DType, head_dim: usize, group: usize) -> Option<S
     Some(format!("pagoda_paged_attention_h{head_dim}_g{bucket}_{}", dtype_suffix(dtype)))
 }
 
-/// The prefill attention kernel, instantiated for the same shapes as [`attention_kernel`].
-pub fn prefill_attention_kernel(dtype: DType, head_dim: usize, group: usize) -> Option<String> {
+/// The prefill attention kernel, instantiated for the same shapes as [`attention_kernel`], and
+/// the group bucket its tiles are laid out for.
+pub fn prefill_attention_kernel(dtype: DType, head_dim: usize, group: usize) -> Option<(String, usize)> {
     let bucket = group_bucket(head_dim, group)?;
-    Some(format!("pagoda_prefill_attention_h{head_dim}_g{bucket}_{}", dtype_suffix(dtype)))
+    Some((format!("pagoda_prefill_attention_h{head_dim}_g{bucket}_{}", dtype_suffix(dtype)), bucket))
 }
 
 /// The group bucket the attention kernels serve `group` query heads per KV head with.
-pub fn group_bucket(head_dim: usize, group: usize) -> Option<usize> {
+fn group_bucket(head_dim: usize, group: usize) -> Option<usize> {
     if !ATTENTION_HEAD_DIMS.contains(&head_dim) {
         return None;
     }

@@ -476,6 +476,24 @@ impl SamplingUpload {
     }
 }
 
+impl CudaBackend {
+    /// `out`'s rows are the rows of `x` whose indices (u32, `out.rows` of them, in bounds) are on
+    /// the device at `indices`.
+    fn launch_gather_rows(&self, out: &CudaTensor, x: &CudaTensor, indices: DevicePtr) -> Result<(), BackendError> {
+        self.handle.device().launch(
+            &format!("pagoda_gather_rows_{}", geometry::dtype_suffix(x.dtype)),
+            geometry::gather_rows(out.rows),
+            &[
+                KernelArg::Ptr(out.ptr()),
+                KernelArg::Ptr(x.ptr()),
+                KernelArg::Ptr(indices),
+                KernelArg::I32(x.cols as i32),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
@@ -848,7 +866,6 @@ impl Backend for CudaBackend {
         if batch.max_query_len > 1 {
             // A step with prompt chunks: query tiles share each key tile.
             let (kernel, bucket) = geometry::prefill_attention_kernel(self.dtype, head_dim, group)
-                .zip(geometry::group_bucket(head_dim, group))
                 .ok_or_else(|| BackendError::Batch(format!("no prefill attention kernel for head_dim {head_dim}")))?;
             self.handle.device().launch(
                 &kernel,
@@ -916,16 +933,7 @@ impl Backend for CudaBackend {
         let out = CudaTensor { buf, rows: rows.len(), cols: x.cols, dtype: x.dtype };
         if !rows.is_empty() {
             let indices = self.handle.upload(bytemuck::cast_slice(rows))?;
-            self.handle.device().launch(
-                &format!("pagoda_gather_rows_{}", geometry::dtype_suffix(x.dtype)),
-                geometry::gather_rows(rows.len()),
-                &[
-                    KernelArg::Ptr(out.ptr()),
-                    KernelArg::Ptr(x.ptr()),
-                    KernelArg::Ptr(indices.ptr()),
-                    KernelArg::I32(x.cols as i32),
-                ],
-            )?;
+            self.launch_gather_rows(&out, x, indices.ptr())?;
         }
         Ok(out)
     }
@@ -957,7 +965,16 @@ impl Backend for CudaBackend {
             let words = self.handle.upload(bytemuck::cast_slice(&plan.words))?;
             let word = |i: usize| words.ptr() + 4 * i as u64;
             // The logprobs describe the raw logits: keep those rows before the edits change them.
-            let raw = if plan.logprob_rows.is_empty() { None } else { Some(self.gather_rows(x, &plan.logprob_rows)?) };
+            // Their indices are in the upload already.
+            let raw = if plan.logprob_rows.is_empty() {
+                None
+            } else {
+                let n = plan.logprob_rows.len();
+                let raw =
+                    CudaTensor { buf: self.handle.buffer(n * x.cols * 4)?, rows: n, cols: x.cols, dtype: DType::F32 };
+                self.launch_gather_rows(&raw, x, word(plan.logprob_rows_at))?;
+                Some(raw)
+            };
             if plan.num_edits > 0 {
                 device.launch(
                     "pagoda_logit_edits_f32",
