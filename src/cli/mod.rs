@@ -80,8 +80,10 @@ pub struct ExportDemoArgs {
 /// Which model to load and how to size the engine around it.
 #[derive(Clone, Debug, Args)]
 pub struct EngineArgs {
-    /// Hugging Face model folder, or (for serve) an s3://, gs://, az:// or https:// URI synced into
-    /// --download-dir first. Without it, the embedded demo model (random weights) is used.
+    /// Hugging Face model folder, a llama.cpp `.gguf` file (its weights are dequantized at load, so
+    /// it takes the memory of the unquantized model), or (for serve) an s3://, gs://, az:// or
+    /// https:// URI synced into --download-dir first. Without it, the embedded demo model (random
+    /// weights) is used.
     #[arg(long, env = "PAGODA_MODEL")]
     pub model: Option<std::path::PathBuf>,
 

@@ -54,6 +54,11 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_max_position_embeddings: usize,
     },
+    /// Each frequency divided by its own factor (`head_dim / 2` of them): how GGUF files store
+    /// Llama 3.1's scaling, precomputed (`rope_freqs.weight`).
+    PerFrequency {
+        divisors: Vec<f32>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]

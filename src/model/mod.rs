@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod gguf;
 mod llama;
 pub mod rope;
 
@@ -20,6 +21,8 @@ pub use llama::Llama;
 pub enum LoadError {
     #[error("model folder {0} does not exist")]
     NoSuchFolder(PathBuf),
+    #[error("model file {0} does not exist")]
+    NoSuchFile(PathBuf),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -78,7 +81,11 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
+    /// A Hugging Face folder, or a `.gguf` file.
     pub fn load(dir: &Path) -> Result<ModelFiles, LoadError> {
+        if gguf::is_gguf(dir) {
+            return Self::load_gguf(dir, false);
+        }
         if !dir.is_dir() {
             return Err(LoadError::NoSuchFolder(dir.to_path_buf()));
         }
@@ -90,6 +97,9 @@ impl ModelFiles {
 
     /// A folder's config and tokenizer with random weights of its shapes; no weight file is read.
     pub fn load_dummy(dir: &Path) -> Result<ModelFiles, LoadError> {
+        if gguf::is_gguf(dir) {
+            return Self::load_gguf(dir, true);
+        }
         if !dir.is_dir() {
             return Err(LoadError::NoSuchFolder(dir.to_path_buf()));
         }
@@ -101,6 +111,13 @@ impl ModelFiles {
             weights: Weights::Dummy { seed: 0 },
             tokenizer,
         })
+    }
+
+    fn load_gguf(path: &Path, dummy: bool) -> Result<ModelFiles, LoadError> {
+        if !path.is_file() {
+            return Err(LoadError::NoSuchFile(path.to_path_buf()));
+        }
+        gguf::load(path, dummy)
     }
 
     /// The embedded demo model (or a larger random model for benchmarks), built in memory.

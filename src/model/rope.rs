@@ -9,6 +9,7 @@ pub fn inverse_frequencies(rope: &RopeConfig, head_dim: usize) -> Vec<f32> {
     match rope.scaling {
         RopeScaling::None => base,
         RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+        RopeScaling::PerFrequency { ref divisors } => base.into_iter().zip(divisors).map(|(f, d)| f / d).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
             // Wavelengths longer than the original context divided by `low_freq_factor` are slowed
             // down by `factor`; those shorter than it divided by `high_freq_factor` are kept; the
@@ -69,6 +70,28 @@ mod tests {
         assert!((b[63] - a[63] / 8.0).abs() <= f32::EPSILON * a[63], "the lowest frequency is divided by the factor");
         // Somewhere in the middle band the ratio lies strictly between 1 and 8.
         assert!(a.iter().zip(&b).any(|(x, y)| x / y > 1.01 && x / y < 7.99));
+    }
+
+    /// GGUF files store Llama 3.1's scaling as one divisor per frequency (`rope_freqs.weight`, what
+    /// llama.cpp's converter computes as `base / scaled`): the same frequencies to rounding.
+    #[test]
+    fn per_frequency_divisors_reproduce_llama3_scaling() {
+        let plain = RopeConfig { theta: 500000.0, scaling: RopeScaling::None };
+        let llama3 = RopeConfig {
+            theta: 500000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+        };
+        let (base, scaled) = (inverse_frequencies(&plain, 64), inverse_frequencies(&llama3, 64));
+        let divisors = base.iter().zip(&scaled).map(|(b, s)| b / s).collect();
+        let stored = RopeConfig { theta: 500000.0, scaling: RopeScaling::PerFrequency { divisors } };
+        for (a, b) in inverse_frequencies(&stored, 64).iter().zip(&scaled) {
+            assert!((a - b).abs() <= 4.0 * f32::EPSILON * b, "{a} vs {b}");
+        }
     }
 
     #[test]

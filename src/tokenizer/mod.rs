@@ -1,8 +1,9 @@
-//! Text in and out: the `tokenizers` crate over `tokenizer.json`, the chat template, and
-//! incremental detokenization for streaming.
+//! Text in and out: the `tokenizers` crate over `tokenizer.json` (or the vocabulary of a GGUF
+//! file), the chat template, and incremental detokenization for streaming.
 
 mod chat;
 mod detokenizer;
+mod gguf;
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ use serde_json::Value;
 
 pub use chat::{ChatTemplate, TemplateError};
 pub use detokenizer::IncrementalDetokenizer;
+pub use gguf::GgufVocab;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {message}")]
@@ -68,6 +70,18 @@ impl Tokenizer {
             tokenizer_config: config.as_deref(),
             chat_template: template.as_deref(),
             origin: &dir.display().to_string(),
+        })
+    }
+
+    /// The tokenizer a GGUF file's vocabulary describes; `origin` names the file in errors.
+    pub fn from_gguf(vocab: &GgufVocab, origin: &str) -> Result<Tokenizer, TokenizerError> {
+        let (tokenizer, config) =
+            vocab.to_json().map_err(|message| TokenizerError { path: origin.to_string(), message })?;
+        Tokenizer::from_files(&TokenizerFiles {
+            tokenizer_json: tokenizer.to_string().as_bytes(),
+            tokenizer_config: Some(&config.to_string()),
+            chat_template: None,
+            origin,
         })
     }
 

@@ -1,11 +1,17 @@
-//! Model weights on disk: safetensors files, single or sharded, memory-mapped.
+//! Model weights on disk: safetensors files, single or sharded, or one GGUF file, memory-mapped.
 //!
 //! The store maps each file once and hands out [`RawTensor`]s: a name, a dtype, a shape and a byte
-//! range inside that mapping. Nothing here copies tensor data; a backend decides whether to use the
-//! bytes in place (the CPU) or upload them (a GPU). Every check that can fail on a bad file happens
+//! range inside that mapping. Nothing here copies tensor data in a stored float type; a backend
+//! decides whether to use the bytes in place (the CPU) or upload them (a GPU). The one exception is
+//! GGUF: a quantized tensor, or one whose rows llama.cpp's converter reordered, is decoded to f32
+//! when it is looked up (once per lookup, never cached, so a GPU backend that uploads and drops it
+//! holds one such tensor on the host at a time). GGUF tensors are named as in the Hugging Face
+//! checkpoint they came from, so the model code reads both formats alike. Every check that can fail on a bad file happens
 //! when the store is opened or a tensor is looked up, so a broken checkpoint fails at load with the
 //! file and the problem named, never later with a panic.
 
+mod ggml;
+pub mod gguf;
 mod safetensors;
 
 use std::collections::HashMap;
@@ -17,6 +23,8 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
+pub use self::ggml::GgmlType;
+pub use self::gguf::MetaValue;
 pub use self::safetensors::serialize;
 
 /// Element type of a stored tensor.
@@ -80,10 +88,11 @@ pub enum WeightsError {
 }
 
 /// The bytes of one weight file: a read-only memory map, or an owned buffer for weights built in
-/// memory (the embedded demo model).
+/// memory (the embedded demo model), or one tensor decoded from a GGUF file.
 pub enum Buffer {
     Mapped(Mmap),
     Owned(Vec<u8>),
+    Decoded(Vec<f32>),
 }
 
 impl Buffer {
@@ -91,6 +100,7 @@ impl Buffer {
         match self {
             Buffer::Mapped(map) => map,
             Buffer::Owned(vec) => vec,
+            Buffer::Decoded(values) => bytemuck::cast_slice(values),
         }
     }
 }
@@ -160,9 +170,30 @@ pub fn convert_to_f32(dtype: DType, src: &[u8], dst: &mut [f32]) {
 
 struct TensorEntry {
     file_idx: usize,
+    /// The dtype a lookup hands out (f32 for a decoded GGUF tensor).
     dtype: DType,
     shape: Vec<usize>,
     range: Range<usize>,
+    decode: Option<Decode>,
+}
+
+impl TensorEntry {
+    /// Bytes a lookup hands out.
+    fn num_bytes(&self) -> usize {
+        match self.decode {
+            None => self.range.len(),
+            Some(_) => self.shape.iter().product::<usize>() * DType::F32.size_in_bytes(),
+        }
+    }
+}
+
+/// How a GGUF tensor becomes its checkpoint's tensor: dequantized to f32 and, for Llama's query and
+/// key projections, its rows put back in the order the converter found them.
+#[derive(Clone, Copy, Debug)]
+struct Decode {
+    from: GgmlType,
+    /// Undo llama.cpp's rotary permutation over this many heads.
+    unpermute_heads: Option<usize>,
 }
 
 struct WeightFile {
@@ -259,7 +290,8 @@ impl WeightStore {
                 let other = &self.files[previous.file_idx].path;
                 return Err(invalid(format!("tensor '{}' is also stored in {}", t.name, other.display())));
             }
-            self.tensors.insert(t.name, TensorEntry { file_idx, dtype: t.dtype, shape: t.shape, range: t.range });
+            self.tensors
+                .insert(t.name, TensorEntry { file_idx, dtype: t.dtype, shape: t.shape, range: t.range, decode: None });
         }
         if let Some(names) = expected {
             for name in names {
@@ -272,6 +304,63 @@ impl WeightStore {
         }
         self.files.push(WeightFile { path: Arc::from(path), buffer: Arc::new(buffer) });
         Ok(())
+    }
+
+    /// Opens one GGUF file: its tensors under their Hugging Face names (see [`hf_tensor_name`]), and
+    /// its metadata for the caller to read the configuration and tokenizer from.
+    pub fn open_gguf(path: &Path) -> Result<(WeightStore, HashMap<String, MetaValue>), WeightsError> {
+        let invalid = |message: String| WeightsError::Invalid { path: path.to_path_buf(), message };
+        let buffer = Buffer::Mapped(map_file(path)?);
+        let header = gguf::parse(buffer.bytes()).map_err(invalid)?;
+        let meta = &header.metadata;
+        let arch = meta.get("general.architecture").and_then(MetaValue::as_str).unwrap_or("");
+        // llama.cpp's converter reorders the rows of Llama's query and key projections so that its
+        // rotary kernel sees each pair of rotated values side by side; Qwen2 is stored as is.
+        let heads = |key: &str| -> Result<usize, WeightsError> {
+            let key = format!("{arch}.attention.{key}");
+            meta.get(&key)
+                .and_then(MetaValue::as_u64)
+                .filter(|&n| n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| invalid(format!("metadata '{key}' is missing or not a positive integer")))
+        };
+        let (q_heads, kv_heads) = match arch {
+            "llama" => (Some(heads("head_count")?), Some(heads("head_count_kv").or_else(|_| heads("head_count"))?)),
+            _ => (None, None),
+        };
+        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new(), origin: path.to_path_buf() };
+        for t in header.tensors {
+            let name = hf_tensor_name(&t.name).unwrap_or_else(|| t.name.clone());
+            let unpermute_heads =
+                if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
+                    q_heads
+                } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") {
+                    kv_heads
+                } else {
+                    None
+                };
+            if let Some(h) = unpermute_heads
+                && !t.shape[0].is_multiple_of(2 * h)
+            {
+                return Err(invalid(format!("tensor '{}': {} rows do not split into {h} heads", t.name, t.shape[0])));
+            }
+            let plain = match t.ggml_type {
+                GgmlType::F32 => Some(DType::F32),
+                GgmlType::F16 => Some(DType::F16),
+                GgmlType::BF16 => Some(DType::BF16),
+                _ => None,
+            };
+            let (dtype, decode) = match (plain, unpermute_heads) {
+                (Some(dtype), None) => (dtype, None),
+                _ => (DType::F32, Some(Decode { from: t.ggml_type, unpermute_heads })),
+            };
+            let entry = TensorEntry { file_idx: 0, dtype, shape: t.shape, range: t.range, decode };
+            if store.tensors.insert(name.clone(), entry).is_some() {
+                return Err(invalid(format!("tensor '{name}' is stored twice")));
+            }
+        }
+        store.files.push(WeightFile { path: Arc::from(path), buffer: Arc::new(buffer) });
+        Ok((store, header.metadata))
     }
 
     /// Names of all tensors, sorted.
@@ -310,9 +399,17 @@ impl WeightStore {
                 found: entry.shape.clone(),
             });
         }
+        let (buffer, range) = match entry.decode {
+            None => (file.buffer.clone(), entry.range.clone()),
+            Some(decode) => {
+                let values = decode_tensor(decode, &file.buffer.bytes()[entry.range.clone()], &entry.shape);
+                let len = values.len() * DType::F32.size_in_bytes();
+                (Arc::new(Buffer::Decoded(values)), 0..len)
+            }
+        };
         Ok(RawTensor {
-            buffer: file.buffer.clone(),
-            range: entry.range.clone(),
+            buffer,
+            range,
             dtype: entry.dtype,
             shape: entry.shape.clone(),
             name: name.to_string(),
@@ -324,15 +421,74 @@ impl WeightStore {
     pub fn dominant_dtype(&self) -> Option<DType> {
         let mut bytes: HashMap<DType, usize> = HashMap::new();
         for t in self.tensors.values() {
-            *bytes.entry(t.dtype).or_default() += t.range.len();
+            *bytes.entry(t.dtype).or_default() += t.num_bytes();
         }
         bytes.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
     }
 
     /// Total bytes of tensor data (what a backend holds if it copies every weight).
     pub fn num_bytes(&self) -> usize {
-        self.tensors.values().map(|t| t.range.len()).sum()
+        self.tensors.values().map(TensorEntry::num_bytes).sum()
     }
+}
+
+/// The Hugging Face name of a tensor llama.cpp's converter renamed (`blk.3.attn_q.weight` is
+/// `model.layers.3.self_attn.q_proj.weight`); `None` for names with no counterpart.
+pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
+    let fixed = match gguf_name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Dequantizes a GGUF tensor of row-major `shape` and undoes the rotary row permutation: within
+/// each head of `d` rows, stored row `2j + h` is the checkpoint's row `h * d/2 + j`.
+fn decode_tensor(decode: Decode, bytes: &[u8], shape: &[usize]) -> Vec<f32> {
+    let mut values = vec![0f32; shape.iter().product()];
+    ggml::dequantize(decode.from, bytes, &mut values);
+    let Some(heads) = decode.unpermute_heads else {
+        return values;
+    };
+    let cols: usize = shape[1..].iter().product();
+    let head_rows = shape[0] / heads;
+    let half = head_rows / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for part in 0..2 {
+                let stored = h * head_rows + 2 * j + part;
+                let original = h * head_rows + part * half + j;
+                out[original * cols..(original + 1) * cols]
+                    .copy_from_slice(&values[stored * cols..(stored + 1) * cols]);
+            }
+        }
+    }
+    out
 }
 
 fn map_file(path: &Path) -> Result<Mmap, WeightsError> {

@@ -6,6 +6,7 @@ mod batching;
 mod cli;
 mod common;
 mod cuda;
+mod gguf;
 mod http;
 mod load_errors;
 mod metadata;

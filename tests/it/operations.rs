@@ -236,7 +236,7 @@ fn the_cloud_is_detected_from_dmi() {
 }
 
 /// The Python interpreter with the `openai` package: `PAGODA_TEST_PYTHON`, else `.venv/bin/python`.
-fn python_with_openai() -> Result<PathBuf, String> {
+pub fn python_with_openai() -> Result<PathBuf, String> {
     let candidate = std::env::var_os("PAGODA_TEST_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
