@@ -162,9 +162,11 @@ in
       default = null;
       example = "s3://models/meta-llama/Llama-3.1-8B-Instruct";
       description = ''
-        The model: a local folder, or an s3://, gs://, az:// or https:// URI synced into
-        /var/lib/pagoda/models by `pagoda-model-sync.service` before the server starts. Null serves
-        the embedded demo model (random weights). The launch configuration can replace it.
+        The model: a local folder, an s3://, gs://, az:// or https:// URI, or a Hugging Face Hub
+        model (org/name or hf://org/name@revision, kept in huggingface_hub's cache layout),
+        synced into /var/lib/pagoda/models by `pagoda-model-sync.service` before the server starts.
+        Null serves the embedded demo model (random weights). The launch configuration can replace
+        it.
       '';
     };
 

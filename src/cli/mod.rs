@@ -38,8 +38,9 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the OpenAI-compatible API (the embedded demo model without --model).
-    Serve(serve::ServeArgs),
-    /// Copy a model from S3, GCS, Azure Blob or HTTPS into a local folder.
+    Serve(Box<serve::ServeArgs>),
+    /// Copy a model from S3, GCS, Azure Blob or HTTPS into a local folder, or from the Hugging Face
+    /// Hub into its cache.
     Sync(sync::SyncArgs),
     /// Generate text for prompts on this machine, without HTTP.
     Generate(generate::GenerateArgs),
@@ -56,7 +57,7 @@ pub enum Command {
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Serve(args) => serve::run(args),
+            Command::Serve(args) => serve::run(*args),
             Command::Sync(args) => sync::run(args),
             Command::Generate(args) => generate::run(args),
             Command::Info(args) => info::run(args),
@@ -81,9 +82,10 @@ pub struct ExportDemoArgs {
 #[derive(Clone, Debug, Args)]
 pub struct EngineArgs {
     /// Hugging Face model folder, a llama.cpp `.gguf` file (its weights are dequantized at load, so
-    /// it takes the memory of the unquantized model), or (for serve) an s3://, gs://, az:// or
-    /// https:// URI synced into --download-dir first. Without it, the embedded demo model (random
-    /// weights) is used.
+    /// it takes the memory of the unquantized model), or (for serve) a Hugging Face Hub model
+    /// (org/name or hf://org/name[@revision], kept in the Hub's cache), or an s3://, gs://, az://
+    /// or https:// URI synced into --download-dir first. Without it, the embedded demo model
+    /// (random weights) is used.
     #[arg(long, env = "PAGODA_MODEL")]
     pub model: Option<std::path::PathBuf>,
 

@@ -14,7 +14,7 @@ use super::{EngineArgs, parse_bytes};
 use crate::api::{AppState, Loaded, ServerConfig, bind_address, serve};
 use crate::engine::driver::EngineHandle;
 use crate::launch::{load_engine, served_model_name};
-use crate::storage;
+use crate::storage::{self, ModelSource};
 use crate::telemetry::{Telemetry, cloud};
 
 #[derive(Debug, Args)]
@@ -124,12 +124,27 @@ fn api_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut opts = args.engine.to_options();
-    // A URI is synced (in the background, like loading) and served under its own name.
-    let remote = opts.model.as_ref().and_then(|m| m.to_str()).filter(|m| storage::is_remote(m)).map(str::to_string);
-    if let Some(uri) = &remote {
-        opts.served_model_name.get_or_insert_with(|| uri.clone());
-    }
+    // A URI or a Hub id is fetched (in the background, like loading) and served under its own name.
+    let source = match opts.model.as_ref() {
+        Some(model) => {
+            let model = model.to_str().context("--model is not valid UTF-8")?;
+            Some(ModelSource::parse(model, args.store.revision.as_deref())?)
+        }
+        None => {
+            anyhow::ensure!(args.store.revision.is_none(), "--revision needs a Hugging Face Hub --model");
+            None
+        }
+    };
+    let remote = match source {
+        Some(ModelSource::Local(_)) | None => None,
+        Some(remote) => {
+            let name = opts.model.as_ref().map(|m| m.display().to_string()).unwrap_or_default();
+            opts.served_model_name.get_or_insert(name);
+            Some(remote)
+        }
+    };
     let sync_opts = args.store.to_options()?;
+    let hub_opts = args.store.hub_options(args.download_dir.as_deref());
     let download_dir = args.download_dir.clone().unwrap_or_else(storage::default_download_dir);
     let config = ServerConfig {
         host: args.host.clone(),
@@ -176,12 +191,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let load_error = load_error.clone();
             tokio::spawn(async move {
                 let mut opts = opts;
-                if let Some(uri) = remote {
-                    match storage::ensure_local(&uri, &download_dir, &sync_opts).await {
+                if let Some(remote) = remote {
+                    let fetched = match &remote {
+                        ModelSource::Store(uri) => storage::ensure_local(uri, &download_dir, &sync_opts).await,
+                        ModelSource::Hub(model) => {
+                            storage::hub::ensure(model, &hub_opts, &sync_opts).await.map(|snapshot| snapshot.dir)
+                        }
+                        ModelSource::Local(dir) => Ok(dir.clone()),
+                    };
+                    match fetched {
                         Ok(dir) => opts.model = Some(dir),
                         Err(e) => {
+                            let what = opts.served_model_name.clone().unwrap_or_default();
                             *load_error.lock().expect("not poisoned") =
-                                Some(anyhow::Error::new(e).context(format!("syncing {uri}")));
+                                Some(anyhow::Error::new(e).context(format!("syncing {what}")));
                             let _ = failed_tx.send(());
                             return;
                         }

@@ -1,4 +1,5 @@
-//! `pagoda sync SRC DEST`: copy a model from an object store into a local folder. Also the
+//! `pagoda sync SRC DEST`: copy a model from an object store into a local folder, or from the
+//! Hugging Face Hub into its cache. Also the
 //! store flags `serve` shares for `--model s3://...`.
 
 use std::path::PathBuf;
@@ -6,7 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use super::parse_bytes;
-use crate::storage::{self, ProgressMode, StoreOptions, SyncOptions};
+use crate::storage::hub::{self, HubOptions};
+use crate::storage::{self, ModelSource, ProgressMode, StoreOptions, SyncOptions};
 
 /// How model files are fetched from an object store.
 #[derive(Clone, Debug, Args)]
@@ -41,6 +43,15 @@ pub struct StoreArgs {
     #[arg(long, env = "PAGODA_SYNC_VERIFY")]
     pub verify: bool,
 
+    /// The branch, tag or commit of a Hugging Face Hub model (default: main).
+    #[arg(long, env = "PAGODA_REVISION")]
+    pub revision: Option<String>,
+
+    /// Hugging Face token for gated and private models (default: HF_TOKEN, then the token
+    /// `huggingface-cli login` saved).
+    #[arg(long)]
+    pub hf_token: Option<String>,
+
     /// Progress: a bar on a terminal and log lines otherwise (auto), log lines, or nothing.
     #[arg(long, env = "PAGODA_PROGRESS", value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
@@ -70,18 +81,31 @@ impl StoreArgs {
             store: StoreOptions { endpoint: self.endpoint.clone(), allow_http: self.allow_http },
         })
     }
+
+    /// Where the Hub is and the token, from these flags and `huggingface_hub`'s variables; a
+    /// `--download-dir` given explicitly is the Hub cache (as in vLLM).
+    pub fn hub_options(&self, download_dir: Option<&std::path::Path>) -> HubOptions {
+        let mut hub = HubOptions::from_env(self.hf_token.clone(), self.allow_http);
+        if let Some(dir) = download_dir {
+            hub.cache_dir = dir.to_path_buf();
+        }
+        hub
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct SyncArgs {
     /// The model: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX (also azure:// and
-    /// https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX), or an https:// base URL. A local
-    /// folder, or none at all (the demo model), leaves nothing to sync.
+    /// https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX), an https:// base URL, or a Hugging
+    /// Face Hub model (hf://org/name[@revision], or org/name). A local folder, or none at all (the
+    /// demo model), leaves nothing to sync.
     #[arg(env = "PAGODA_MODEL")]
     pub source: Option<String>,
 
     /// The local folder to sync into (created if needed). Without it, the folder under
-    /// --download-dir that `pagoda serve --model SOURCE` uses.
+    /// --download-dir that `pagoda serve --model SOURCE` uses. For a Hub model, the Hub cache to
+    /// fill (default: HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub); the snapshot folder
+    /// inside it is printed.
     pub dest: Option<PathBuf>,
 
     /// Where `serve` keeps synced models (default: $XDG_CACHE_HOME/pagoda/models or
@@ -99,16 +123,23 @@ pub struct SyncArgs {
 
 pub fn run(args: SyncArgs) -> anyhow::Result<()> {
     let opts = args.store.to_options()?;
-    let source = match args.source.as_deref().filter(|s| !s.is_empty()) {
-        Some(source) if storage::is_remote(source) => source.to_string(),
-        Some(local) => {
-            tracing::info!(model = local, "the model is a local folder; nothing to sync");
+    let Some(model) = args.source.as_deref().filter(|s| !s.is_empty()) else {
+        tracing::info!("no model is configured (the demo model); nothing to sync");
+        return Ok(());
+    };
+    let source = match ModelSource::parse(model, args.store.revision.as_deref())? {
+        ModelSource::Local(_) => {
+            tracing::info!(model, "the model is a local folder; nothing to sync");
             return Ok(());
         }
-        None => {
-            tracing::info!("no model is configured (the demo model); nothing to sync");
-            return Ok(());
+        ModelSource::Hub(hub_model) => {
+            // DEST, when given, is the Hub cache to fill.
+            let hub_opts = args.store.hub_options(args.dest.as_deref().or(args.download_dir.as_deref()));
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let snapshot = runtime.block_on(hub::ensure(&hub_model, &hub_opts, &opts))?;
+            return report(&args, model, &snapshot.dir, &snapshot.summary, Some(&snapshot.commit));
         }
+        ModelSource::Store(uri) => uri,
     };
     let dest = match &args.dest {
         Some(dest) => dest.clone(),
@@ -116,8 +147,18 @@ pub fn run(args: SyncArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let summary = runtime.block_on(storage::sync(&source, &dest, &opts))?;
+    report(&args, &source, &dest, &summary, None)
+}
+
+fn report(
+    args: &SyncArgs,
+    source: &str,
+    dest: &std::path::Path,
+    summary: &storage::SyncSummary,
+    commit: Option<&str>,
+) -> anyhow::Result<()> {
     if args.json {
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "source": source,
             "dest": dest,
             "files": summary.num_files,
@@ -127,6 +168,9 @@ pub fn run(args: SyncArgs) -> anyhow::Result<()> {
             "seconds": summary.seconds,
             "mb_per_s": summary.throughput_mb_s(),
         });
+        if let Some(commit) = commit {
+            value["commit"] = serde_json::json!(commit);
+        }
         println!("{value}");
     } else {
         println!(

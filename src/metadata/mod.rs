@@ -53,7 +53,8 @@ pub enum MetadataError {
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LaunchConfig {
-    /// The model: a local folder or an s3://, gs://, az:// or https:// URI.
+    /// The model: a local folder, a Hugging Face Hub id (`org/name`), or an s3://, gs://, az://,
+    /// https:// or hf:// URI.
     pub model: Option<String>,
     pub served_model_name: Option<String>,
     /// A file on the instance holding the API key (put there by a secrets agent); keys never
@@ -199,8 +200,12 @@ fn parse_env_lines(text: &str) -> Result<LaunchConfig, MetadataError> {
 
 fn validate(config: &LaunchConfig) -> Result<(), MetadataError> {
     let bad = |m: String| Err(MetadataError::Invalid(m));
-    if let Some(model) = config.model.as_ref().filter(|m| !(m.contains("://") || m.starts_with('/'))) {
-        return bad(format!("model '{model}' must be an absolute path or an s3://, gs://, az:// or https:// URI"));
+    let model_ok = |m: &str| m.contains("://") || m.starts_with('/') || crate::storage::hub::HubModel::looks_like_id(m);
+    if let Some(model) = config.model.as_ref().filter(|m| !model_ok(m)) {
+        return bad(format!(
+            "model '{model}' must be an absolute path, a Hugging Face Hub id (org/name), or an s3://, gs://, az://, \
+             https:// or hf:// URI"
+        ));
     }
     if let Some(file) = config.api_key_file.as_ref().filter(|f| !f.starts_with('/')) {
         return bad(format!("api_key_file '{file}' must be an absolute path"));
@@ -287,7 +292,15 @@ mod tests {
         let err = |t: &str| parse_user_data(t).unwrap_err().to_string();
         assert!(err(r#"{"modle": "s3://b/m"}"#).contains("unknown field `modle`"));
         assert!(err("{not json").starts_with("the user data is not valid Pagoda configuration: not valid JSON"));
-        assert!(err(r#"{"model": "relative/path"}"#).contains("must be an absolute path or an s3://"));
+        assert!(
+            err(r#"{"model": "models/relative/path"}"#).contains("must be an absolute path, a Hugging Face Hub id")
+        );
+        assert!(err(r#"{"model": "./model"}"#).contains("must be an absolute path"));
+        // A Hub id (vLLM's usual way of naming a model) and an hf:// URI are launch configurations.
+        for model in ["meta-llama/Llama-3.1-8B-Instruct", "hf://Qwen/Qwen2.5-0.5B-Instruct@main"] {
+            let config = parse_user_data(&format!("PAGODA_MODEL={model}")).unwrap().unwrap();
+            assert_eq!(config.model.as_deref(), Some(model));
+        }
         assert!(err(r#"{"extra_args": ["--a b"]}"#).contains("must be one word"));
         assert!(err(r#"{"env": {"lower": "x"}}"#).contains("upper-case variable name"));
         assert!(err("just some words").contains("line 1: expected KEY=value or JSON"));

@@ -114,10 +114,27 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
 /// Content hashes of a file from one read: XXH3-128 (our record) and, when asked, MD5 (S3's ETag
 /// for objects uploaded in one part), both hex.
 pub fn hash_file(path: &Path, with_md5: bool) -> Result<(String, Option<String>), SyncError> {
-    use md5::Digest;
+    let (xxh3, md5, _) = hash_file_with(path, with_md5, None)?;
+    Ok((xxh3, md5))
+}
+
+/// [`hash_file`], also computing `digest`'s kind of hash (lowercase hex) in the same pass.
+pub fn hash_file_with(
+    path: &Path,
+    with_md5: bool,
+    digest: Option<&ContentDigest>,
+) -> Result<(String, Option<String>, Option<String>), SyncError> {
+    use sha2::Digest;
     let mut file = File::open(path).map_err(io_error(path))?;
     let mut xxh3 = xxhash_rust::xxh3::Xxh3::new();
     let mut md5 = with_md5.then(md5::Md5::new);
+    let mut sha256 = matches!(digest, Some(ContentDigest::Sha256(_))).then(sha2::Sha256::new);
+    let mut sha1 = matches!(digest, Some(ContentDigest::GitBlobSha1(_))).then(sha1::Sha1::new);
+    if let Some(sha1) = sha1.as_mut() {
+        // A git blob's id hashes a header with the size before the content.
+        let len = file.metadata().map_err(io_error(path))?.len();
+        sha1.update(format!("blob {len}\0").as_bytes());
+    }
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf).map_err(io_error(path))?;
@@ -128,9 +145,38 @@ pub fn hash_file(path: &Path, with_md5: bool) -> Result<(String, Option<String>)
         if let Some(md5) = md5.as_mut() {
             md5.update(&buf[..n]);
         }
+        if let Some(h) = sha256.as_mut() {
+            h.update(&buf[..n]);
+        }
+        if let Some(h) = sha1.as_mut() {
+            h.update(&buf[..n]);
+        }
     }
-    let md5 = md5.map(|m| m.finalize().iter().map(|b| format!("{b:02x}")).collect());
-    Ok((format!("{:032x}", xxh3.digest128()), md5))
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let md5 = md5.map(|m| hex(&m.finalize()));
+    let digest = match (sha256, sha1) {
+        (Some(h), _) => Some(hex(&h.finalize())),
+        (_, Some(h)) => Some(hex(&h.finalize())),
+        _ => None,
+    };
+    Ok((format!("{:032x}", xxh3.digest128()), md5, digest))
+}
+
+/// A digest the source publishes for a file's content, checked once the file is downloaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ContentDigest {
+    /// SHA-256 of the content (the Hugging Face Hub's id of an LFS file).
+    Sha256(String),
+    /// Git's blob id: SHA-1 of `blob <size>\0` and the content (the Hub's id of a small file).
+    GitBlobSha1(String),
+}
+
+impl ContentDigest {
+    pub fn hex(&self) -> &str {
+        match self {
+            ContentDigest::Sha256(h) | ContentDigest::GitBlobSha1(h) => h,
+        }
+    }
 }
 
 /// Holds the destination's lock until dropped.

@@ -8,6 +8,7 @@
 //! renamed into place, and recorded in the manifest; the completion marker is written last. A lock
 //! keeps two syncs of one folder from interleaving. Nothing is ever half-written at a model path.
 
+pub mod hub;
 mod manifest;
 mod source;
 
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
+pub use self::manifest::ContentDigest;
 use self::manifest::{Completion, FileRecord, Lock, Manifest, PartMap, StatePaths};
 pub use self::source::{RemoteFile, Scheme, Source, StoreOptions};
 
@@ -46,6 +48,10 @@ pub enum SyncError {
     NoWeights { uri: String },
     #[error("{name} changed during the download ({detail}); run the sync again")]
     Changed { name: String, detail: String },
+    #[error("{repo}: {message}")]
+    Hub { repo: String, message: String },
+    #[error("{name}: the downloaded content hashes to {got}, the source says {expected}; it was discarded")]
+    Corrupt { name: String, expected: String, got: String },
     #[error("{name}: received {got} bytes where {expected} were expected")]
     Truncated { name: String, expected: u64, got: u64 },
     #[error("{uri} lists an unsafe file name '{name}': names must stay inside the model folder")]
@@ -328,7 +334,19 @@ fn finish_transfer(dest: &Path, t: &Transfer) -> Result<FileRecord, SyncError> {
         .as_deref()
         .map(|e| e.trim_matches('"').to_ascii_lowercase())
         .filter(|e| e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit()));
-    let (xxh3, md5) = manifest::hash_file(&t.partial, md5_etag.is_some())?;
+    let (xxh3, md5, digest) = manifest::hash_file_with(&t.partial, md5_etag.is_some(), t.file.digest.as_ref())?;
+    if let (Some(expected), Some(digest)) = (&t.file.digest, digest)
+        && digest != expected.hex()
+    {
+        // Nothing of it is kept: the next run fetches the file again from the start.
+        let _ = std::fs::remove_file(&t.partial);
+        let _ = std::fs::remove_file(&t.parts_path);
+        return Err(SyncError::Corrupt {
+            name: t.file.name.clone(),
+            expected: expected.hex().to_string(),
+            got: digest,
+        });
+    }
     // Not every 32-hex ETag is an MD5 (SSE-KMS and SSE-C objects, some S3-compatible stores), so a
     // mismatch is reported, not fatal: the size was checked and every part was read pinned to the
     // listed ETag, so the bytes are the object's.
@@ -396,14 +414,6 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
     let started = Instant::now();
     let source = Source::parse(uri, &opts.store)?;
     let keep = file_filter(opts)?;
-    let state = StatePaths::new(dest);
-    std::fs::create_dir_all(state.dir.join("partial")).map_err(|e| SyncError::io(&state.dir, e))?;
-    let lock_path = state.lock();
-    // Shared with the tasks that finish files, so the lock outlives any still running after an error.
-    let lock = Arc::new(
-        tokio::task::spawn_blocking(move || Lock::acquire(&lock_path)).await.expect("the lock task does not panic")?,
-    );
-
     let files: Vec<RemoteFile> = source.list().await?;
     if files.is_empty() {
         return Err(SyncError::Empty { uri: uri.to_string() });
@@ -412,12 +422,49 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
         return Err(SyncError::UnsafeName { uri: uri.to_string(), name: bad.name.clone() });
     }
     let files: Vec<RemoteFile> = files.into_iter().filter(|f| keep(&f.name)).collect();
-    if !files.iter().any(|f| f.name == "config.json") {
+    check_model_files(uri, files.iter().map(|f| f.name.as_str()))?;
+    transfer(source, uri, dest, files, opts, Stale::Remove, started).await
+}
+
+/// A model must have a config and weights among the files kept.
+fn check_model_files<'a>(uri: &str, mut names: impl Iterator<Item = &'a str> + Clone) -> Result<(), SyncError> {
+    if !names.clone().any(|n| n == "config.json") {
         return Err(SyncError::NoConfig { uri: uri.to_string() });
     }
-    if !files.iter().any(|f| f.name.ends_with(".safetensors")) {
+    if !names.any(|n| n.ends_with(".safetensors")) {
         return Err(SyncError::NoWeights { uri: uri.to_string() });
     }
+    Ok(())
+}
+
+/// What a transfer does with files an earlier sync of the same source wrote that the source no
+/// longer lists.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stale {
+    Remove,
+    /// Keep them (content-addressed blobs that other revisions may still use).
+    Keep,
+}
+
+/// Downloads `files` from `source` into `dest` (each at `dest/name`), recording them under `id`
+/// in the folder's manifest: the ranged, resumable, concurrent part of a sync.
+async fn transfer(
+    source: Source,
+    id: &str,
+    dest: &Path,
+    files: Vec<RemoteFile>,
+    opts: &SyncOptions,
+    stale: Stale,
+    started: Instant,
+) -> Result<SyncSummary, SyncError> {
+    let uri = id;
+    let state = StatePaths::new(dest);
+    std::fs::create_dir_all(state.dir.join("partial")).map_err(|e| SyncError::io(&state.dir, e))?;
+    let lock_path = state.lock();
+    // Shared with the tasks that finish files, so the lock outlives any still running after an error.
+    let lock = Arc::new(
+        tokio::task::spawn_blocking(move || Lock::acquire(&lock_path)).await.expect("the lock task does not panic")?,
+    );
 
     let mut manifest: Manifest = manifest::read_json(&state.manifest()).unwrap_or_default();
     if manifest.source != uri {
@@ -433,7 +480,7 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
     let num_bytes: u64 = files.iter().map(|f| f.size).sum();
     if needed.is_empty() {
         // Files the source no longer has may still be recorded: drop them, then mark complete.
-        finish(dest, &state, &mut manifest, &files)?;
+        finish(dest, &state, &mut manifest, &files, stale)?;
         let summary = SyncSummary {
             num_files: files.len(),
             num_bytes,
@@ -521,7 +568,7 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
         p.abort();
     }
     outcome?;
-    finish(dest, &state, &mut manifest, &files)?;
+    finish(dest, &state, &mut manifest, &files, stale)?;
     let summary = SyncSummary {
         num_files: files.len(),
         num_downloaded: needed.len(),
@@ -542,9 +589,18 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
 
 /// Removes files an earlier sync of this source wrote that the source no longer has, saves the
 /// manifest and writes the completion marker (last).
-fn finish(dest: &Path, state: &StatePaths, manifest: &mut Manifest, files: &[RemoteFile]) -> Result<(), SyncError> {
+fn finish(
+    dest: &Path,
+    state: &StatePaths,
+    manifest: &mut Manifest,
+    files: &[RemoteFile],
+    keep_stale: Stale,
+) -> Result<(), SyncError> {
     let current: std::collections::HashSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
-    let stale: Vec<String> = manifest.files.keys().filter(|n| !current.contains(n.as_str())).cloned().collect();
+    let stale: Vec<String> = match keep_stale {
+        Stale::Remove => manifest.files.keys().filter(|n| !current.contains(n.as_str())).cloned().collect(),
+        Stale::Keep => Vec::new(),
+    };
     if !stale.is_empty() {
         let _ = std::fs::remove_file(state.complete());
     }
@@ -569,6 +625,61 @@ fn finish(dest: &Path, state: &StatePaths, manifest: &mut Manifest, files: &[Rem
 /// Whether `dest` holds a complete sync of `uri` (its marker is there).
 pub fn is_complete(uri: &str, dest: &Path) -> bool {
     manifest::read_json::<Completion>(&StatePaths::new(dest).complete()).is_some_and(|c| c.source == uri)
+}
+
+/// Where a `--model` value points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A folder or file on this machine.
+    Local(PathBuf),
+    /// An object store or HTTPS URI, synced under the download folder.
+    Store(String),
+    /// A Hugging Face Hub model, kept in the Hub's cache.
+    Hub(hub::HubModel),
+}
+
+impl ModelSource {
+    /// Reads `model` as vLLM does: an existing path is local; `hf://org/name[@rev]` or an `org/name`
+    /// that is no path here is a Hub id; another `scheme://` is a store. `revision` (`--revision`)
+    /// only applies to Hub models.
+    pub fn parse(model: &str, revision: Option<&str>) -> Result<ModelSource, SyncError> {
+        let revision = revision.map(str::trim).filter(|r| !r.is_empty());
+        let not_hub = |what: &str| SyncError::InvalidUri {
+            uri: model.to_string(),
+            reason: format!("--revision applies to Hugging Face Hub models, and this is {what}"),
+        };
+        if let Some(parsed) = hub::HubModel::from_uri(model) {
+            let mut parsed = parsed?;
+            match (&parsed.revision, revision) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(SyncError::InvalidUri {
+                        uri: model.to_string(),
+                        reason: format!("the URI names revision '{a}' and --revision '{b}'"),
+                    });
+                }
+                (None, Some(b)) => parsed.revision = Some(b.to_string()),
+                _ => {}
+            }
+            return Ok(ModelSource::Hub(parsed));
+        }
+        if is_remote(model) {
+            return match revision {
+                Some(_) => Err(not_hub("an object-store URI")),
+                None => Ok(ModelSource::Store(model.to_string())),
+            };
+        }
+        let path = Path::new(model);
+        if !path.exists() && hub::HubModel::looks_like_id(model) {
+            return Ok(ModelSource::Hub(hub::HubModel {
+                repo: model.to_string(),
+                revision: revision.map(str::to_string),
+            }));
+        }
+        match revision {
+            Some(_) => Err(not_hub("a local path")),
+            None => Ok(ModelSource::Local(path.to_path_buf())),
+        }
+    }
 }
 
 /// Whether a `--model` value is an object-store URI rather than a local folder.

@@ -14,6 +14,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 
 use super::SyncError;
+use super::manifest::ContentDigest;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
@@ -21,6 +22,8 @@ pub enum Scheme {
     Gcs,
     Azure,
     Http,
+    /// The Hugging Face Hub's file endpoint (`/{repo}/resolve/{commit}`).
+    Hub,
 }
 
 /// Settings that are not in the URI.
@@ -40,7 +43,23 @@ pub struct RemoteFile {
     pub size: u64,
     pub e_tag: Option<String>,
     pub last_modified: String,
+    /// What the content must hash to, where the source says.
+    pub digest: Option<ContentDigest>,
     location: StorePath,
+}
+
+impl RemoteFile {
+    /// A file fetched from `location` (relative to the source) and written at `name`.
+    pub fn at_location(name: String, location: &str, size: u64, digest: Option<ContentDigest>) -> RemoteFile {
+        RemoteFile {
+            name,
+            size,
+            e_tag: None,
+            last_modified: String::new(),
+            digest,
+            location: StorePath::from(location),
+        }
+    }
 }
 
 pub struct Source {
@@ -91,6 +110,7 @@ fn credential_hint(scheme: Scheme) -> String {
         Scheme::Azure if env_set("AZURE_CLIENT_SECRET") => "a service principal secret (AZURE_CLIENT_SECRET)",
         Scheme::Azure => "managed identity from instance metadata (no key, SAS or federated token set)",
         Scheme::Http => "none (anonymous HTTP)",
+        Scheme::Hub => "a Hugging Face token, if one was given",
     };
     hint.to_string()
 }
@@ -201,6 +221,44 @@ impl Source {
         Ok(Source { uri: uri.to_string(), scheme, store, prefix, credentials: credential_hint(scheme) })
     }
 
+    /// The files of one commit on the Hub, `base` being `{endpoint}/{repo}/resolve/{commit}`. Files
+    /// are named by commit, so they never change: no ETag is pinned (the CDN a large file
+    /// redirects to has its own). The token goes only to the Hub: redirects to another host drop
+    /// it.
+    pub fn hub(base: &str, token: Option<&str>, allow_http: bool) -> Result<Source, SyncError> {
+        let store_err = |e: object_store::Error| SyncError::Store {
+            uri: base.to_string(),
+            credentials: credential_hint(Scheme::Hub),
+            source: Box::new(e),
+        };
+        let mut options = client_options(allow_http || base.starts_with("http://"));
+        if let Some(token) = token {
+            let mut headers = reqwest::header::HeaderMap::new();
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                SyncError::InvalidUri {
+                    uri: base.to_string(),
+                    reason: "the Hugging Face token has characters a header cannot hold".into(),
+                }
+            })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+            options = options.with_default_headers(headers);
+        }
+        let store = HttpBuilder::new()
+            .with_url(base)
+            .with_client_options(options)
+            .with_retry(retry_config())
+            .build()
+            .map_err(store_err)?;
+        Ok(Source {
+            uri: base.to_string(),
+            scheme: Scheme::Hub,
+            store: Arc::new(store),
+            prefix: StorePath::default(),
+            credentials: credential_hint(Scheme::Hub),
+        })
+    }
+
     fn store_error(&self, e: object_store::Error) -> SyncError {
         SyncError::Store { uri: self.uri.clone(), credentials: self.credentials.clone(), source: Box::new(e) }
     }
@@ -227,6 +285,7 @@ impl Source {
                 size: m.size,
                 e_tag: m.e_tag,
                 last_modified: m.last_modified.to_rfc3339(),
+                digest: None,
                 location: m.location,
             })
             .collect();
@@ -282,6 +341,7 @@ impl Source {
                 size: meta.size,
                 e_tag: meta.e_tag,
                 last_modified: meta.last_modified.to_rfc3339(),
+                digest: None,
                 location,
             });
         }
@@ -305,8 +365,11 @@ impl Source {
         file: &RemoteFile,
         range: std::ops::Range<u64>,
     ) -> Result<futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>, SyncError> {
-        let options =
-            object_store::GetOptions { range: Some(range.into()), if_match: file.e_tag.clone(), ..Default::default() };
+        let options = object_store::GetOptions {
+            range: Some(range.into()),
+            if_match: if self.scheme == Scheme::Hub { None } else { file.e_tag.clone() },
+            ..Default::default()
+        };
         match self.store.get_opts(&file.location, options).await {
             Ok(result) if result.meta.size != file.size => Err(SyncError::Changed {
                 name: file.name.clone(),

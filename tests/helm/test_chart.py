@@ -203,7 +203,14 @@ def check_semantics(docs, values, kube_version):
         assert [i["name"] for i in inits] == ["model-sync"]
         sync = inits[0]
         assert sync["args"][:3] == ["sync", v["model"]["uri"], v["cache"]["mountPath"].rstrip("/") + "/model"]
-        assert container["args"][container["args"].index("--model") + 1] == sync["args"][2]
+        model_arg = container["args"][container["args"].index("--model") + 1]
+        if v["model"]["uri"].startswith("hf://") or "://" not in v["model"]["uri"]:
+            # A Hub model: the sync filled the Hub cache, the server finds the snapshot there.
+            assert model_arg == v["model"]["uri"]
+            assert container["args"][container["args"].index("--download-dir") + 1] == sync["args"][2]
+            assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"]
+        else:
+            assert model_arg == sync["args"][2]
         for env in sync.get("env", []) + container.get("env", []):
             assert "value" not in env or not any(s in env["name"] for s in ("SECRET", "KEY", "TOKEN", "PASSWORD")), env
     else:
@@ -286,6 +293,25 @@ def test_feature_files_render_their_feature(renderer):
     sync = minio["spec"]["template"]["spec"]["initContainers"][0]
     assert sync["envFrom"] == [{"secretRef": {"name": "minio-credentials"}}]
     assert ["--endpoint", "http://minio.storage.svc:9000"] == sync["args"][sync["args"].index("--endpoint"):][:2]
+
+
+def test_a_hub_model_syncs_with_its_token_and_serves_offline(renderer):
+    docs, _ = renderer.install(load_values("ci/hf-values.yaml"))
+    pod = workload_of(docs)["spec"]["template"]["spec"]
+    sync = pod["initContainers"][0]
+    assert sync["args"][:3] == ["sync", "meta-llama/Llama-3.1-8B-Instruct", "/models/model"]
+    token = next(e for e in sync["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    server = pod["containers"][0]
+    assert not any(e["name"] == "HF_TOKEN" for e in server["env"]), "the server never sees the token"
+    args = server["args"]
+    assert args[args.index("--model") + 1] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert args[args.index("--served-model-name") + 1] == "meta-llama/Llama-3.1-8B-Instruct"
+    for uri in ["hf://Qwen/Qwen2.5-0.5B-Instruct@main", "org/name"]:
+        renderer.install({"model": {"uri": uri}})
+    for bad in ["org/name/extra", "just-a-name"]:
+        with pytest.raises(HelmError):
+            renderer.install({"model": {"uri": bad}})
 
 
 def test_the_cpu_file_runs_the_demo_model_without_gpu_or_store(renderer):

@@ -8,6 +8,7 @@ mod common;
 mod cuda;
 mod gguf;
 mod http;
+mod hub;
 mod load_errors;
 mod metadata;
 mod operations;

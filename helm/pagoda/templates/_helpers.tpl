@@ -89,6 +89,12 @@ app.kubernetes.io/component: server
 {{- printf "%s/model" (trimSuffix "/" .Values.cache.mountPath) }}
 {{- end }}
 
+{{/* A Hugging Face Hub model (hf://org/name[@revision] or org/name): synced into the cache in
+huggingface_hub's layout and served from it offline. */}}
+{{- define "pagoda.hubModel" -}}
+{{- if or (hasPrefix "hf://" .Values.model.uri) (regexMatch "^[^:/]+/[^/]+$" .Values.model.uri) }}true{{ end }}
+{{- end }}
+
 {{- define "pagoda.servedModelName" -}}
 {{- default .Values.model.uri .Values.model.servedModelName }}
 {{- end }}

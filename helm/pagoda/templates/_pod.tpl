@@ -92,6 +92,13 @@ spec:
       env:
         - name: PAGODA_LOG_FORMAT
           value: {{ .Values.server.logFormat | quote }}
+        {{- with .Values.model.hfToken.existingSecret }}
+        - name: HF_TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ . }}
+              key: {{ $.Values.model.hfToken.secretKey }}
+        {{- end }}
       {{- with .Values.model.credentials.existingSecret }}
       envFrom:
         - secretRef:
@@ -117,7 +124,15 @@ spec:
         - "0.0.0.0"
         - --port
         - {{ .Values.server.port | quote }}
-        {{- if .Values.model.uri }}
+        {{- if include "pagoda.hubModel" . }}
+        {{- /* The init container filled the Hub cache; the revision's snapshot is found there. */}}
+        - --model
+        - {{ .Values.model.uri | quote }}
+        - --download-dir
+        - {{ include "pagoda.modelDir" . | quote }}
+        - --served-model-name
+        - {{ include "pagoda.servedModelName" . | quote }}
+        {{- else if .Values.model.uri }}
         - --model
         - {{ include "pagoda.modelDir" . | quote }}
         - --served-model-name
@@ -142,6 +157,10 @@ spec:
       env:
         - name: PAGODA_LOG_FORMAT
           value: {{ .Values.server.logFormat | quote }}
+        {{- if include "pagoda.hubModel" . }}
+        - name: HF_HUB_OFFLINE
+          value: "1"
+        {{- end }}
         {{- if include "pagoda.apiKeyEnabled" . }}
         - name: PAGODA_API_KEY
           valueFrom:
