@@ -43,7 +43,13 @@ pub fn load(path: &Path, dummy: bool) -> Result<ModelFiles, LoadError> {
             Some(_) => meta.list("tokenizer.ggml.token_type", |v| v.as_u64().map(|t| t as i32)).map_err(invalid)?,
         },
         merges: meta.list("tokenizer.ggml.merges", |v| v.as_str().map(str::to_string)).map_err(invalid)?,
+        scores: meta.list("tokenizer.ggml.scores", |v| v.as_f64().map(|s| s as f32)).map_err(invalid)?,
         bos_token_id: meta.uint("tokenizer.ggml.bos_token_id").map_err(invalid)?.map(|v| v as u32),
+        unknown_token_id: meta.uint("tokenizer.ggml.unknown_token_id").map_err(invalid)?.map(|v| v as u32),
+        add_bos_token: meta.get("tokenizer.ggml.add_bos_token", "a boolean", MetaValue::as_bool).map_err(invalid)?,
+        add_space_prefix: meta
+            .get("tokenizer.ggml.add_space_prefix", "a boolean", MetaValue::as_bool)
+            .map_err(invalid)?,
         eos_token_id: meta.uint("tokenizer.ggml.eos_token_id").map_err(invalid)?.map(|v| v as u32),
         chat_template: meta.string("tokenizer.chat_template").map_err(invalid)?,
     };

@@ -1,10 +1,15 @@
 //! The safetensors container format: an 8-byte little-endian header length, a JSON header mapping
 //! each tensor name to its dtype, shape and byte range in the data section, then the data.
 //!
-//! Read by hand rather than through the `safetensors` crate so that every problem comes back as a
-//! message naming the tensor and the byte counts involved (a truncated download is the common one).
+//! Parsed and validated by the `safetensors` crate (Hugging Face's own reader), wrapped so that
+//! every error still names the problem precisely: where the crate only says a file is not fully
+//! covered or that some tensor's offsets are wrong, the header's entries (the crate's own
+//! `TensorInfo`) are read again to name the tensor and the byte counts involved, because a
+//! truncated download is the error people meet most.
 
 use std::ops::Range;
+
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorInfo};
 
 use super::DType;
 
@@ -16,71 +21,98 @@ pub(super) struct ParsedTensor {
     pub range: Range<usize>,
 }
 
-/// Headers larger than this are refused rather than parsed (the format's own limit is 100 MB).
-const MAX_HEADER_BYTES: usize = 100 * 1024 * 1024;
-
 pub(super) fn parse_header(file: &[u8]) -> Result<Vec<ParsedTensor>, String> {
-    if file.len() < 8 {
-        return Err(format!("not a safetensors file: {} bytes is too short for a header", file.len()));
-    }
-    let header_len = u64::from_le_bytes(file[..8].try_into().expect("8 bytes"));
-    if header_len > MAX_HEADER_BYTES as u64 {
-        return Err(format!("not a safetensors file: header length {header_len} is implausible"));
-    }
-    let header_len = header_len as usize;
+    let (header_len, metadata) = SafeTensors::read_metadata(file).map_err(|e| explain(file, e))?;
     let data_start = 8 + header_len;
-    if data_start > file.len() {
-        return Err(format!(
-            "truncated: the header needs {header_len} bytes but the file has only {} after the length",
-            file.len() - 8
-        ));
-    }
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&file[8..data_start])
-        .map_err(|e| format!("not a safetensors file: header is not a JSON object ({e})"))?;
-    let data_len = file.len() - data_start;
-    let mut tensors = Vec::with_capacity(header.len());
-    for (name, info) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let bad = |what: &str| format!("tensor '{name}': {what}");
-        let dtype_name = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype"))?;
-        let dtype = match dtype_name {
-            "F32" => DType::F32,
-            "F16" => DType::F16,
-            "BF16" => DType::BF16,
-            other => return Err(bad(&format!("dtype {other} is not supported (expected F32, F16 or BF16)"))),
+    let mut tensors = Vec::new();
+    for name in metadata.offset_keys() {
+        let info = metadata.info(&name).expect("offset_keys names the tensors");
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(format!("tensor '{name}': dtype {other} is not supported (expected F32, F16 or BF16)"));
+            }
         };
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .ok_or_else(|| bad("shape is not a list of non-negative integers"))?;
-        let offsets: Vec<usize> = info
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .and_then(|o| o.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .filter(|o: &Vec<usize>| o.len() == 2)
-            .ok_or_else(|| bad("data_offsets is not a pair of integers"))?;
-        let (begin, end) = (offsets[0], offsets[1]);
-        let num_bytes = shape
-            .iter()
-            .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad("shape overflows"))?;
-        if end < begin || end - begin != num_bytes {
-            return Err(bad(&format!(
-                "data_offsets [{begin}, {end}] hold {} bytes but shape {shape:?} of {dtype_name} needs {num_bytes}",
-                end.saturating_sub(begin)
-            )));
-        }
-        if end > data_len {
-            return Err(format!(
-                "truncated: tensor '{name}' ends at byte {end} of the data section but the file holds only {data_len} bytes of data"
-            ));
-        }
-        tensors.push(ParsedTensor { name, dtype, shape, range: data_start + begin..data_start + end });
+        let (begin, end) = info.data_offsets;
+        tensors.push(ParsedTensor {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            range: data_start + begin..data_start + end,
+        });
     }
     Ok(tensors)
+}
+
+/// The crate's error in the words of someone looking at a broken checkpoint.
+fn explain(file: &[u8], error: SafeTensorError) -> String {
+    let header_len = file.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    match error {
+        SafeTensorError::HeaderTooSmall => {
+            format!("not a safetensors file: {} bytes is too short for a header", file.len())
+        }
+        SafeTensorError::HeaderTooLarge => {
+            format!("not a safetensors file: header length {} is implausible", header_len.unwrap_or_default())
+        }
+        SafeTensorError::InvalidHeaderLength => format!(
+            "truncated: the header needs {} bytes but the file has only {} after the length",
+            header_len.unwrap_or_default(),
+            file.len().saturating_sub(8)
+        ),
+        SafeTensorError::InvalidHeader(_) | SafeTensorError::InvalidHeaderDeserialization(_) => {
+            format!("not a safetensors file: the header is not a JSON object of tensors ({error})")
+        }
+        SafeTensorError::MetadataIncompleteBuffer
+        | SafeTensorError::TensorInvalidInfo
+        | SafeTensorError::InvalidOffset(_)
+        | SafeTensorError::MisalignedSlice => {
+            let data_len = file.len().saturating_sub(8 + header_len.unwrap_or_default());
+            entries(file)
+                .and_then(|entries| {
+                    entries.into_iter().find_map(|(name, info)| {
+                        let (begin, end) = info.data_offsets;
+                        let needed = info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8;
+                        if end < begin || end - begin != needed {
+                            Some(format!(
+                                "tensor '{name}': data_offsets [{begin}, {end}] hold {} bytes but shape {:?} of {} needs {needed}",
+                                end.saturating_sub(begin),
+                                info.shape,
+                                info.dtype
+                            ))
+                        } else if end > data_len {
+                            Some(format!(
+                                "truncated: tensor '{name}' ends at byte {end} of the data section but the file holds only {data_len} bytes of data"
+                            ))
+                        } else {
+                            None
+                        }
+                    })
+                })
+                .unwrap_or_else(|| match error {
+                    SafeTensorError::MetadataIncompleteBuffer => format!(
+                        "the tensors do not cover the {data_len} bytes of the data section exactly (extra bytes after the last tensor?)"
+                    ),
+                    other => format!("invalid header: {other}"),
+                })
+        }
+        other => format!("invalid header: {other}"),
+    }
+}
+
+/// The header's tensor entries (without `__metadata__`), for naming what is wrong.
+fn entries(file: &[u8]) -> Option<Vec<(String, TensorInfo)>> {
+    let len = u64::from_le_bytes(file.get(..8)?.try_into().ok()?) as usize;
+    let header = file.get(8..8usize.checked_add(len)?)?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut out: Vec<(String, TensorInfo)> = map
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .filter_map(|(name, v)| Some((name, serde_json::from_value(v).ok()?)))
+        .collect();
+    out.sort_by_key(|(_, info)| info.data_offsets);
+    Some(out)
 }
 
 /// Writes tensors `(name, dtype, shape, little-endian bytes)` as one safetensors file. Used for the
@@ -141,6 +173,10 @@ mod tests {
         );
         let err = parse_header(&file[..20]).err().unwrap();
         assert!(err.starts_with("truncated: the header needs"), "{err}");
+        let mut longer = file.clone();
+        longer.extend_from_slice(&[0; 3]);
+        let err = parse_header(&longer).err().unwrap();
+        assert!(err.contains("do not cover the 19 bytes of the data section exactly"), "{err}");
         let err = parse_header(&file[..3]).err().unwrap();
         assert_eq!(err, "not a safetensors file: 3 bytes is too short for a header");
     }
