@@ -135,7 +135,9 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         GgmlType::F16 => super::convert_to_f32(super::DType::F16, src, dst),
         GgmlType::BF16 => super::convert_to_f32(super::DType::BF16, src, dst),
         _ => {
-            for (block, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(n)) {
+            use rayon::prelude::*;
+            // Blocks are independent; a large model's tensors decode on every core at load.
+            src.par_chunks_exact(size).zip(dst.par_chunks_exact_mut(n)).with_min_len(64).for_each(|(block, out)| {
                 match ty {
                     GgmlType::Q4_0 => q4_0(block, out),
                     GgmlType::Q4_1 => q4_1(block, out),
@@ -144,7 +146,7 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                     GgmlType::Q6K => q6_k(block, out),
                     _ => unreachable!("plain types are handled above"),
                 }
-            }
+            });
         }
     }
 }
