@@ -80,7 +80,7 @@ fn config(meta: &Metadata, store: &WeightStore, vocab: &GgufVocab, origin: &str)
     }
     let heads = required("attention.head_count")?;
     let hidden = required("embedding_length")?;
-    let embed = store.tensor_any_shape("model.embed_tokens.weight")?;
+    let vocab_size = store.shape("model.embed_tokens.weight")?[0];
     let mut config = json!({
         "architectures": [hf_arch],
         "hidden_size": hidden,
@@ -88,7 +88,7 @@ fn config(meta: &Metadata, store: &WeightStore, vocab: &GgufVocab, origin: &str)
         "num_hidden_layers": required("block_count")?,
         "num_attention_heads": heads,
         "num_key_value_heads": uint("attention.head_count_kv")?.unwrap_or(heads),
-        "vocab_size": embed.shape[0],
+        "vocab_size": vocab_size,
         "max_position_embeddings": uint("context_length")?,
         "rms_norm_eps": meta.float(&key("attention.layer_norm_rms_epsilon")).map_err(invalid)?,
         "rope_theta": meta.float(&key("rope.freq_base")).map_err(invalid)?,

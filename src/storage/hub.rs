@@ -44,12 +44,30 @@ impl HubModel {
             Some((repo, rev)) => (repo, Some(rev.to_string())),
             None => (rest, None),
         };
-        let invalid = |reason: String| SyncError::InvalidUri { uri: uri.to_string(), reason };
-        Some(match (Self::check_repo_id(repo.trim_end_matches('/')), revision) {
-            (Err(reason), _) => Err(invalid(reason)),
-            (Ok(()), Some(rev)) if rev.is_empty() => Err(invalid("the revision after '@' is empty".into())),
-            (Ok(()), revision) => Ok(HubModel { repo: repo.trim_end_matches('/').to_string(), revision }),
-        })
+        Some(
+            HubModel::new(repo.trim_end_matches('/'), revision)
+                .map_err(|reason| SyncError::InvalidUri { uri: uri.to_string(), reason }),
+        )
+    }
+
+    /// A checked repository id and revision.
+    pub fn new(repo: &str, revision: Option<String>) -> Result<HubModel, String> {
+        Self::check_repo_id(repo)?;
+        if let Some(rev) = &revision {
+            Self::check_revision(rev)?;
+        }
+        Ok(HubModel { repo: repo.to_string(), revision })
+    }
+
+    /// A revision names a file under `refs/` in the cache, so it must stay there: no empty, `.` or
+    /// `..` parts, no leading `/`, no backslash or control character.
+    fn check_revision(rev: &str) -> Result<(), String> {
+        let ok = !rev.is_empty()
+            && rev.len() <= 256
+            && !rev.starts_with('/')
+            && !rev.chars().any(|c| c == '\\' || c.is_control())
+            && rev.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+        if ok { Ok(()) } else { Err(format!("'{rev}' is not a revision (a branch, tag or commit)")) }
     }
 
     /// Whether a `--model` value that is not a local path reads as a Hub id (`org/name`).
@@ -160,7 +178,7 @@ fn is_commit_hash(revision: &str) -> bool {
     revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-/// The snapshot of `model` already in the cache, if any.
+/// The snapshot of `model` already in the cache, if it holds a model: a config and weights.
 pub fn cached_snapshot(model: &HubModel, cache_dir: &Path) -> Option<(PathBuf, String)> {
     let repo = repo_dir(cache_dir, &model.repo);
     let revision = model.revision();
@@ -169,8 +187,13 @@ pub fn cached_snapshot(model: &HubModel, cache_dir: &Path) -> Option<(PathBuf, S
     } else {
         std::fs::read_to_string(repo.join("refs").join(revision)).ok()?.trim().to_string()
     };
+    if !is_commit_hash(&commit) {
+        return None;
+    }
     let dir = repo.join("snapshots").join(&commit);
-    dir.join("config.json").exists().then_some((dir, commit))
+    let has = |name: &str| dir.join(name).is_file();
+    let weights = has(crate::weights::SINGLE_FILE) || has(crate::weights::INDEX_FILE);
+    (has("config.json") && weights).then_some((dir, commit))
 }
 
 #[derive(Deserialize)]
@@ -267,6 +290,13 @@ pub async fn ensure(model: &HubModel, hub: &HubOptions, opts: &SyncOptions) -> R
         let id = format!("hf://{}@{commit}", model.repo);
         super::transfer(source, &id, &repo, needed, opts, Stale::Keep, started).await?
     };
+    // Links and refs are written under the folder's lock, so syncs of a shared cache take turns.
+    let lock_path = super::manifest::StatePaths::new(&repo).lock();
+    std::fs::create_dir_all(lock_path.parent().expect("the lock is in a folder"))
+        .map_err(|e| SyncError::io(&lock_path, e))?;
+    let _lock = tokio::task::spawn_blocking(move || super::manifest::Lock::acquire(&lock_path))
+        .await
+        .expect("the lock task does not panic")?;
     let dir = repo.join("snapshots").join(&commit);
     for (name, digest, _) in &files {
         link_snapshot_file(&dir, name, &format!("blobs/{}", digest.hex()))?;
@@ -288,7 +318,8 @@ fn link_snapshot_file(snapshot: &Path, name: &str, blob: &str) -> Result<(), Syn
     if std::fs::read_link(&link).is_ok_and(|t| t == Path::new(&target)) {
         return Ok(());
     }
-    let temp = parent.join(format!(".{}.pagoda-link", link.file_name().unwrap_or_default().to_string_lossy()));
+    let temp =
+        parent.join(format!(".{}.{}.pagoda-link", link.file_name().unwrap_or_default().to_string_lossy(), unique()));
     let _ = std::fs::remove_file(&temp);
     std::os::unix::fs::symlink(&target, &temp).map_err(|e| SyncError::io(&temp, e))?;
     std::fs::rename(&temp, &link).map_err(|e| SyncError::io(&link, e))
@@ -297,9 +328,15 @@ fn link_snapshot_file(snapshot: &Path, name: &str, blob: &str) -> Result<(), Syn
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SyncError> {
     let parent = path.parent().expect("a ref has a parent");
     std::fs::create_dir_all(parent).map_err(|e| SyncError::io(parent, e))?;
-    let temp = path.with_extension("pagoda-tmp");
+    let temp =
+        parent.join(format!(".{}.{}.pagoda-tmp", path.file_name().unwrap_or_default().to_string_lossy(), unique()));
     std::fs::write(&temp, bytes).map_err(|e| SyncError::io(&temp, e))?;
     std::fs::rename(&temp, path).map_err(|e| SyncError::io(path, e))
+}
+
+/// A suffix no other writer uses for its temporary file.
+fn unique() -> String {
+    format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple())
 }
 
 fn hub_error(model: &HubModel, message: String) -> SyncError {
@@ -352,6 +389,10 @@ async fn revision_info(model: &HubModel, hub: &HubOptions) -> Result<RevisionInf
     match status.as_u16() {
         200 => serde_json::from_slice(&body)
             .map_err(|e| refused(format!("the Hub's revision info is not what was expected: {e}"))),
+        401 if code == "RepoNotFound" => Err(refused(format!(
+            "401 Unauthorized: no such model on {}, or it is private or gated and {token_hint}",
+            hub.endpoint
+        ))),
         401 if code == "GatedRepo" || hub.token.is_none() => Err(refused(format!(
             "401 Unauthorized: the model is gated or private, and {token_hint}; gated models also need their \
              terms accepted at {}/{}",
@@ -389,7 +430,21 @@ mod tests {
         assert_eq!((m.repo.as_str(), m.revision.as_deref()), ("meta-llama/Llama-3.1-8B-Instruct", Some("v1.0")));
         assert_eq!(HubModel::from_uri("hf://Qwen/Qwen2.5-0.5B").unwrap().unwrap().revision, None);
         assert!(HubModel::from_uri("s3://bucket/x").is_none());
-        for bad in ["hf://justname", "hf://a/b/c", "hf://a/b@", "hf://-a/b", "hf://a/b..c", "hf://a/b c"] {
+        let m = HubModel::from_uri("hf://org/name@refs/pr/1").unwrap().unwrap();
+        assert_eq!(m.revision.as_deref(), Some("refs/pr/1"));
+        for bad in [
+            "hf://justname",
+            "hf://a/b/c",
+            "hf://a/b@",
+            "hf://-a/b",
+            "hf://a/b..c",
+            "hf://a/b c",
+            // A revision names a file under refs/: it must not leave it.
+            "hf://a/b@../../x",
+            "hf://a/b@/etc/passwd",
+            "hf://a/b@x//y",
+            "hf://a/b@x\\y",
+        ] {
             assert!(HubModel::from_uri(bad).unwrap().is_err(), "{bad}");
         }
         assert!(HubModel::looks_like_id("HuggingFaceTB/SmolLM2-135M-Instruct"));

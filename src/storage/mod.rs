@@ -657,7 +657,10 @@ impl ModelSource {
                         reason: format!("the URI names revision '{a}' and --revision '{b}'"),
                     });
                 }
-                (None, Some(b)) => parsed.revision = Some(b.to_string()),
+                (None, Some(b)) => {
+                    parsed = hub::HubModel::new(&parsed.repo, Some(b.to_string()))
+                        .map_err(|reason| SyncError::InvalidUri { uri: model.to_string(), reason })?;
+                }
                 _ => {}
             }
             return Ok(ModelSource::Hub(parsed));
@@ -670,10 +673,9 @@ impl ModelSource {
         }
         let path = Path::new(model);
         if !path.exists() && hub::HubModel::looks_like_id(model) {
-            return Ok(ModelSource::Hub(hub::HubModel {
-                repo: model.to_string(),
-                revision: revision.map(str::to_string),
-            }));
+            return hub::HubModel::new(model, revision.map(str::to_string))
+                .map(ModelSource::Hub)
+                .map_err(|reason| SyncError::InvalidUri { uri: model.to_string(), reason });
         }
         match revision {
             Some(_) => Err(not_hub("a local path")),

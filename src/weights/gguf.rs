@@ -155,7 +155,8 @@ impl<'a> Reader<'a> {
                     _ => 8,
                 };
                 let n = self.count(min_item_bytes, &format!("length of '{key}'"))?;
-                let mut items = Vec::with_capacity(n);
+                // Capacity from the bytes the items take, not the (larger) values they become.
+                let mut items = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
                     items.push(self.value(item_type, key, depth + 1)?);
                 }
@@ -239,7 +240,13 @@ pub fn parse(file: &[u8]) -> Result<GgufHeader, String> {
         if offset % alignment != 0 {
             return Err(format!("tensor '{name}': offset {offset} is not aligned to {alignment}"));
         }
-        let num_bytes = (num_elements / ggml_type.block_elements()) as u64 * ggml_type.block_bytes() as u64;
+        // Decoded tensors take 4 bytes a value: a shape whose f32 size overflows is refused here.
+        let num_bytes =
+            ((num_elements / ggml_type.block_elements()) as u64).checked_mul(ggml_type.block_bytes() as u64);
+        let decoded_fits = (num_elements as u64).checked_mul(4).is_some_and(|b| b <= isize::MAX as u64);
+        let (Some(num_bytes), true) = (num_bytes, decoded_fits) else {
+            return Err(format!("tensor '{name}': shape {dims:?} overflows"));
+        };
         let begin = data_start.checked_add(offset);
         let end = begin.and_then(|b| b.checked_add(num_bytes));
         let (Some(begin), Some(end)) = (begin, end) else {

@@ -380,6 +380,14 @@ impl WeightStore {
         self.tensor(name, &shape)
     }
 
+    /// The shape of tensor `name`, without reading (or decoding) it.
+    pub fn shape(&self, name: &str) -> Result<&[usize], WeightsError> {
+        self.tensors
+            .get(name)
+            .map(|t| t.shape.as_slice())
+            .ok_or_else(|| WeightsError::MissingTensor { path: self.origin.clone(), name: name.to_string() })
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

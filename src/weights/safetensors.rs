@@ -61,6 +61,10 @@ fn explain(file: &[u8], error: SafeTensorError) -> String {
             header_len.unwrap_or_default(),
             file.len().saturating_sub(8)
         ),
+        SafeTensorError::InvalidHeaderDeserialization(_) if unknown_dtype(file).is_some() => {
+            let (name, dtype) = unknown_dtype(file).expect("checked");
+            format!("tensor '{name}': dtype {dtype} is not supported (expected F32, F16 or BF16)")
+        }
         SafeTensorError::InvalidHeader(_) | SafeTensorError::InvalidHeaderDeserialization(_) => {
             format!("not a safetensors file: the header is not a JSON object of tensors ({error})")
         }
@@ -73,7 +77,10 @@ fn explain(file: &[u8], error: SafeTensorError) -> String {
                 .and_then(|entries| {
                     entries.into_iter().find_map(|(name, info)| {
                         let (begin, end) = info.data_offsets;
-                        let needed = info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8;
+                        let bits = info.shape.iter().try_fold(info.dtype.bitsize(), |acc, &d| acc.checked_mul(d));
+                        let Some(needed) = bits.map(|b| b / 8) else {
+                            return Some(format!("tensor '{name}': shape {:?} overflows", info.shape));
+                        };
                         if end < begin || end - begin != needed {
                             Some(format!(
                                 "tensor '{name}': data_offsets [{begin}, {end}] hold {} bytes but shape {:?} of {} needs {needed}",
@@ -99,6 +106,17 @@ fn explain(file: &[u8], error: SafeTensorError) -> String {
         }
         other => format!("invalid header: {other}"),
     }
+}
+
+/// A tensor whose dtype the crate does not know (a newer format's), with that dtype.
+fn unknown_dtype(file: &[u8]) -> Option<(String, String)> {
+    let len = u64::from_le_bytes(file.get(..8)?.try_into().ok()?) as usize;
+    let header = file.get(8..8usize.checked_add(len)?)?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    map.into_iter().filter(|(name, _)| name != "__metadata__").find_map(|(name, v)| {
+        let dtype = v.get("dtype")?.as_str()?.to_string();
+        serde_json::from_value::<Dtype>(serde_json::Value::String(dtype.clone())).is_err().then_some((name, dtype))
+    })
 }
 
 /// The header's tensor entries (without `__metadata__`), for naming what is wrong.
@@ -189,6 +207,13 @@ mod tests {
         file.extend_from_slice(&[0, 0]);
         let err = parse_header(&file).err().unwrap();
         assert_eq!(err, "tensor 'w': dtype I8 is not supported (expected F32, F16 or BF16)");
+        // A dtype from a newer format than the crate knows is named the same way.
+        let header = br#"{"w":{"dtype":"F3","shape":[2],"data_offsets":[0,2]}}"#;
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header);
+        file.extend_from_slice(&[0, 0]);
+        let err = parse_header(&file).err().unwrap();
+        assert_eq!(err, "tensor 'w': dtype F3 is not supported (expected F32, F16 or BF16)");
 
         let header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#;
         let mut file = (header.len() as u64).to_le_bytes().to_vec();

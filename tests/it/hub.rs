@@ -236,8 +236,12 @@ fn gated_private_and_missing_models_get_one_clear_error_each() {
     let uri = format!("hf://{REPO}");
     let err = sync_error(&sync(&uri, &[]), &env);
     assert!(err.contains("401 Unauthorized: the model is gated or private") && err.contains("set HF_TOKEN"), "{err}");
-    let err = sync_error(&sync(&uri, &["--hf-token", "hf_wrong"]), &env);
+    let err = sync_error(&sync(&uri, &["--hf-token", "hf_noaccess"]), &env);
     assert!(err.contains("403 Forbidden") && err.contains("accept its terms"), "{err}");
+    let err = sync_error(&sync(&uri, &["--hf-token", "hf_mistyped"]), &env);
+    assert!(err.contains("401 Unauthorized: the token given was refused"), "{err}");
+    let err = sync_error(&sync("hf://test-org/typo", &[]), &env);
+    assert!(err.contains("401 Unauthorized: no such model") && err.contains("or it is private or gated"), "{err}");
     let err = sync_error(&sync(&format!("{uri}@no-such-branch"), &["--hf-token", "hf_secret"]), &env);
     assert!(err.ends_with("test-org/tiny-llama@no-such-branch: revision 'no-such-branch' does not exist (no such branch, tag or commit)"), "{err}");
     let err = sync_error(&sync("hf://test-org/other", &["--hf-token", "hf_secret"]), &env);

@@ -11,6 +11,8 @@ It implements what Pagoda and huggingface_hub use, with the Hub's headers:
 Errors carry X-Error-Code as the Hub's do: RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo.
 
 Usage: fake_hub.py --repo org/name --dir FOLDER [--token T] [--throttle SECONDS_PER_MIB] [--corrupt]
+With --token the repository is gated: T opens it, hf_noaccess is a valid token without access
+(403), any other token is invalid (401).
 Prints the port and the commit on the first two lines of stdout, then serves until killed."""
 import argparse
 import hashlib
@@ -85,8 +87,12 @@ class Handler(BaseHTTPRequestHandler):
         if auth is None:
             self.error(401, "GatedRepo", "Access to model is restricted. You must have access to it and be authenticated.")
             return False
-        if auth != f"Bearer {args.token}":
+        if auth == "Bearer hf_noaccess":
+            # A valid token whose account has not been granted the gated model.
             self.error(403, "GatedRepo", "Access to model is restricted and you are not in the authorized list.")
+            return False
+        if auth != f"Bearer {args.token}":
+            self.error(401, None, "Invalid credentials in Authorization header")
             return False
         return True
 
