@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pagoda::backend::cpu::CpuBackend;
-use pagoda::engine::{Engine, EngineConfig, EngineRequest, RequestId, SamplingParams};
+use pagoda::engine::{Engine, EngineConfig, EngineRequest, MaxTokens, RequestId, SamplingParams};
 use pagoda::model::demo::DemoSpec;
 use pagoda::model::{ModelFiles, ModelRunner};
 use pagoda::weights::DType;
@@ -122,15 +122,12 @@ fn build_engine(files: &ModelFiles) -> Engine {
 }
 
 fn add(engine: &mut Engine, id: usize, prompt: Vec<u32>, max_tokens: usize) {
-    let params = SamplingParams { max_tokens: Some(max_tokens), ignore_eos: true, ..SamplingParams::greedy() };
-    engine
-        .add_request(EngineRequest {
-            id: RequestId(id.to_string()),
-            prompt_token_ids: prompt,
-            params,
-            arrival: Instant::now(),
-        })
-        .unwrap();
+    let params =
+        SamplingParams { max_tokens: MaxTokens::Exact(max_tokens), ignore_eos: true, ..SamplingParams::greedy() };
+    let request =
+        EngineRequest { id: RequestId(id.to_string()), prompt_token_ids: prompt, params, arrival: Instant::now() };
+    let request = request.validate(engine.limits()).unwrap();
+    engine.add_request(request).unwrap();
 }
 
 /// Bytes per second all threads together read from a buffer far larger than the caches.

@@ -13,20 +13,34 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::openai::*;
 use super::{ApiError, AppState, InFlight, Loaded, ResponseBody, json_response, sse_response, unix_now, with_guard};
-use crate::engine::{EngineRequest, FinishReason, RequestId, RequestOutput, SamplingParams, StopReason, TokenLogprobs};
+use crate::engine::{
+    EngineRequest, FinishReason, MaxTokens, RequestId, RequestLimits, RequestOutput, SamplingParams, StopReason,
+    TokenLogprobs,
+};
 use crate::tokenizer::Tokenizer;
 use tracing::Instrument;
 
 /// Chunks buffered between the engine and a slow client before the stream waits.
 const STREAM_BUFFER: usize = 64;
 /// `max_tokens` of a completion request that gives none (OpenAI's default).
-const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
+const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 
-/// Builds engine sampling parameters from a request's fields, the model's generation defaults
-/// filling in what the request leaves out.
+/// Which endpoint a request came to: their defaults differ.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Completions,
+    Chat,
+}
+
+/// Every default a request's sampling gets, in one place: the client's value, else the model's
+/// generation config (unless `--generation-config vllm`), else OpenAI's and vLLM's. A
+/// `max_tokens` the client sent is exact; a default one is fitted to the room the prompt leaves
+/// (by [`EngineRequest::validate`](crate::engine::EngineRequest::validate), which checks every
+/// value once).
 fn sampling_params(
     state: &AppState,
     loaded: &Loaded,
+    endpoint: Endpoint,
     f: &SamplingFields,
     max_tokens: Option<u32>,
     logprobs: Option<u32>,
@@ -50,6 +64,13 @@ fn sampling_params(
         })?;
         logit_bias.push((id, *bias));
     }
+    let max_tokens = match (max_tokens, endpoint, d.max_new_tokens) {
+        (Some(m), _, _) => MaxTokens::Exact(m as usize),
+        // OpenAI's default for completions, whatever the generation config says (as vLLM).
+        (None, Endpoint::Completions, _) => MaxTokens::UpTo(DEFAULT_COMPLETION_MAX_TOKENS),
+        (None, Endpoint::Chat, Some(m)) => MaxTokens::UpTo(m),
+        (None, Endpoint::Chat, None) => MaxTokens::Unlimited,
+    };
     Ok(SamplingParams {
         n: f.n.unwrap_or(1) as usize,
         temperature: f.temperature.or(d.temperature).unwrap_or(1.0),
@@ -61,7 +82,7 @@ fn sampling_params(
         repetition_penalty: f.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0),
         logit_bias,
         seed: f.seed.map(|s| s as u64),
-        max_tokens: max_tokens.map(|m| m as usize).or(d.max_new_tokens),
+        max_tokens,
         min_tokens: f.min_tokens.unwrap_or(0) as usize,
         ignore_eos: f.ignore_eos.unwrap_or(false),
         stop: f.stop.0.clone(),
@@ -81,28 +102,26 @@ struct Run {
 }
 
 impl Run {
-    /// Checks every prompt and the queue, then submits one engine request per prompt. A
-    /// `max_tokens` the client did not send (a default) is fitted to each prompt's room in the
-    /// context, as vLLM does; one the client sent is checked and refused if it does not fit.
+    /// Checks every prompt (once, by [`EngineRequest::validate`]) and the queue, then submits one
+    /// engine request per prompt.
     fn start(
         state: &AppState,
         loaded: &Loaded,
         prompts: Vec<Vec<u32>>,
         params: SamplingParams,
-        max_tokens_explicit: bool,
     ) -> Result<Run, ApiError> {
-        let max_model_len = loaded.info.max_model_len;
-        let mut per_prompt = Vec::with_capacity(prompts.len());
-        for prompt in &prompts {
-            let mut p = params.clone();
-            if !max_tokens_explicit {
-                let room = max_model_len.saturating_sub(prompt.len());
-                p.max_tokens = p.max_tokens.map(|m| m.min(room)).filter(|&m| m > 0);
-            }
-            crate::engine::check_request(prompt, &p, loaded.vocab_size, max_model_len)?;
-            per_prompt.push(p);
+        let limits = RequestLimits { vocab_size: loaded.vocab_size, max_model_len: loaded.info.max_model_len };
+        let arrival = Instant::now();
+        // Engine ids are ours alone: a client's x-request-id may repeat.
+        let base = uuid::Uuid::new_v4().simple().to_string();
+        let prompt_lens = prompts.iter().map(Vec::len).collect();
+        let mut requests = Vec::with_capacity(prompts.len());
+        for (idx, prompt) in prompts.into_iter().enumerate() {
+            let id = RequestId(format!("{base}-{idx}"));
+            let request = EngineRequest { id, prompt_token_ids: prompt, params: params.clone(), arrival };
+            requests.push(request.validate(limits)?);
         }
-        let num_seqs = prompts.len() * params.n;
+        let num_seqs = requests.len() * params.n;
         if num_seqs > state.config.max_queue {
             return Err(ApiError::bad_request(
                 format!(
@@ -117,14 +136,8 @@ impl Run {
         }
         let (tx, rx) = unbounded_channel();
         let mut prompt_of = HashMap::new();
-        let prompt_lens = prompts.iter().map(Vec::len).collect();
-        let arrival = Instant::now();
-        // Engine ids are ours alone: a client's x-request-id may repeat.
-        let base = uuid::Uuid::new_v4().simple().to_string();
-        for (idx, (prompt, params)) in prompts.into_iter().zip(per_prompt).enumerate() {
-            let request_id = RequestId(format!("{base}-{idx}"));
-            prompt_of.insert(request_id.clone(), idx);
-            let request = EngineRequest { id: request_id, prompt_token_ids: prompt, params, arrival };
+        for (idx, request) in requests.into_iter().enumerate() {
+            prompt_of.insert(request.id().clone(), idx);
             loaded.engine.submit_to(request, tx.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
         }
         Ok(Run { rx, prompt_of, n: params.n, prompt_lens })
@@ -329,8 +342,7 @@ pub async fn completions(
             Some("echo"),
         ));
     }
-    let max_tokens = Some(req.max_tokens.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS));
-    let params = sampling_params(&state, loaded, &req.sampling, max_tokens, req.logprobs)?;
+    let params = sampling_params(&state, loaded, Endpoint::Completions, &req.sampling, req.max_tokens, req.logprobs)?;
     let tok = loaded.tokenizer.clone();
     let add_special = req.add_special_tokens.unwrap_or(true);
     let prompts: Vec<Vec<u32>> = match &req.prompt {
@@ -345,7 +357,7 @@ pub async fn completions(
         (Prompt::Texts(texts), true) => texts.clone(),
         (Prompt::Tokens(lists), true) => lists.iter().map(|ids| tok.decode(ids, false)).collect(),
     };
-    let run = Run::start(&state, loaded, prompts, params, req.max_tokens.is_some())?;
+    let run = Run::start(&state, loaded, prompts, params)?;
     let guard = InFlight::new(&state);
     let id = format!("cmpl-{request_id}");
     let model = state.served_model_name.clone();
@@ -481,7 +493,7 @@ pub async fn chat(
     }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let params = sampling_params(&state, loaded, &req.sampling, max_tokens, logprobs)?;
+    let params = sampling_params(&state, loaded, Endpoint::Chat, &req.sampling, max_tokens, logprobs)?;
     let text = render_chat(
         loaded,
         &req.messages,
@@ -492,7 +504,7 @@ pub async fn chat(
     )?;
     let tok = loaded.tokenizer.clone();
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad_request(e.message, Some("messages")))?;
-    let run = Run::start(&state, loaded, vec![prompt], params, max_tokens.is_some())?;
+    let run = Run::start(&state, loaded, vec![prompt], params)?;
     let guard = InFlight::new(&state);
     let id = format!("chatcmpl-{request_id}");
     let model = state.served_model_name.clone();

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use super::EngineArgs;
-use crate::engine::{Completion, EngineRequest, RequestId, SamplingParams};
+use crate::engine::{Completion, EngineRequest, MaxTokens, RequestId, SamplingParams};
 use crate::launch::load_engine;
 
 #[derive(Debug, Args)]
@@ -96,7 +96,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         frequency_penalty: args.frequency_penalty,
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
-        max_tokens: Some(args.max_tokens),
+        max_tokens: MaxTokens::Exact(args.max_tokens),
         ignore_eos: args.ignore_eos,
         stop: args.stop.clone(),
         logprobs: args.logprobs,
@@ -113,14 +113,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         } else {
             tokenizer.encode(prompt, true)?
         };
-        engine
-            .add_request(EngineRequest {
-                id: RequestId(format!("{idx:06}")),
-                prompt_token_ids: ids,
-                params: params.clone(),
-                arrival: Instant::now(),
-            })
-            .with_context(|| format!("prompt {idx}"))?;
+        let request = EngineRequest {
+            id: RequestId(format!("{idx:06}")),
+            prompt_token_ids: ids,
+            params: params.clone(),
+            arrival: Instant::now(),
+        };
+        let request = request.validate(engine.limits()).with_context(|| format!("prompt {idx}"))?;
+        engine.add_request(request).with_context(|| format!("prompt {idx}"))?;
     }
 
     let start = Instant::now();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use super::{Engine, EngineRequest, EngineStats, RequestId, RequestOutput};
+use super::{Engine, EngineStats, RequestId, RequestOutput, ValidRequest};
 
 /// How long the idle loop sleeps between heartbeats.
 const IDLE_WAKE: Duration = Duration::from_millis(500);
@@ -25,7 +25,7 @@ pub trait EngineObserver: Send + 'static {
 }
 
 enum Command {
-    Add { request: Box<EngineRequest>, outputs: UnboundedSender<RequestOutput> },
+    Add { request: Box<ValidRequest>, outputs: UnboundedSender<RequestOutput> },
     Abort(RequestId),
     Shutdown,
 }
@@ -150,8 +150,8 @@ impl EngineHandle {
         &self.status
     }
 
-    /// Queues a request (already checked with `Engine::check_request`'s rules).
-    pub fn submit(&self, request: EngineRequest) -> Result<OutputStream, EngineStopped> {
+    /// Queues a checked request.
+    pub fn submit(&self, request: ValidRequest) -> Result<OutputStream, EngineStopped> {
         let (tx, rx) = unbounded_channel();
         self.submit_to(request, tx)?;
         Ok(OutputStream { rx })
@@ -161,10 +161,10 @@ impl EngineHandle {
     /// outputs carry their ids). Dropping the receiver cancels all of them.
     pub fn submit_to(
         &self,
-        request: EngineRequest,
+        request: ValidRequest,
         outputs: UnboundedSender<RequestOutput>,
     ) -> Result<(), EngineStopped> {
-        let n = request.params.n;
+        let n = request.params().n;
         self.status.num_pending.fetch_add(n, Ordering::Relaxed);
         self.status.num_unfinished.fetch_add(1, Ordering::Relaxed);
         if self.commands.send(Command::Add { request: Box::new(request), outputs }).is_err() {
@@ -214,14 +214,14 @@ fn run(
         while let Some(command) = next.take() {
             match command {
                 Command::Add { request, outputs: tx } => {
-                    status.num_pending.fetch_sub(request.params.n, Ordering::Relaxed);
-                    let (id, n) = (request.id.clone(), request.params.n);
+                    let (id, n) = (request.id().clone(), request.params().n);
+                    status.num_pending.fetch_sub(n, Ordering::Relaxed);
                     match engine.add_request(*request) {
                         Ok(()) => {
                             live.insert(id, Live { outputs: tx, num_unfinished_seqs: n });
                         }
                         Err(err) => {
-                            // The API checks requests before submitting; this guards against bugs.
+                            // Only a request id already running is refused: a bug in the caller.
                             tracing::error!(request_id = %id, %err, "engine refused a request");
                             status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
                         }
@@ -305,23 +305,24 @@ fn publish(status: &EngineStatus, stats: &EngineStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::SamplingParams;
+    use crate::engine::{EngineRequest, MaxTokens, SamplingParams};
     use crate::launch::{EngineOptions, load_engine};
 
     #[test]
     fn the_status_follows_the_engine_thread_and_outputs_arrive_in_order() {
         let loaded =
             load_engine(&EngineOptions { num_gpu_blocks_override: Some(64), ..EngineOptions::default() }).unwrap();
+        let limits = loaded.engine.limits();
         let (handle, thread) = EngineHandle::spawn(loaded.engine, None);
         assert!(handle.status().is_healthy(Duration::from_secs(5)));
-        let params = SamplingParams { max_tokens: Some(5), ignore_eos: true, ..SamplingParams::greedy() };
+        let params = SamplingParams { max_tokens: MaxTokens::Exact(5), ignore_eos: true, ..SamplingParams::greedy() };
         let request = EngineRequest {
             id: RequestId("r".into()),
             prompt_token_ids: vec![0, 5, 6],
             params,
             arrival: Instant::now(),
         };
-        let mut stream = handle.submit(request).unwrap();
+        let mut stream = handle.submit(request.validate(limits).unwrap()).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let outputs: Vec<RequestOutput> = runtime.block_on(async {
             let mut all = Vec::new();
@@ -341,6 +342,6 @@ mod tests {
         let params = SamplingParams::greedy();
         let request =
             EngineRequest { id: RequestId("late".into()), prompt_token_ids: vec![0], params, arrival: Instant::now() };
-        assert!(handle.submit(request).is_err());
+        assert!(handle.submit(request.validate(limits).unwrap()).is_err());
     }
 }

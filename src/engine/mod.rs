@@ -20,8 +20,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
 pub use self::request::{
-    EngineRequest, FinishReason, RequestError, RequestId, RequestOutput, SamplingParams, SeqTimings, StopReason,
-    TokenLogprobs,
+    EngineRequest, FinishReason, MaxTokens, RequestError, RequestId, RequestLimits, RequestOutput, SamplingParams,
+    SeqTimings, StopReason, TokenLogprobs, ValidRequest,
 };
 use self::sampler::SamplingContext;
 use self::scheduler::{Scheduler, SchedulerConfig};
@@ -149,14 +149,15 @@ impl Engine {
         self.vocab_size
     }
 
-    /// Checks a request against the model's limits without queueing it.
-    pub fn check_request(&self, prompt: &[u32], params: &SamplingParams) -> Result<usize, RequestError> {
-        check_request(prompt, params, self.vocab_size, self.config.max_model_len)
+    /// What this engine's model allows a request (for [`EngineRequest::validate`]).
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits { vocab_size: self.vocab_size, max_model_len: self.config.max_model_len }
     }
 
-    /// Queues a request: `params.n` sequences of the same prompt.
-    pub fn add_request(&mut self, request: EngineRequest) -> Result<(), RequestError> {
-        let max_tokens = self.check_request(&request.prompt_token_ids, &request.params)?;
+    /// Queues a checked request: `params.n` sequences of the same prompt. Only a request id
+    /// already running is refused.
+    pub fn add_request(&mut self, request: ValidRequest) -> Result<(), RequestError> {
+        let (request, max_tokens) = request.into_parts();
         if self.requests.contains_key(&request.id) {
             return Err(RequestError::DuplicateId(request.id));
         }
@@ -413,34 +414,6 @@ impl Engine {
 fn stop_tokens<'a>(params: &'a SamplingParams, eos: &'a [u32]) -> impl Iterator<Item = u32> + 'a {
     let eos: &[u32] = if params.ignore_eos { &[] } else { eos };
     eos.iter().chain(&params.stop_token_ids).copied()
-}
-
-/// Checks a request against the model's vocabulary and context length; returns its resolved
-/// `max_tokens`.
-pub fn check_request(
-    prompt: &[u32],
-    params: &SamplingParams,
-    vocab_size: usize,
-    max_model_len: usize,
-) -> Result<usize, RequestError> {
-    params.validate(vocab_size)?;
-    if prompt.is_empty() {
-        return Err(RequestError::EmptyPrompt);
-    }
-    if let Some(&token) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
-        return Err(RequestError::InvalidTokenId { token, vocab_size });
-    }
-    let too_long = || RequestError::ContextTooLong {
-        num_prompt_tokens: prompt.len(),
-        max_tokens: params.max_tokens,
-        max_model_len,
-    };
-    match params.max_tokens {
-        _ if prompt.len() >= max_model_len => Err(too_long()),
-        Some(max) if prompt.len() + max > max_model_len => Err(too_long()),
-        Some(max) => Ok(max),
-        None => Ok(max_model_len - prompt.len()),
-    }
 }
 
 /// A sequence's whole output, gathered from its step outputs.

@@ -40,8 +40,7 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// Same seed and prompt give the same tokens; completion `i` of `n` uses `seed + i`.
     pub seed: Option<u64>,
-    /// `None`: until the context is full.
-    pub max_tokens: Option<usize>,
+    pub max_tokens: MaxTokens,
     pub min_tokens: usize,
     pub ignore_eos: bool,
     pub stop: Vec<String>,
@@ -65,7 +64,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             logit_bias: Vec::new(),
             seed: None,
-            max_tokens: Some(16),
+            max_tokens: MaxTokens::Exact(16),
             min_tokens: 0,
             ignore_eos: false,
             stop: Vec::new(),
@@ -77,13 +76,34 @@ impl Default for SamplingParams {
     }
 }
 
+/// How many tokens a request may generate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxTokens {
+    /// The client's own number: a prompt that leaves less room in the context is refused.
+    Exact(usize),
+    /// A default (OpenAI's, or the model's generation config): lowered to the room the prompt
+    /// leaves, as vLLM does.
+    UpTo(usize),
+    /// Until the context is full.
+    Unlimited,
+}
+
+impl MaxTokens {
+    fn limit(self) -> Option<usize> {
+        match self {
+            MaxTokens::Exact(n) | MaxTokens::UpTo(n) => Some(n),
+            MaxTokens::Unlimited => None,
+        }
+    }
+}
+
 impl SamplingParams {
     pub fn greedy() -> SamplingParams {
         SamplingParams { temperature: 0.0, ..SamplingParams::default() }
     }
 
     /// Checks every value against its range; the error names the parameter as the API spells it.
-    pub fn validate(&self, vocab_size: usize) -> Result<(), RequestError> {
+    fn validate(&self, vocab_size: usize) -> Result<(), RequestError> {
         let bad = |param: &'static str, message: String| Err(RequestError::InvalidParam { param, message });
         if self.n == 0 || self.n > MAX_N {
             return bad("n", format!("n must be between 1 and {MAX_N}, got {}", self.n));
@@ -121,10 +141,10 @@ impl SamplingParams {
                 return bad("logit_bias", format!("logit_bias values must be in [-100, 100], got {bias}"));
             }
         }
-        if self.max_tokens == Some(0) {
+        if self.max_tokens.limit() == Some(0) {
             return bad("max_tokens", "max_tokens must be at least 1, got 0".into());
         }
-        if let Some(max) = self.max_tokens
+        if let Some(max) = self.max_tokens.limit()
             && self.min_tokens > max
         {
             return bad("min_tokens", format!("min_tokens ({}) must not exceed max_tokens ({max})", self.min_tokens));
@@ -168,13 +188,83 @@ impl SamplingParams {
     }
 }
 
-/// A request as the engine takes it: the prompt already tokenized.
+/// A request as a client asked for it: the prompt already tokenized, every default applied, but
+/// not yet checked. [`EngineRequest::validate`] turns it into the [`ValidRequest`] the engine takes.
 #[derive(Clone, Debug)]
 pub struct EngineRequest {
     pub id: RequestId,
     pub prompt_token_ids: Vec<u32>,
     pub params: SamplingParams,
     pub arrival: Instant,
+}
+
+/// What a model allows a request: its vocabulary and its context length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestLimits {
+    pub vocab_size: usize,
+    pub max_model_len: usize,
+}
+
+impl EngineRequest {
+    /// The one check of a request: every sampling parameter in its range, a non-empty prompt of
+    /// known token ids, and room in the context for the prompt and its completion. A default
+    /// `max_tokens` is fitted to the room left here, once.
+    pub fn validate(self, limits: RequestLimits) -> Result<ValidRequest, RequestError> {
+        let RequestLimits { vocab_size, max_model_len } = limits;
+        self.params.validate(vocab_size)?;
+        let prompt = &self.prompt_token_ids;
+        if prompt.is_empty() {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if let Some(&token) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(RequestError::InvalidTokenId { token, vocab_size });
+        }
+        let room = max_model_len.saturating_sub(prompt.len());
+        let too_long = |max_tokens: Option<usize>| RequestError::ContextTooLong {
+            num_prompt_tokens: prompt.len(),
+            max_tokens,
+            max_model_len,
+        };
+        let max_tokens = match self.params.max_tokens {
+            MaxTokens::Exact(max) if max > room || room == 0 => return Err(too_long(Some(max))),
+            _ if room == 0 => return Err(too_long(None)),
+            MaxTokens::Exact(max) => max,
+            MaxTokens::UpTo(max) => max.min(room),
+            MaxTokens::Unlimited => room,
+        };
+        Ok(ValidRequest { request: self, max_tokens })
+    }
+}
+
+/// A request that passed [`EngineRequest::validate`]: the only kind the engine accepts, so the
+/// engine never checks a request again.
+#[derive(Clone, Debug)]
+pub struct ValidRequest {
+    request: EngineRequest,
+    max_tokens: usize,
+}
+
+impl ValidRequest {
+    pub fn id(&self) -> &RequestId {
+        &self.request.id
+    }
+
+    pub fn prompt_token_ids(&self) -> &[u32] {
+        &self.request.prompt_token_ids
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.request.params
+    }
+
+    /// Tokens each sequence may generate, fitted to the context.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    pub fn into_parts(self) -> (EngineRequest, usize) {
+        (self.request, self.max_tokens)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -281,5 +371,62 @@ pub struct RequestOutput {
 impl RequestOutput {
     pub fn finished(&self) -> bool {
         self.finish_reason.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: RequestLimits = RequestLimits { vocab_size: 100, max_model_len: 32 };
+
+    fn check(params: SamplingParams, prompt: Vec<u32>) -> Result<usize, RequestError> {
+        let request =
+            EngineRequest { id: RequestId("r".into()), prompt_token_ids: prompt, params, arrival: Instant::now() };
+        request.validate(LIMITS).map(|r| r.max_tokens())
+    }
+
+    /// `EngineRequest::validate` is the one function that refuses a request; every field it checks
+    /// is named in its error as the API spells it.
+    #[test]
+    fn validate_refuses_each_invalid_field_and_names_it() {
+        let ok = SamplingParams::default;
+        assert_eq!(check(ok(), vec![1, 2]), Ok(16));
+        let cases: Vec<(SamplingParams, &str)> = vec![
+            (SamplingParams { n: 0, ..ok() }, "n"),
+            (SamplingParams { n: MAX_N + 1, ..ok() }, "n"),
+            (SamplingParams { temperature: -0.5, ..ok() }, "temperature"),
+            (SamplingParams { temperature: f32::NAN, ..ok() }, "temperature"),
+            (SamplingParams { top_p: 0.0, ..ok() }, "top_p"),
+            (SamplingParams { min_p: 1.5, ..ok() }, "min_p"),
+            (SamplingParams { presence_penalty: 2.5, ..ok() }, "presence_penalty"),
+            (SamplingParams { frequency_penalty: -2.5, ..ok() }, "frequency_penalty"),
+            (SamplingParams { repetition_penalty: 0.0, ..ok() }, "repetition_penalty"),
+            (SamplingParams { logit_bias: vec![(100, 1.0)], ..ok() }, "logit_bias"),
+            (SamplingParams { logit_bias: vec![(1, 101.0)], ..ok() }, "logit_bias"),
+            (SamplingParams { max_tokens: MaxTokens::Exact(0), ..ok() }, "max_tokens"),
+            (SamplingParams { min_tokens: 17, ..ok() }, "min_tokens"),
+            (SamplingParams { logprobs: Some(MAX_LOGPROBS + 1), ..ok() }, "logprobs"),
+            (SamplingParams { stop: vec![String::new()], ..ok() }, "stop"),
+            (SamplingParams { stop: vec!["x".repeat(MAX_STOP_STRING_BYTES + 1)], ..ok() }, "stop"),
+            (SamplingParams { stop_token_ids: vec![100], ..ok() }, "stop_token_ids"),
+            (SamplingParams { max_tokens: MaxTokens::Exact(31), ..ok() }, "max_tokens"),
+        ];
+        for (params, field) in cases {
+            let err = check(params.clone(), vec![1, 2]).expect_err(field);
+            assert_eq!(err.param(), Some(field), "{params:?}: {err}");
+        }
+        assert_eq!(check(ok(), vec![]).unwrap_err().param(), Some("prompt"));
+        assert_eq!(check(ok(), vec![100]).unwrap_err().param(), Some("prompt"));
+        // At the limits: the largest values accepted.
+        let edge = SamplingParams {
+            n: MAX_N,
+            logprobs: Some(MAX_LOGPROBS),
+            max_tokens: MaxTokens::Exact(30),
+            min_tokens: 30,
+            stop: vec!["x".repeat(MAX_STOP_STRING_BYTES)],
+            ..ok()
+        };
+        assert_eq!(check(edge, vec![1, 2]), Ok(30));
     }
 }

@@ -12,7 +12,7 @@ use crate::backend::cuda::CudaBackend;
 use crate::backend::cuda::device::DeviceHandle;
 use crate::backend::sampling::argmax;
 use crate::backend::{Backend, BatchLayout, KvCacheShape, SeqLayout};
-use crate::engine::{EngineRequest, RequestId, SamplingParams};
+use crate::engine::{EngineRequest, MaxTokens, RequestId, SamplingParams};
 use crate::launch::{DeviceKind, EngineOptions, load_engine};
 use crate::model::{Executor, ModelFiles, ModelRunner};
 use crate::weights::{DType, WeightStore};
@@ -171,8 +171,11 @@ pub fn logits_rows(handle: &DeviceHandle, fixtures: &Path) -> Result<Vec<Row>, S
 pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, String> {
     let dir = fixtures.join("tiny-llama");
     let stream: Vec<u32> = prompts(&dir)?.iter().flat_map(|p| p.prompt_ids[1..].to_vec()).cycle().take(2000).collect();
-    let greedy =
-        |max_tokens| SamplingParams { max_tokens: Some(max_tokens), ignore_eos: true, ..SamplingParams::greedy() };
+    let greedy = |max_tokens| SamplingParams {
+        max_tokens: MaxTokens::Exact(max_tokens),
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
     let requests: Vec<(Vec<u32>, SamplingParams)> = (0..12)
         .map(|i| {
             let mut p = vec![0];
@@ -202,6 +205,7 @@ pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, St
                     params: params.clone(),
                     arrival: std::time::Instant::now(),
                 };
+                let request = request.validate(engine.limits()).map_err(|e| e.to_string())?;
                 engine.add_request(request).map_err(|e| e.to_string())?;
             }
             let done = engine.run_to_completion().map_err(|e| e.to_string())?;

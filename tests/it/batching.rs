@@ -1,7 +1,7 @@
 //! Continuous batching, chunked prefill, preemption and prefix caching must not change what a
 //! request produces.
 
-use pagoda::engine::{FinishReason, SamplingParams};
+use pagoda::engine::{FinishReason, MaxTokens, SamplingParams};
 
 use crate::common::*;
 
@@ -85,7 +85,7 @@ fn seeded_sampling_repeats_whatever_it_is_batched_with() {
         top_p: 0.95,
         top_k: 50,
         seed: Some(seed),
-        max_tokens: Some(12),
+        max_tokens: MaxTokens::Exact(12),
         ignore_eos: true,
         ..SamplingParams::default()
     };
@@ -110,7 +110,7 @@ fn n_completions_share_the_prompt_and_differ_by_seed() {
         n: 4,
         temperature: 1.0,
         seed: Some(7),
-        max_tokens: Some(10),
+        max_tokens: MaxTokens::Exact(10),
         ignore_eos: true,
         ..SamplingParams::default()
     };
@@ -158,7 +158,8 @@ fn stop_conditions_end_generation_where_they_should() {
     assert_eq!(c.text, free.text[..at + visible.len()]);
 
     // EOS ends generation unless ignored: make EOS (id 4) overwhelmingly likely.
-    let params = SamplingParams { logit_bias: vec![(4, 100.0)], max_tokens: Some(5), ..SamplingParams::greedy() };
+    let params =
+        SamplingParams { logit_bias: vec![(4, 100.0)], max_tokens: MaxTokens::Exact(5), ..SamplingParams::greedy() };
     let c = run(&mut engine, vec![request("eos", p.prompt_ids.clone(), params.clone())]).remove(0);
     assert_eq!(
         (c.token_ids.clone(), c.finish_reason, c.stop_reason.clone()),
@@ -172,18 +173,23 @@ fn stop_conditions_end_generation_where_they_should() {
 #[test]
 fn requests_beyond_the_context_are_refused_at_the_limit() {
     let engine = engine("tiny-llama", |o| o.max_model_len = Some(64));
+    let check = |prompt: &[u32], params: SamplingParams| {
+        request("x", prompt.to_vec(), params).validate(engine.limits()).map(|r| r.max_tokens())
+    };
     let prompt = vec![5u32; 60];
-    let params = |max| SamplingParams { max_tokens: Some(max), ..SamplingParams::greedy() };
-    assert_eq!(engine.check_request(&prompt, &params(4)), Ok(4), "exactly at the limit is allowed");
-    let err = engine.check_request(&prompt, &params(5)).unwrap_err();
+    let params = |max| SamplingParams { max_tokens: MaxTokens::Exact(max), ..SamplingParams::greedy() };
+    assert_eq!(check(&prompt, params(4)), Ok(4), "exactly at the limit is allowed");
+    let err = check(&prompt, params(5)).unwrap_err();
     assert_eq!(
         err.to_string(),
         "this model's maximum context length is 64 tokens, but 65 were requested (60 in the prompt, 5 for the completion)"
     );
-    assert!(engine.check_request(&[5u32; 64], &SamplingParams { max_tokens: None, ..params(1) }).is_err());
-    assert_eq!(engine.check_request(&[5u32; 63], &SamplingParams { max_tokens: None, ..params(1) }), Ok(1));
-    assert!(
-        engine.check_request(&[1024], &params(1)).unwrap_err().to_string().contains("outside the vocabulary of 1024")
-    );
-    assert!(engine.check_request(&[], &params(1)).is_err());
+    assert!(check(&[5u32; 64], SamplingParams { max_tokens: MaxTokens::Unlimited, ..params(1) }).is_err());
+    assert_eq!(check(&[5u32; 63], SamplingParams { max_tokens: MaxTokens::Unlimited, ..params(1) }), Ok(1));
+    // A default is fitted to the room the prompt leaves, down to one token, but not below.
+    assert_eq!(check(&prompt, SamplingParams { max_tokens: MaxTokens::UpTo(16), ..params(1) }), Ok(4));
+    assert_eq!(check(&[5u32; 63], SamplingParams { max_tokens: MaxTokens::UpTo(16), ..params(1) }), Ok(1));
+    assert!(check(&[5u32; 64], SamplingParams { max_tokens: MaxTokens::UpTo(16), ..params(1) }).is_err());
+    assert!(check(&[1024], params(1)).unwrap_err().to_string().contains("outside the vocabulary of 1024"));
+    assert!(check(&[], params(1)).is_err());
 }

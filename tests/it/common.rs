@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use pagoda::engine::{Completion, Engine, EngineRequest, RequestId, SamplingParams};
+use pagoda::engine::{Completion, Engine, EngineRequest, MaxTokens, RequestId, SamplingParams};
 use pagoda::launch::{EngineOptions, load_engine};
 use serde_json::Value;
 
@@ -110,12 +110,13 @@ pub fn request(id: &str, prompt: Vec<u32>, params: SamplingParams) -> EngineRequ
 
 /// Greedy, EOS ignored, `max_tokens` tokens.
 pub fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { max_tokens: Some(max_tokens), ignore_eos: true, ..SamplingParams::greedy() }
+    SamplingParams { max_tokens: MaxTokens::Exact(max_tokens), ignore_eos: true, ..SamplingParams::greedy() }
 }
 
-/// Runs the requests together and returns completions in request-id order.
+/// Checks the requests, runs them together and returns completions in request-id order.
 pub fn run(engine: &mut Engine, requests: Vec<pagoda::engine::EngineRequest>) -> Vec<Completion> {
     for r in requests {
+        let r = r.validate(engine.limits()).unwrap();
         engine.add_request(r).unwrap();
     }
     engine.run_to_completion().unwrap()
