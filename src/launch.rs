@@ -105,14 +105,10 @@ pub enum LaunchError {
 /// What was loaded, for logs, `/v1/models` and `/version`.
 #[derive(Clone, Debug)]
 pub struct ModelInfo {
-    pub served_model_name: String,
     pub origin: String,
     pub architecture: Architecture,
-    pub stored_dtype: Option<DType>,
     pub max_model_len: usize,
     pub backend: &'static str,
-    pub kv_cache: KvCacheShape,
-    pub is_demo: bool,
     pub generation_defaults: GenerationDefaults,
 }
 
@@ -167,14 +163,10 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
     };
     let kv_cache = bound.executor.kv_cache_shape();
     let info = ModelInfo {
-        served_model_name: served_model_name(opts),
         origin: files.origin.clone(),
         architecture: config.architecture,
-        stored_dtype: config.dtype.or(files.weights.dominant_dtype()),
         max_model_len: bound.max_model_len,
         backend: bound.executor.backend_name(),
-        kv_cache,
-        is_demo: opts.model.is_none(),
         generation_defaults: config.generation_defaults.clone(),
     };
     let eos = config.eos_token_ids.clone();

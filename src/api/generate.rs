@@ -12,7 +12,9 @@ use serde_json::Value;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::openai::*;
-use super::{ApiError, AppState, InFlight, Loaded, ResponseBody, json_response, sse_response, unix_now, with_guard};
+use super::{
+    ApiError, AppState, InFlight, LoadedModel, ResponseBody, json_response, sse_response, unix_now, with_guard,
+};
 use crate::engine::{
     EngineRequest, FinishReason, MaxTokens, RequestId, RequestLimits, RequestOutput, SamplingParams, StopReason,
     TokenLogprobs,
@@ -39,7 +41,7 @@ enum Endpoint {
 /// value once).
 fn sampling_params(
     state: &AppState,
-    loaded: &Loaded,
+    loaded: &LoadedModel,
     endpoint: Endpoint,
     f: &SamplingFields,
     max_tokens: Option<u32>,
@@ -94,23 +96,23 @@ fn sampling_params(
 }
 
 /// A request's sequences running in the engine, their outputs arriving on one channel.
-struct Run {
+struct Submission {
     rx: UnboundedReceiver<RequestOutput>,
     prompt_of: HashMap<RequestId, usize>,
     n: usize,
     prompt_lens: Vec<usize>,
 }
 
-impl Run {
+impl Submission {
     /// Checks every prompt (once, by [`EngineRequest::validate`]) and the queue, then submits one
     /// engine request per prompt.
     fn start(
         state: &AppState,
-        loaded: &Loaded,
+        loaded: &LoadedModel,
         prompts: Vec<Vec<u32>>,
         params: SamplingParams,
-    ) -> Result<Run, ApiError> {
-        let limits = RequestLimits { vocab_size: loaded.vocab_size, max_model_len: loaded.info.max_model_len };
+    ) -> Result<Submission, ApiError> {
+        let limits = RequestLimits { vocab_size: loaded.vocab_size, max_model_len: loaded.model.max_model_len };
         let arrival = Instant::now();
         // Engine ids are ours alone: a client's x-request-id may repeat.
         let base = uuid::Uuid::new_v4().simple().to_string();
@@ -140,7 +142,7 @@ impl Run {
             prompt_of.insert(request.id().clone(), idx);
             loaded.engine.submit_to(request, tx.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
         }
-        Ok(Run { rx, prompt_of, n: params.n, prompt_lens })
+        Ok(Submission { rx, prompt_of, n: params.n, prompt_lens })
     }
 
     /// The next output and the choice index it belongs to (`prompt * n + sequence`).
@@ -168,7 +170,7 @@ fn step_failed(error: &str) -> ApiError {
 /// Drains a run for a non-streamed response: each output goes to `apply` with its choice index;
 /// returns the usage. Logs the finished request.
 async fn collect(
-    mut run: Run,
+    mut run: Submission,
     user: Option<&str>,
     mut apply: impl FnMut(usize, &RequestOutput),
 ) -> Result<Usage, ApiError> {
@@ -197,7 +199,7 @@ async fn collect(
 /// that goes away cancels the run at once (dropping it aborts its sequences), even while no chunk
 /// is due; a sequence the engine dropped ends the stream with an error event.
 async fn stream(
-    mut run: Run,
+    mut run: Submission,
     tx: tokio::sync::mpsc::Sender<Bytes>,
     opening: Vec<Bytes>,
     mut render: impl FnMut(usize, &RequestOutput) -> Option<Bytes>,
@@ -357,7 +359,7 @@ pub async fn completions(
         (Prompt::Texts(texts), true) => texts.clone(),
         (Prompt::Tokens(lists), true) => lists.iter().map(|ids| tok.decode(ids, false)).collect(),
     };
-    let run = Run::start(&state, loaded, prompts, params)?;
+    let run = Submission::start(&state, loaded, prompts, params)?;
     let guard = InFlight::new(&state);
     let id = format!("cmpl-{request_id}");
     let model = state.served_model_name.clone();
@@ -440,7 +442,7 @@ pub async fn completions(
 
 /// Renders chat messages with the model's template; returns the prompt text.
 fn render_chat(
-    loaded: &Loaded,
+    loaded: &LoadedModel,
     messages: &[ChatMessage],
     add_generation_prompt: bool,
     continue_final_message: bool,
@@ -504,7 +506,7 @@ pub async fn chat(
     )?;
     let tok = loaded.tokenizer.clone();
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad_request(e.message, Some("messages")))?;
-    let run = Run::start(&state, loaded, vec![prompt], params)?;
+    let run = Submission::start(&state, loaded, vec![prompt], params)?;
     let guard = InFlight::new(&state);
     let id = format!("chatcmpl-{request_id}");
     let model = state.served_model_name.clone();
@@ -600,7 +602,7 @@ pub fn tokenize(state: &AppState, req: TokenizeRequest) -> Result<Response<Respo
     let token_strs =
         req.return_token_strs.then(|| tokens.iter().map(|&t| tok.id_to_token(t).unwrap_or_default()).collect());
     let response =
-        TokenizeResponse { count: tokens.len(), max_model_len: loaded.info.max_model_len, tokens, token_strs };
+        TokenizeResponse { count: tokens.len(), max_model_len: loaded.model.max_model_len, tokens, token_strs };
     Ok(json_response(StatusCode::OK, &response))
 }
 

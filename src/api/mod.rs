@@ -29,9 +29,8 @@ use tracing::Instrument;
 
 pub use self::error::ApiError;
 use self::openai::{ModelCard, ModelList};
+use crate::engine::GenerationDefaults;
 use crate::engine::driver::{EngineHandle, EngineStatus};
-use crate::launch::ModelInfo;
-use crate::model::config::GenerationDefaults;
 use crate::telemetry::{CloudInfo, GIT_COMMIT, Telemetry, VERSION};
 use crate::tokenizer::Tokenizer;
 
@@ -57,23 +56,48 @@ pub struct ServerConfig {
     pub log_requests: bool,
 }
 
-const PHASE_LOADING: u8 = 0;
-const PHASE_READY: u8 = 1;
-const PHASE_DRAINING: u8 = 2;
+/// Where the server is in its life; kept in an atomic as its `u8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    Loading = 0,
+    Ready = 1,
+    Draining = 2,
+}
 
-/// What the server knows once the model has loaded.
-pub struct Loaded {
+impl Phase {
+    fn of(value: u8) -> Phase {
+        match value {
+            1 => Phase::Ready,
+            2 => Phase::Draining,
+            _ => Phase::Loading,
+        }
+    }
+}
+
+/// What the API shows of the model it serves.
+pub struct ServedModel {
+    /// Where it came from (the folder, file or URI), as `/v1/models` reports it (`root`).
+    pub origin: String,
+    pub max_model_len: usize,
+    /// The backend it runs on ("cpu", "cuda").
+    pub backend: &'static str,
+}
+
+/// What the server holds once the model has loaded.
+pub struct LoadedModel {
     pub engine: EngineHandle,
-    pub info: ModelInfo,
+    pub model: ServedModel,
     pub tokenizer: Arc<Tokenizer>,
     pub vocab_size: usize,
+    /// The model's sampling defaults (its `generation_config.json`).
     pub defaults: GenerationDefaults,
 }
 
 pub struct AppState {
     config: ServerConfig,
     phase: AtomicU8,
-    loaded: OnceLock<Loaded>,
+    loaded: OnceLock<LoadedModel>,
     telemetry: Arc<Telemetry>,
     served_model_name: String,
     cloud: CloudInfo,
@@ -91,7 +115,7 @@ impl AppState {
     ) -> AppState {
         AppState {
             config,
-            phase: AtomicU8::new(PHASE_LOADING),
+            phase: AtomicU8::new(Phase::Loading as u8),
             loaded: OnceLock::new(),
             telemetry,
             served_model_name,
@@ -102,18 +126,23 @@ impl AppState {
     }
 
     /// Marks the model loaded: the server starts taking requests.
-    pub fn set_loaded(&self, loaded: Loaded) {
+    pub fn set_loaded(&self, loaded: LoadedModel) {
         if self.loaded.set(loaded).is_ok() {
-            let _ = self.phase.compare_exchange(PHASE_LOADING, PHASE_READY, Ordering::SeqCst, Ordering::SeqCst);
+            let (loading, ready) = (Phase::Loading as u8, Phase::Ready as u8);
+            let _ = self.phase.compare_exchange(loading, ready, Ordering::SeqCst, Ordering::SeqCst);
         }
     }
 
     pub fn start_draining(&self) {
-        self.phase.store(PHASE_DRAINING, Ordering::SeqCst);
+        self.phase.store(Phase::Draining as u8, Ordering::SeqCst);
+    }
+
+    fn phase(&self) -> Phase {
+        Phase::of(self.phase.load(Ordering::SeqCst))
     }
 
     pub fn is_draining(&self) -> bool {
-        self.phase.load(Ordering::SeqCst) == PHASE_DRAINING
+        self.phase() == Phase::Draining
     }
 
     pub fn engine_status(&self) -> Option<&Arc<EngineStatus>> {
@@ -126,11 +155,11 @@ impl AppState {
     }
 
     /// The loaded model, or 503 while loading and draining.
-    fn ready(&self) -> Result<&Loaded, ApiError> {
-        match self.phase.load(Ordering::SeqCst) {
-            PHASE_READY => Ok(self.loaded.get().expect("ready implies loaded")),
-            PHASE_DRAINING => Err(ApiError::Unavailable("the server is shutting down".into())),
-            _ => Err(ApiError::Unavailable("the model is still loading".into())),
+    fn ready(&self) -> Result<&LoadedModel, ApiError> {
+        match self.phase() {
+            Phase::Ready => Ok(self.loaded.get().expect("ready implies loaded")),
+            Phase::Draining => Err(ApiError::Unavailable("the server is shutting down".into())),
+            Phase::Loading => Err(ApiError::Unavailable("the model is still loading".into())),
         }
     }
 
@@ -432,9 +461,9 @@ async fn dispatch(
                 object: "model",
                 created: state.created,
                 owned_by: "pagoda",
-                root: loaded.info.origin.clone(),
+                root: loaded.model.origin.clone(),
                 parent: None,
-                max_model_len: loaded.info.max_model_len,
+                max_model_len: loaded.model.max_model_len,
             };
             Ok(json_response(StatusCode::OK, &ModelList { object: "list", data: vec![card] }))
         }
@@ -459,10 +488,10 @@ fn health(state: &AppState) -> Response<ResponseBody> {
 }
 
 fn ready(state: &AppState) -> Response<ResponseBody> {
-    match state.phase.load(Ordering::SeqCst) {
-        PHASE_READY => json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})),
-        PHASE_DRAINING => json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "draining"})),
-        _ => json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "loading"})),
+    match state.phase() {
+        Phase::Ready => json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+        Phase::Draining => json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "draining"})),
+        Phase::Loading => json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "loading"})),
     }
 }
 
@@ -474,7 +503,7 @@ fn version(state: &AppState) -> Response<ResponseBody> {
             "version": VERSION,
             "git_commit": GIT_COMMIT,
             "model": state.served_model_name,
-            "backend": loaded.map(|l| l.info.backend),
+            "backend": loaded.map(|l| l.model.backend),
             "cloud": {"provider": state.cloud.provider, "instance_type": state.cloud.instance_type},
         }),
     )

@@ -88,6 +88,12 @@ impl KvCacheShape {
     }
 }
 
+/// The KV-cache slot of position `pos` of a sequence whose blocks are `block_table`: the one place
+/// the paging formula is written (`block_id * block_size + offset_in_block`).
+pub fn cache_slot(block_table: &[u32], pos: usize, block_size: usize) -> u32 {
+    block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32
+}
+
 /// One sequence's part of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeqLayout {

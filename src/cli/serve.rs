@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::sync::StoreArgs;
 use super::{EngineArgs, parse_bytes};
-use crate::api::{AppState, Loaded, ServerConfig, bind_address, serve};
+use crate::api::{AppState, LoadedModel, ServedModel, ServerConfig, bind_address, serve};
 use crate::engine::driver::EngineHandle;
 use crate::launch::{load_engine, served_model_name};
 use crate::storage::{self, ModelSource};
@@ -218,8 +218,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                         let info = loaded.info;
                         let (engine, _thread) =
                             EngineHandle::spawn(loaded.engine, Some(Box::new(telemetry.engine_metrics())));
-                        let defaults = info.generation_defaults.clone();
-                        state.set_loaded(Loaded { engine, info, tokenizer, vocab_size, defaults });
+                        let model = ServedModel {
+                            origin: info.origin,
+                            max_model_len: info.max_model_len,
+                            backend: info.backend,
+                        };
+                        let defaults = info.generation_defaults;
+                        state.set_loaded(LoadedModel { engine, model, tokenizer, vocab_size, defaults });
                         tracing::info!("ready");
                     }
                     Ok(Err(e)) => {

@@ -133,13 +133,13 @@ impl EngineHandle {
             .name("engine".into())
             .spawn(move || {
                 // If the loop panics, health checks must see it.
-                struct Dead(Arc<EngineStatus>);
-                impl Drop for Dead {
+                struct MarkDeadOnExit(Arc<EngineStatus>);
+                impl Drop for MarkDeadOnExit {
                     fn drop(&mut self) {
                         self.0.alive.store(false, Ordering::Relaxed);
                     }
                 }
-                let _dead = Dead(thread_status.clone());
+                let _mark = MarkDeadOnExit(thread_status.clone());
                 run(engine, rx, &thread_status, observer);
             })
             .expect("the engine thread starts");
@@ -185,7 +185,7 @@ impl EngineHandle {
     }
 }
 
-struct Live {
+struct InFlightRequest {
     outputs: UnboundedSender<RequestOutput>,
     num_unfinished_seqs: usize,
 }
@@ -196,7 +196,7 @@ fn run(
     status: &EngineStatus,
     mut observer: Option<Box<dyn EngineObserver>>,
 ) {
-    let mut live: HashMap<RequestId, Live> = HashMap::new();
+    let mut live: HashMap<RequestId, InFlightRequest> = HashMap::new();
     loop {
         status.beat();
         // Take every waiting command; block (briefly, to keep the heartbeat) only when idle.
@@ -218,7 +218,7 @@ fn run(
                     status.num_pending.fetch_sub(n, Ordering::Relaxed);
                     match engine.add_request(*request) {
                         Ok(()) => {
-                            live.insert(id, Live { outputs: tx, num_unfinished_seqs: n });
+                            live.insert(id, InFlightRequest { outputs: tx, num_unfinished_seqs: n });
                         }
                         Err(err) => {
                             // Only a request id already running is refused: a bug in the caller.
@@ -290,7 +290,11 @@ fn run(
 }
 
 /// Forgets a request and takes it out of the status count; hands back its entry.
-fn finish_request(status: &EngineStatus, live: &mut HashMap<RequestId, Live>, id: &RequestId) -> Option<Live> {
+fn finish_request(
+    status: &EngineStatus,
+    live: &mut HashMap<RequestId, InFlightRequest>,
+    id: &RequestId,
+) -> Option<InFlightRequest> {
     let l = live.remove(id)?;
     status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
     Some(l)

@@ -4,7 +4,7 @@
 //! each sequence's sampling state. A step asks the scheduler what to run, lays the tokens out as
 //! one batch, runs the model, samples a token for every sequence that reached the end of its known
 //! tokens, and checks stop conditions. It knows nothing of HTTP; one thread drives it and everyone
-//! else talks to that thread (see `server`).
+//! else talks to that thread through [`driver::EngineHandle`].
 
 pub mod driver;
 pub mod request;
@@ -26,9 +26,10 @@ pub use self::request::{
 use self::sampler::SamplingContext;
 use self::scheduler::{Scheduler, SchedulerConfig};
 use self::stop::StopStrings;
-use crate::backend::{BackendError, BatchLayout, SeqLayout};
 use crate::kv_cache::{KvCacheManager, PrefixCacheStats, SeqId};
 use crate::model::Executor;
+pub use crate::model::config::GenerationDefaults;
+use crate::model::{BackendError, BatchLayout, SeqLayout, cache_slot};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 /// Engine limits; the KV-cache geometry comes from the executor.
@@ -280,7 +281,7 @@ impl Engine {
             layout.token_ids.extend_from_slice(&self.scheduler.tokens(s.seq)[range.clone()]);
             for pos in range {
                 layout.positions.push(pos as u32);
-                layout.slot_mapping.push(block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+                layout.slot_mapping.push(cache_slot(&block_table, pos, block_size));
             }
             layout.seqs.push(SeqLayout {
                 query_start,

@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::RngCore;
 
 use super::request::{SamplingParams, TokenLogprobs};
-use crate::backend::{Draw, LogitEdit, RowSampling, SampledRow};
+use crate::model::{Draw, LogitEdit, RowSampling, SampledRow};
 
 /// Temperatures below this are greedy, as in vLLM.
 const GREEDY_TEMPERATURE: f32 = 1e-5;
@@ -84,7 +84,7 @@ mod tests {
     use rand_core::SeedableRng;
 
     use super::*;
-    use crate::backend::sampling::sample_row;
+    use crate::model::sample_row;
 
     /// The next token from `logits` (which it modifies) and, if asked, its logprobs, picked on the
     /// host as a backend picks it.

@@ -10,7 +10,11 @@ pub mod rope;
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Backend, BackendError, BatchLayout, KvCacheShape, NO_SLOT, RowSampling, SampledRow, SeqLayout};
+use crate::backend::{Backend, KvCacheShape, NO_SLOT};
+// The vocabulary of the `Executor` interface, defined by the backend that computes it: the engine
+// names these through `model` (its one way down), never `backend` directly.
+pub use crate::backend::sampling::sample_row;
+pub use crate::backend::{BackendError, BatchLayout, Draw, LogitEdit, RowSampling, SampledRow, SeqLayout, cache_slot};
 use crate::tokenizer::{Tokenizer, TokenizerError, TokenizerFiles};
 use crate::weights::{WeightStore, WeightsError};
 pub use config::{Architecture, ConfigError, ModelConfig};

@@ -7,7 +7,7 @@ use super::Row;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::cuda::device::{DeviceError, DeviceHandle};
 use crate::backend::sampling::argmax;
-use crate::backend::{AttentionParams, Backend, BatchLayout, KvCacheShape, SeqLayout};
+use crate::backend::{AttentionParams, Backend, BatchLayout, KvCacheShape, SeqLayout, cache_slot};
 use crate::model::{Executor, ModelConfig, ModelRunner, Weights};
 use crate::weights::DType;
 
@@ -127,7 +127,7 @@ pub fn decode_attention(
         let pos = context - 1;
         layout.token_ids.push(0);
         layout.positions.push(pos as u32);
-        layout.slot_mapping.push(table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+        layout.slot_mapping.push(cache_slot(&table, pos, block_size));
         layout.seqs.push(SeqLayout { query_start: s, query_len: 1, context_len: context, block_table: table });
     }
     let batch_meta = backend.prepare_batch(&layout).map_err(device_error)?;
@@ -203,7 +203,7 @@ pub fn decode_throughput(
     for &batch in &plan.decode_batches {
         let table =
             |s: usize| -> Vec<u32> { (s * blocks_per_seq..(s + 1) * blocks_per_seq).map(|b| b as u32).collect() };
-        let slot = |s: usize, p: usize| table(s)[p / block_size] * block_size as u32 + (p % block_size) as u32;
+        let slot = |s: usize, p: usize| cache_slot(&table(s), p, block_size);
         let step = |runner: &mut ModelRunner<CudaBackend>, start: usize, len: usize, tokens: &[u32]| {
             let mut layout = BatchLayout::default();
             for (s, &token) in tokens.iter().enumerate().take(batch) {

@@ -11,7 +11,7 @@ use super::Row;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::cuda::device::DeviceHandle;
 use crate::backend::sampling::argmax;
-use crate::backend::{Backend, BatchLayout, KvCacheShape, SeqLayout};
+use crate::backend::{Backend, BatchLayout, KvCacheShape, SeqLayout, cache_slot};
 use crate::engine::{EngineRequest, MaxTokens, RequestId, SamplingParams};
 use crate::launch::{DeviceKind, EngineOptions, load_engine};
 use crate::model::{Executor, ModelFiles, ModelRunner};
@@ -74,7 +74,7 @@ pub fn chunked_logits<B: Backend>(
     let mut all = Vec::new();
     for start in (0..tokens.len()).step_by(chunk) {
         let end = (start + chunk).min(tokens.len());
-        let slot = |p: usize| block_table[p / block_size] * block_size as u32 + (p % block_size) as u32;
+        let slot = |p: usize| cache_slot(&block_table, p, block_size);
         let layout = BatchLayout {
             token_ids: tokens[start..end].to_vec(),
             positions: (start as u32..end as u32).collect(),

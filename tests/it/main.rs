@@ -15,3 +15,4 @@ mod operations;
 mod reference;
 mod server;
 mod sync;
+mod tidy;
