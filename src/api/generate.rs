@@ -43,13 +43,13 @@ fn sampling_params(
     state: &AppState,
     loaded: &LoadedModel,
     endpoint: Endpoint,
-    f: &SamplingFields,
+    fields: &SamplingFields,
     max_tokens: Option<u32>,
     logprobs: Option<u32>,
 ) -> Result<SamplingParams, ApiError> {
-    let d = if state.config.use_generation_config { loaded.defaults.clone() } else { Default::default() };
-    let top_k = match f.top_k {
-        None => d.top_k.unwrap_or(0),
+    let model = if state.config.use_generation_config { loaded.defaults.clone() } else { Default::default() };
+    let top_k = match fields.top_k {
+        None => model.top_k.unwrap_or(0),
         Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
         Some(k) => {
@@ -60,13 +60,13 @@ fn sampling_params(
         }
     };
     let mut logit_bias = Vec::new();
-    for (token, bias) in f.logit_bias.iter().flatten() {
+    for (token, bias) in fields.logit_bias.iter().flatten() {
         let id = token.parse::<u32>().map_err(|_| {
             ApiError::bad_request(format!("logit_bias keys must be token ids, got '{token}'"), Some("logit_bias"))
         })?;
         logit_bias.push((id, *bias));
     }
-    let max_tokens = match (max_tokens, endpoint, d.max_new_tokens) {
+    let max_tokens = match (max_tokens, endpoint, model.max_new_tokens) {
         (Some(m), _, _) => MaxTokens::Exact(m as usize),
         // OpenAI's default for completions, whatever the generation config says (as vLLM).
         (None, Endpoint::Completions, _) => MaxTokens::UpTo(DEFAULT_COMPLETION_MAX_TOKENS),
@@ -74,24 +74,24 @@ fn sampling_params(
         (None, Endpoint::Chat, None) => MaxTokens::Unlimited,
     };
     Ok(SamplingParams {
-        n: f.n.unwrap_or(1) as usize,
-        temperature: f.temperature.or(d.temperature).unwrap_or(1.0),
-        top_p: f.top_p.or(d.top_p).unwrap_or(1.0),
+        n: fields.n.unwrap_or(1) as usize,
+        temperature: fields.temperature.or(model.temperature).unwrap_or(1.0),
+        top_p: fields.top_p.or(model.top_p).unwrap_or(1.0),
         top_k,
-        min_p: f.min_p.or(d.min_p).unwrap_or(0.0),
-        presence_penalty: f.presence_penalty.unwrap_or(0.0),
-        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
-        repetition_penalty: f.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0),
+        min_p: fields.min_p.or(model.min_p).unwrap_or(0.0),
+        presence_penalty: fields.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: fields.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: fields.repetition_penalty.or(model.repetition_penalty).unwrap_or(1.0),
         logit_bias,
-        seed: f.seed.map(|s| s as u64),
+        seed: fields.seed.map(|s| s as u64),
         max_tokens,
-        min_tokens: f.min_tokens.unwrap_or(0) as usize,
-        ignore_eos: f.ignore_eos.unwrap_or(false),
-        stop: f.stop.0.clone(),
-        stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
-        include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+        min_tokens: fields.min_tokens.unwrap_or(0) as usize,
+        ignore_eos: fields.ignore_eos.unwrap_or(false),
+        stop: fields.stop.0.clone(),
+        stop_token_ids: fields.stop_token_ids.clone().unwrap_or_default(),
+        include_stop_str_in_output: fields.include_stop_str_in_output.unwrap_or(false),
         logprobs: logprobs.map(|k| k as usize),
-        skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+        skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
     })
 }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body, Frame, Incoming};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
@@ -192,51 +192,17 @@ impl Drop for InFlight {
 
 pub type ResponseBody = BoxBody<Bytes, Infallible>;
 
-/// A body that counts its request as in flight until hyper has taken its last byte (and drops
-/// it), so a drain waits for responses still being written.
-struct GuardedBody {
-    inner: ResponseBody,
-    _guard: InFlight,
-}
-
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Ties `guard` to the response's body.
+/// Ties `guard` to the response's body: the request counts as in flight until hyper has taken the
+/// body's last byte and dropped it, so a drain waits for responses still being written.
 fn with_guard(response: Response<ResponseBody>, guard: InFlight) -> Response<ResponseBody> {
-    response.map(|inner| GuardedBody { inner, _guard: guard }.boxed())
-}
-
-/// A response body fed chunk by chunk from a channel (server-sent events).
-struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
-    }
+    response.map(|inner| {
+        inner
+            .map_frame(move |frame| {
+                let _held_until_the_body_is_dropped = &guard;
+                frame
+            })
+            .boxed()
+    })
 }
 
 fn unix_now() -> u64 {
@@ -274,7 +240,11 @@ fn error_response(err: &ApiError) -> Response<ResponseBody> {
 }
 
 fn sse_response(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<ResponseBody> {
-    let mut response = Response::new(ChannelBody(rx).boxed());
+    // A body fed chunk by chunk from the channel (server-sent events).
+    let chunks = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    });
+    let mut response = Response::new(http_body_util::StreamBody::new(chunks).boxed());
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use super::EngineArgs;
-use crate::engine::{Completion, EngineRequest, MaxTokens, RequestId, SamplingParams};
+use crate::engine::{EngineRequest, MaxTokens, RequestId, RequestOutput, SamplingParams};
 use crate::launch::load_engine;
 
 #[derive(Debug, Args)]
@@ -126,8 +126,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let stream = args.output == OutputFormat::Text && args.prompt.len() == 1 && args.n == 1;
     let mut stdout = std::io::stdout().lock();
-    let mut done: Vec<Completion> = Vec::new();
-    let mut partial: std::collections::HashMap<(RequestId, usize), Completion> = Default::default();
+    let mut done: Vec<RequestOutput> = Vec::new();
+    let mut partial: std::collections::HashMap<(RequestId, usize), RequestOutput> = Default::default();
     while engine.has_unfinished() {
         for out in engine.step()? {
             if stream {
@@ -136,7 +136,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             }
             let key = (out.request_id.clone(), out.index);
             let finished = out.finished();
-            partial.entry(key.clone()).or_default().absorb(out);
+            RequestOutput::gather(&mut partial, out);
             if finished {
                 done.extend(partial.remove(&key));
             }

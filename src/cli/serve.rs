@@ -13,7 +13,7 @@ use super::sync::StoreArgs;
 use super::{EngineArgs, parse_bytes};
 use crate::api::{AppState, LoadedModel, ServedModel, ServerConfig, bind_address, serve};
 use crate::engine::driver::EngineHandle;
-use crate::launch::{load_engine, served_model_name};
+use crate::launch::{EngineOptions, load_engine, served_model_name};
 use crate::storage::{self, ModelSource};
 use crate::telemetry::{Telemetry, cloud};
 
@@ -124,42 +124,13 @@ fn api_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut opts = args.engine.to_options();
-    // A URI or a Hub id is fetched (in the background, like loading) and served under its own name.
-    let source = match opts.model.as_ref() {
-        Some(model) => {
-            let model = model.to_str().context("--model is not valid UTF-8")?;
-            Some(ModelSource::parse(model, args.store.revision.as_deref())?)
-        }
-        None => {
-            anyhow::ensure!(args.store.revision.is_none(), "--revision needs a Hugging Face Hub --model");
-            None
-        }
+    let remote = remote_source(&args, &mut opts)?;
+    let fetch = Fetch {
+        sync_opts: args.store.to_options()?,
+        hub_opts: args.store.hub_options(args.download_dir.as_deref()),
+        download_dir: args.download_dir.clone().unwrap_or_else(storage::default_download_dir),
     };
-    let remote = match source {
-        Some(ModelSource::Local(_)) | None => None,
-        Some(remote) => {
-            let name = opts.model.as_ref().map(|m| m.display().to_string()).unwrap_or_default();
-            opts.served_model_name.get_or_insert(name);
-            Some(remote)
-        }
-    };
-    let sync_opts = args.store.to_options()?;
-    let hub_opts = args.store.hub_options(args.download_dir.as_deref());
-    let download_dir = args.download_dir.clone().unwrap_or_else(storage::default_download_dir);
-    let config = ServerConfig {
-        host: args.host.clone(),
-        port: args.port,
-        api_keys: api_keys(&args)?,
-        max_queue: args.max_queue as usize,
-        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
-        allowed_origins: args.allowed_origins.clone().map(|l| l.0).unwrap_or_default(),
-        allowed_methods: args.allowed_methods.0.clone(),
-        allowed_headers: args.allowed_headers.0.clone(),
-        max_request_body_bytes: args.max_request_body_bytes,
-        engine_stall_timeout: Duration::from_secs(args.engine_stall_timeout),
-        use_generation_config: args.generation_config == GenerationConfig::Auto,
-        log_requests: !args.disable_log_requests,
-    };
+    let config = server_config(&args)?;
     let addr = bind_address(&config).map_err(anyhow::Error::msg)?;
     let cloud = cloud::detect(&args.dmi_dir);
     let served = served_model_name(&opts);
@@ -170,72 +141,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         tracing::info!(address = %local, model = %served, "listening on http://{local}");
         let state = Arc::new(AppState::new(config, telemetry.clone(), served, cloud));
-
-        // Signals: the first drains, the second aborts what is left.
-        let (signals_tx, signals) = tokio::sync::watch::channel(0u32);
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::spawn(async move {
-            loop {
-                let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
-                tracing::info!(signal = name, "shutdown requested");
-                signals_tx.send_modify(|n| *n += 1);
-            }
-        });
-
+        let signals = watch_signals()?;
         // Load in the background; a failure ends the server with the error.
         let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
         {
-            let state = state.clone();
-            let load_error = load_error.clone();
+            let (state, load_error) = (state.clone(), load_error.clone());
             tokio::spawn(async move {
-                let mut opts = opts;
-                if let Some(remote) = remote {
-                    let fetched = match &remote {
-                        ModelSource::Store(uri) => storage::ensure_local(uri, &download_dir, &sync_opts).await,
-                        ModelSource::Hub(model) => {
-                            storage::hub::ensure(model, &hub_opts, &sync_opts).await.map(|snapshot| snapshot.dir)
-                        }
-                        ModelSource::Local(dir) => Ok(dir.clone()),
-                    };
-                    match fetched {
-                        Ok(dir) => opts.model = Some(dir),
-                        Err(e) => {
-                            let what = opts.served_model_name.clone().unwrap_or_default();
-                            *load_error.lock().expect("not poisoned") =
-                                Some(anyhow::Error::new(e).context(format!("syncing {what}")));
-                            let _ = failed_tx.send(());
-                            return;
-                        }
-                    }
-                }
-                let loaded = tokio::task::spawn_blocking(move || load_engine(&opts)).await;
-                match loaded {
-                    Ok(Ok(loaded)) => {
-                        let tokenizer = loaded.engine.tokenizer().clone();
-                        let vocab_size = loaded.engine.vocab_size();
-                        let info = loaded.info;
-                        let (engine, _thread) =
-                            EngineHandle::spawn(loaded.engine, Some(Box::new(telemetry.engine_metrics())));
-                        let model = ServedModel {
-                            origin: info.origin,
-                            max_model_len: info.max_model_len,
-                            backend: info.backend,
-                        };
-                        let defaults = info.generation_defaults;
-                        state.set_loaded(LoadedModel { engine, model, tokenizer, vocab_size, defaults });
-                        tracing::info!("ready");
-                    }
-                    Ok(Err(e)) => {
-                        *load_error.lock().expect("not poisoned") = Some(e.into());
-                        let _ = failed_tx.send(());
-                    }
-                    Err(e) => {
-                        *load_error.lock().expect("not poisoned") =
-                            Some(anyhow::anyhow!("model loading panicked: {e}"));
-                        let _ = failed_tx.send(());
-                    }
+                if let Err(e) = load_in_background(state, telemetry, opts, remote, fetch).await {
+                    *load_error.lock().expect("not poisoned") = Some(e);
+                    let _ = failed_tx.send(());
                 }
             });
         }
@@ -264,4 +179,94 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The loader may still be running if a signal came during loading; do not wait for it.
     runtime.shutdown_background();
     result
+}
+
+/// Where `--model` points when it is not on this machine (a store URI or a Hub id), which then
+/// also names the model unless `--served-model-name` does.
+fn remote_source(args: &ServeArgs, opts: &mut EngineOptions) -> anyhow::Result<Option<ModelSource>> {
+    let Some(model) = opts.model.as_ref() else {
+        anyhow::ensure!(args.store.revision.is_none(), "--revision needs a Hugging Face Hub --model");
+        return Ok(None);
+    };
+    let model = model.to_str().context("--model is not valid UTF-8")?.to_string();
+    match ModelSource::parse(&model, args.store.revision.as_deref())? {
+        ModelSource::Local(_) => Ok(None),
+        remote => {
+            opts.served_model_name.get_or_insert(model);
+            Ok(Some(remote))
+        }
+    }
+}
+
+fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
+    Ok(ServerConfig {
+        host: args.host.clone(),
+        port: args.port,
+        api_keys: api_keys(args)?,
+        max_queue: args.max_queue as usize,
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        allowed_origins: args.allowed_origins.clone().map(|l| l.0).unwrap_or_default(),
+        allowed_methods: args.allowed_methods.0.clone(),
+        allowed_headers: args.allowed_headers.0.clone(),
+        max_request_body_bytes: args.max_request_body_bytes,
+        engine_stall_timeout: Duration::from_secs(args.engine_stall_timeout),
+        use_generation_config: args.generation_config == GenerationConfig::Auto,
+        log_requests: !args.disable_log_requests,
+    })
+}
+
+/// Counts SIGTERM and SIGINT: the first drains, the second aborts what is left.
+fn watch_signals() -> anyhow::Result<tokio::sync::watch::Receiver<u32>> {
+    let (signals_tx, signals) = tokio::sync::watch::channel(0u32);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+            tracing::info!(signal = name, "shutdown requested");
+            signals_tx.send_modify(|n| *n += 1);
+        }
+    });
+    Ok(signals)
+}
+
+/// How a remote model is fetched before loading.
+struct Fetch {
+    sync_opts: storage::SyncOptions,
+    hub_opts: storage::hub::HubOptions,
+    download_dir: PathBuf,
+}
+
+/// Fetches the model if it is remote, loads it, starts the engine thread and marks the server
+/// ready.
+async fn load_in_background(
+    state: Arc<AppState>,
+    telemetry: Arc<Telemetry>,
+    mut opts: EngineOptions,
+    remote: Option<ModelSource>,
+    fetch: Fetch,
+) -> anyhow::Result<()> {
+    if let Some(remote) = remote {
+        let fetched = match &remote {
+            ModelSource::Store(uri) => storage::ensure_local(uri, &fetch.download_dir, &fetch.sync_opts).await,
+            ModelSource::Hub(model) => {
+                storage::hub::ensure(model, &fetch.hub_opts, &fetch.sync_opts).await.map(|snapshot| snapshot.dir)
+            }
+            ModelSource::Local(dir) => Ok(dir.clone()),
+        };
+        let what = opts.served_model_name.clone().unwrap_or_default();
+        opts.model = Some(fetched.with_context(|| format!("syncing {what}"))?);
+    }
+    let loaded = tokio::task::spawn_blocking(move || load_engine(&opts))
+        .await
+        .map_err(|e| anyhow::anyhow!("model loading panicked: {e}"))??;
+    let tokenizer = loaded.engine.tokenizer().clone();
+    let vocab_size = loaded.engine.vocab_size();
+    let info = loaded.info;
+    let (engine, _thread) = EngineHandle::spawn(loaded.engine, Some(Box::new(telemetry.engine_metrics())));
+    let model = ServedModel { origin: info.origin, max_model_len: info.max_model_len, backend: info.backend };
+    let defaults = info.generation_defaults;
+    state.set_loaded(LoadedModel { engine, model, tokenizer, vocab_size, defaults });
+    tracing::info!("ready");
+    Ok(())
 }

@@ -213,20 +213,7 @@ fn run(
         let mut outputs = Vec::new();
         while let Some(command) = next.take() {
             match command {
-                Command::Add { request, outputs: tx } => {
-                    let (id, n) = (request.id().clone(), request.params().n);
-                    status.num_pending.fetch_sub(n, Ordering::Relaxed);
-                    match engine.add_request(*request) {
-                        Ok(()) => {
-                            live.insert(id, InFlightRequest { outputs: tx, num_unfinished_seqs: n });
-                        }
-                        Err(err) => {
-                            // Only a request id already running is refused: a bug in the caller.
-                            tracing::error!(request_id = %id, %err, "engine refused a request");
-                            status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
-                        }
-                    }
-                }
+                Command::Add { request, outputs: tx } => add(&mut engine, status, &mut live, *request, tx),
                 Command::Abort(id) => {
                     outputs.extend(engine.abort_request(&id));
                     finish_request(status, &mut live, &id);
@@ -246,13 +233,7 @@ fn run(
         }
 
         // Requests whose client has gone are cancelled before they cost another step.
-        let gone: Vec<RequestId> =
-            live.iter().filter(|(_, l)| l.outputs.is_closed()).map(|(id, _)| id.clone()).collect();
-        for id in gone {
-            tracing::debug!(request_id = %id, "client gone: request aborted");
-            outputs.extend(engine.abort_request(&id));
-            finish_request(status, &mut live, &id);
-        }
+        outputs.extend(abort_abandoned(&mut engine, status, &mut live));
 
         if engine.has_unfinished() {
             match engine.step() {
@@ -269,22 +250,65 @@ fn run(
         if let Some(observer) = observer.as_mut() {
             observer.on_step(&stats, &outputs);
         }
-        for out in outputs {
-            let id = out.request_id.clone();
-            let Some(l) = live.get_mut(&id) else { continue };
-            if out.finished() {
-                l.num_unfinished_seqs -= 1;
+        deliver(outputs, status, &mut live);
+    }
+}
+
+/// Queues a checked request and starts tracking where its outputs go.
+fn add(
+    engine: &mut Engine,
+    status: &EngineStatus,
+    live: &mut HashMap<RequestId, InFlightRequest>,
+    request: ValidRequest,
+    outputs: UnboundedSender<RequestOutput>,
+) {
+    let (id, n) = (request.id().clone(), request.params().n);
+    status.num_pending.fetch_sub(n, Ordering::Relaxed);
+    match engine.add_request(request) {
+        Ok(()) => {
+            live.insert(id, InFlightRequest { outputs, num_unfinished_seqs: n });
+        }
+        Err(err) => {
+            // Only a request id already running is refused: a bug in the caller.
+            tracing::error!(request_id = %id, %err, "engine refused a request");
+            status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Aborts the requests whose receiver is gone (the client left); returns their final outputs.
+fn abort_abandoned(
+    engine: &mut Engine,
+    status: &EngineStatus,
+    live: &mut HashMap<RequestId, InFlightRequest>,
+) -> Vec<RequestOutput> {
+    let gone: Vec<RequestId> = live.iter().filter(|(_, l)| l.outputs.is_closed()).map(|(id, _)| id.clone()).collect();
+    let mut outputs = Vec::new();
+    for id in gone {
+        tracing::debug!(request_id = %id, "client gone: request aborted");
+        outputs.extend(engine.abort_request(&id));
+        finish_request(status, live, &id);
+    }
+    outputs
+}
+
+/// Sends each output to its request's receiver.
+fn deliver(outputs: Vec<RequestOutput>, status: &EngineStatus, live: &mut HashMap<RequestId, InFlightRequest>) {
+    for out in outputs {
+        let id = out.request_id.clone();
+        let Some(request) = live.get_mut(&id) else { continue };
+        if out.finished() {
+            request.num_unfinished_seqs -= 1;
+        }
+        // A request's last output leaves the status count before it is sent, so whoever receives
+        // it never sees the request still counted. A closed receiver is noticed at the top of the
+        // next turn.
+        if request.num_unfinished_seqs == 0 {
+            if let Some(request) = finish_request(status, live, &id) {
+                let _ = request.outputs.send(out);
             }
-            // A request's last output leaves the status count before it is sent, so whoever
-            // receives it never sees the request still counted. A closed receiver is noticed at the
-            // top of the next turn.
-            if l.num_unfinished_seqs == 0 {
-                if let Some(l) = finish_request(status, &mut live, &id) {
-                    let _ = l.outputs.send(out);
-                }
-            } else {
-                let _ = l.outputs.send(out);
-            }
+        } else {
+            let _ = request.outputs.send(out);
         }
     }
 }

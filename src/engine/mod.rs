@@ -398,14 +398,14 @@ impl Engine {
 
     /// Steps until every queued request has finished, gathering each sequence's whole output.
     /// For tools and tests; the server streams step outputs instead.
-    pub fn run_to_completion(&mut self) -> Result<Vec<Completion>, EngineError> {
-        let mut done: HashMap<(RequestId, usize), Completion> = HashMap::new();
+    pub fn run_to_completion(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        let mut done: HashMap<(RequestId, usize), RequestOutput> = HashMap::new();
         while self.has_unfinished() {
             for out in self.step()? {
-                done.entry((out.request_id.clone(), out.index)).or_default().absorb(out);
+                RequestOutput::gather(&mut done, out);
             }
         }
-        let mut list: Vec<Completion> = done.into_values().collect();
+        let mut list: Vec<RequestOutput> = done.into_values().collect();
         list.sort_by(|a, b| (&a.request_id, a.index).cmp(&(&b.request_id, b.index)));
         Ok(list)
     }
@@ -415,34 +415,4 @@ impl Engine {
 fn stop_tokens<'a>(params: &'a SamplingParams, eos: &'a [u32]) -> impl Iterator<Item = u32> + 'a {
     let eos: &[u32] = if params.ignore_eos { &[] } else { eos };
     eos.iter().chain(&params.stop_token_ids).copied()
-}
-
-/// A sequence's whole output, gathered from its step outputs.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Completion {
-    pub request_id: RequestId,
-    pub index: usize,
-    pub token_ids: Vec<u32>,
-    pub text: String,
-    pub logprobs: Vec<TokenLogprobs>,
-    pub finish_reason: Option<FinishReason>,
-    pub stop_reason: Option<StopReason>,
-    pub num_prompt_tokens: usize,
-    pub num_cached_tokens: usize,
-}
-
-impl Completion {
-    pub fn absorb(&mut self, out: RequestOutput) {
-        self.request_id = out.request_id;
-        self.index = out.index;
-        self.token_ids.extend(out.token_ids);
-        self.text.push_str(&out.text);
-        self.logprobs.extend(out.logprobs);
-        self.num_prompt_tokens = out.num_prompt_tokens;
-        self.num_cached_tokens = out.num_cached_tokens;
-        if out.finish_reason.is_some() {
-            self.finish_reason = out.finish_reason;
-            self.stop_reason = out.stop_reason;
-        }
-    }
 }

@@ -369,6 +369,36 @@ pub struct RequestOutput {
 }
 
 impl RequestOutput {
+    /// Adds a later step's output of the same sequence: the tokens, text and logprobs so far,
+    /// and the latest counts and finish.
+    pub fn append(&mut self, later: RequestOutput) {
+        self.token_ids.extend(later.token_ids);
+        self.text.push_str(&later.text);
+        self.logprobs.extend(later.logprobs);
+        self.num_prompt_tokens = later.num_prompt_tokens;
+        self.num_output_tokens = later.num_output_tokens;
+        self.num_cached_tokens = later.num_cached_tokens;
+        self.timings = later.timings;
+        if later.finish_reason.is_some() {
+            self.finish_reason = later.finish_reason;
+            self.stop_reason = later.stop_reason;
+        }
+        if later.error.is_some() {
+            self.error = later.error;
+        }
+    }
+
+    /// Files `out` under its sequence in `outputs`, appended to what that sequence produced
+    /// before: a whole sequence's output gathered from its steps.
+    pub fn gather(outputs: &mut std::collections::HashMap<(RequestId, usize), RequestOutput>, out: RequestOutput) {
+        match outputs.entry((out.request_id.clone(), out.index)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().append(out),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(out);
+            }
+        }
+    }
+
     pub fn finished(&self) -> bool {
         self.finish_reason.is_some()
     }

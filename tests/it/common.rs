@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use pagoda::engine::{Completion, Engine, EngineRequest, MaxTokens, RequestId, SamplingParams};
+use pagoda::engine::{Engine, EngineRequest, MaxTokens, RequestId, RequestOutput, SamplingParams};
 use pagoda::launch::{EngineOptions, load_engine};
 use serde_json::Value;
 
@@ -114,7 +114,7 @@ pub fn greedy(max_tokens: usize) -> SamplingParams {
 }
 
 /// Checks the requests, runs them together and returns completions in request-id order.
-pub fn run(engine: &mut Engine, requests: Vec<pagoda::engine::EngineRequest>) -> Vec<Completion> {
+pub fn run(engine: &mut Engine, requests: Vec<pagoda::engine::EngineRequest>) -> Vec<RequestOutput> {
     for r in requests {
         let r = r.validate(engine.limits()).unwrap();
         engine.add_request(r).unwrap();

@@ -105,7 +105,7 @@ pub fn tiny_llama_server(extra: &[&str]) -> Server {
 }
 
 /// Our engine's greedy continuation of `prompt` (checked against transformers elsewhere).
-fn engine_greedy(prompt: &[u32], max_tokens: usize) -> pagoda::engine::Completion {
+fn engine_greedy(prompt: &[u32], max_tokens: usize) -> pagoda::engine::RequestOutput {
     let mut engine = engine("tiny-llama", |_| {});
     run(&mut engine, vec![request_for(prompt, max_tokens)]).remove(0)
 }
