@@ -361,59 +361,88 @@ pub async fn completions(
     };
     let run = Submission::start(&state, loaded, prompts, params)?;
     let guard = InFlight::new(&state);
-    let id = format!("cmpl-{request_id}");
-    let model = state.served_model_name.clone();
-    let created = unix_now();
-    let want_logprobs = req.logprobs.is_some();
-    let n = run.n;
-
+    let meta =
+        ResponseMeta { id: format!("cmpl-{request_id}"), model: state.served_model_name.clone(), created: unix_now() };
     if req.stream {
-        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        let mut offsets = vec![0usize; run.num_choices()];
-        let mut started_choice = vec![false; run.num_choices()];
-        let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
-            id: id.clone(),
-            object: "text_completion",
-            created,
-            model: model.clone(),
-            choices,
-            usage,
-        };
-        let usage_chunk = {
-            let chunk = chunk.clone();
-            move |usage| include_usage.then(|| sse_event(&chunk(vec![], Some(usage))))
-        };
-        let render = move |idx: usize, out: &RequestOutput| {
-            let mut text = String::new();
-            if !started_choice[idx] {
-                started_choice[idx] = true;
-                text.push_str(&echo_texts[idx / n]);
-                offsets[idx] = text.chars().count();
-            }
-            text.push_str(&out.text);
-            if text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
-                return None;
-            }
-            let logprobs = want_logprobs.then(|| {
-                let mut lp = CompletionLogprobs::default();
-                extend_completion_logprobs(&tok, &mut lp, &out.logprobs, &mut offsets[idx]);
-                lp
-            });
-            let choice = CompletionChoice {
-                index: idx,
-                text,
-                logprobs,
-                finish_reason: finish_reason(out),
-                stop_reason: stop_reason(out),
-            };
-            Some(sse_event(&chunk(vec![choice], None)))
-        };
-        let user = req.sampling.user.clone();
-        tokio::spawn(stream(run, tx, Vec::new(), render, usage_chunk, user).instrument(tracing::Span::current()));
-        return Ok(with_guard(sse_response(rx), guard));
+        return Ok(with_guard(stream_completion(run, meta, &req, tok, echo_texts), guard));
     }
+    let response = collect_completion(run, meta, &req, tok, echo_texts).await?;
+    Ok(with_guard(json_response(StatusCode::OK, &response), guard))
+}
 
+/// What every response and chunk of one request repeats.
+struct ResponseMeta {
+    id: String,
+    model: String,
+    created: u64,
+}
+
+/// A completion answered as server-sent events.
+fn stream_completion(
+    run: Submission,
+    meta: ResponseMeta,
+    req: &CompletionRequest,
+    tok: Arc<Tokenizer>,
+    echo_texts: Vec<String>,
+) -> Response<ResponseBody> {
+    let ResponseMeta { id, model, created } = meta;
+    let (want_logprobs, n) = (req.logprobs.is_some(), run.n);
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+    let mut offsets = vec![0usize; run.num_choices()];
+    let mut started_choice = vec![false; run.num_choices()];
+    let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
+        id: id.clone(),
+        object: "text_completion",
+        created,
+        model: model.clone(),
+        choices,
+        usage,
+    };
+    let usage_chunk = {
+        let chunk = chunk.clone();
+        move |usage| include_usage.then(|| sse_event(&chunk(vec![], Some(usage))))
+    };
+    let render = move |idx: usize, out: &RequestOutput| {
+        let mut text = String::new();
+        if !started_choice[idx] {
+            started_choice[idx] = true;
+            text.push_str(&echo_texts[idx / n]);
+            offsets[idx] = text.chars().count();
+        }
+        text.push_str(&out.text);
+        if text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
+            return None;
+        }
+        let logprobs = want_logprobs.then(|| {
+            let mut lp = CompletionLogprobs::default();
+            extend_completion_logprobs(&tok, &mut lp, &out.logprobs, &mut offsets[idx]);
+            lp
+        });
+        let choice = CompletionChoice {
+            index: idx,
+            text,
+            logprobs,
+            finish_reason: finish_reason(out),
+            stop_reason: stop_reason(out),
+        };
+        Some(sse_event(&chunk(vec![choice], None)))
+    };
+    let user = req.sampling.user.clone();
+    tokio::spawn(stream(run, tx, Vec::new(), render, usage_chunk, user).instrument(tracing::Span::current()));
+    sse_response(rx)
+}
+
+/// A completion answered in one JSON body once every choice has finished.
+async fn collect_completion(
+    run: Submission,
+    meta: ResponseMeta,
+    req: &CompletionRequest,
+    tok: Arc<Tokenizer>,
+    echo_texts: Vec<String>,
+) -> Result<CompletionResponse, ApiError> {
+    let ResponseMeta { id, model, created } = meta;
+    let (want_logprobs, n) = (req.logprobs.is_some(), run.n);
     let mut choices: Vec<CompletionChoice> = (0..run.num_choices())
         .map(|idx| CompletionChoice {
             index: idx,
@@ -436,8 +465,7 @@ pub async fn completions(
         }
     })
     .await?;
-    let response = CompletionResponse { id, object: "text_completion", created, model, choices, usage: Some(usage) };
-    Ok(with_guard(json_response(StatusCode::OK, &response), guard))
+    Ok(CompletionResponse { id, object: "text_completion", created, model, choices, usage: Some(usage) })
 }
 
 /// Renders chat messages with the model's template; returns the prompt text.
@@ -508,52 +536,77 @@ pub async fn chat(
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad_request(e.message, Some("messages")))?;
     let run = Submission::start(&state, loaded, vec![prompt], params)?;
     let guard = InFlight::new(&state);
-    let id = format!("chatcmpl-{request_id}");
-    let model = state.served_model_name.clone();
-    let created = unix_now();
-
+    let meta = ResponseMeta {
+        id: format!("chatcmpl-{request_id}"),
+        model: state.served_model_name.clone(),
+        created: unix_now(),
+    };
     if req.stream {
-        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>| ChatChunk {
-            id: id.clone(),
-            object: "chat.completion.chunk",
-            created,
-            model: model.clone(),
-            choices,
-            usage,
-        };
-        // Every choice opens with the assistant role.
-        let usage_field = move |u: Option<Usage>| include_usage.then_some(u);
-        let opening = (0..run.num_choices())
-            .map(|index| {
-                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
-                let first = ChatChunkChoice { index, delta, logprobs: None, finish_reason: None, stop_reason: None };
-                sse_event(&chunk(vec![first], usage_field(None)))
-            })
-            .collect();
-        let usage_chunk = {
-            let chunk = chunk.clone();
-            move |usage| include_usage.then(|| sse_event(&chunk(vec![], Some(Some(usage)))))
-        };
-        let render = move |index: usize, out: &RequestOutput| {
-            if out.text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
-                return None;
-            }
-            let choice = ChatChunkChoice {
-                index,
-                delta: ChatDelta { role: None, content: Some(out.text.clone()) },
-                logprobs: logprobs.map(|_| chat_logprobs(&tok, &out.logprobs)),
-                finish_reason: finish_reason(out),
-                stop_reason: stop_reason(out),
-            };
-            Some(sse_event(&chunk(vec![choice], usage_field(None))))
-        };
-        let user = req.sampling.user.clone();
-        tokio::spawn(stream(run, tx, opening, render, usage_chunk, user).instrument(tracing::Span::current()));
-        return Ok(with_guard(sse_response(rx), guard));
+        return Ok(with_guard(stream_chat(run, meta, &req, tok, logprobs), guard));
     }
+    let response = collect_chat(run, meta, &req, tok, logprobs).await?;
+    Ok(with_guard(json_response(StatusCode::OK, &response), guard))
+}
 
+/// A chat completion answered as server-sent events.
+fn stream_chat(
+    run: Submission,
+    meta: ResponseMeta,
+    req: &ChatRequest,
+    tok: Arc<Tokenizer>,
+    logprobs: Option<u32>,
+) -> Response<ResponseBody> {
+    let ResponseMeta { id, model, created } = meta;
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+    let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>| ChatChunk {
+        id: id.clone(),
+        object: "chat.completion.chunk",
+        created,
+        model: model.clone(),
+        choices,
+        usage,
+    };
+    // Every choice opens with the assistant role.
+    let usage_field = move |u: Option<Usage>| include_usage.then_some(u);
+    let opening = (0..run.num_choices())
+        .map(|index| {
+            let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+            let first = ChatChunkChoice { index, delta, logprobs: None, finish_reason: None, stop_reason: None };
+            sse_event(&chunk(vec![first], usage_field(None)))
+        })
+        .collect();
+    let usage_chunk = {
+        let chunk = chunk.clone();
+        move |usage| include_usage.then(|| sse_event(&chunk(vec![], Some(Some(usage)))))
+    };
+    let render = move |index: usize, out: &RequestOutput| {
+        if out.text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
+            return None;
+        }
+        let choice = ChatChunkChoice {
+            index,
+            delta: ChatDelta { role: None, content: Some(out.text.clone()) },
+            logprobs: logprobs.map(|_| chat_logprobs(&tok, &out.logprobs)),
+            finish_reason: finish_reason(out),
+            stop_reason: stop_reason(out),
+        };
+        Some(sse_event(&chunk(vec![choice], usage_field(None))))
+    };
+    let user = req.sampling.user.clone();
+    tokio::spawn(stream(run, tx, opening, render, usage_chunk, user).instrument(tracing::Span::current()));
+    sse_response(rx)
+}
+
+/// A chat completion answered in one JSON body once every choice has finished.
+async fn collect_chat(
+    run: Submission,
+    meta: ResponseMeta,
+    req: &ChatRequest,
+    tok: Arc<Tokenizer>,
+    logprobs: Option<u32>,
+) -> Result<ChatResponse, ApiError> {
+    let ResponseMeta { id, model, created } = meta;
     let mut choices: Vec<ChatChoice> = (0..run.num_choices())
         .map(|index| ChatChoice {
             index,
@@ -575,8 +628,7 @@ pub async fn chat(
         }
     })
     .await?;
-    let response = ChatResponse { id, object: "chat.completion", created, model, choices, usage };
-    Ok(with_guard(json_response(StatusCode::OK, &response), guard))
+    Ok(ChatResponse { id, object: "chat.completion", created, model, choices, usage })
 }
 
 pub fn tokenize(state: &AppState, req: TokenizeRequest) -> Result<Response<ResponseBody>, ApiError> {
