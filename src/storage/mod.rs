@@ -494,18 +494,7 @@ async fn transfer(
     let _ = std::fs::remove_file(state.complete());
 
     let part_size = opts.part_size.max(1);
-    let mut transfers = Vec::new();
-    let mut tasks: Vec<(usize, u64)> = Vec::new();
-    let mut to_fetch = 0u64;
-    for file in &needed {
-        let (transfer, todo) = start_transfer(&state, file, part_size)?;
-        for &part in &todo {
-            tasks.push((transfers.len(), part));
-            let start = part * part_size;
-            to_fetch += (start + part_size).min(file.size).saturating_sub(start);
-        }
-        transfers.push(transfer);
-    }
+    let Plan { transfers, tasks, to_fetch } = plan(&state, &needed, part_size)?;
     // Partial files are already allocated, so only the finished copies can need more room than is
     // free (their partial files are renamed, not copied): a plain check of what is left to fetch.
     if let Some(available) = available_bytes(dest).filter(|&a| to_fetch > a) {
@@ -522,48 +511,9 @@ async fn transfer(
 
     let fetched = Arc::new(AtomicU64::new(0));
     let progress = spawn_progress(opts.progress, to_fetch, fetched.clone());
-    let transfers = Arc::new(transfers);
-    let source = Arc::new(source);
-    let record_file = |manifest: &mut Manifest, idx: usize, record: FileRecord| -> Result<(), SyncError> {
-        manifest.files.insert(transfers[idx].file.name.clone(), record);
-        manifest::write_json(&state.manifest(), manifest)
-    };
-    // Files with nothing left to fetch (fully resumed) finish first.
-    let mut outcome = Ok(());
-    for idx in (0..transfers.len()).filter(|&i| transfers[i].remaining.load(Ordering::Relaxed) == 0) {
-        outcome = outcome.and_then(|()| record_file(&mut manifest, idx, finish_transfer(dest, &transfers[idx])?));
-    }
-    let results = futures::stream::iter(tasks)
-        .map(|(idx, part)| {
-            let (source, transfers, fetched, dest) =
-                (source.clone(), transfers.clone(), fetched.clone(), dest.to_path_buf());
-            let lock = lock.clone();
-            async move {
-                fetch_part(&source, &transfers[idx], part, part_size, &fetched).await?;
-                if transfers[idx].remaining.fetch_sub(1, Ordering::SeqCst) > 1 {
-                    return Ok(None);
-                }
-                // The file's last part: check, hash and place it off the async threads, so the
-                // other parts keep downloading meanwhile.
-                let record = tokio::task::spawn_blocking(move || {
-                    let _lock = lock;
-                    finish_transfer(&dest, &transfers[idx])
-                })
-                .await
-                .expect("finishing a file does not panic")?;
-                Ok::<_, SyncError>(Some((idx, record)))
-            }
-        })
-        .buffer_unordered(opts.concurrency.max(1));
-    let mut results = std::pin::pin!(results);
-    while outcome.is_ok() {
-        match results.next().await {
-            None => break,
-            Some(Ok(Some((idx, record)))) => outcome = record_file(&mut manifest, idx, record),
-            Some(Ok(None)) => {}
-            Some(Err(e)) => outcome = Err(e),
-        }
-    }
+    let run =
+        Parts { source: Arc::new(source), transfers: Arc::new(transfers), part_size, fetched: fetched.clone(), lock };
+    let outcome = run.fetch_all(tasks, opts.concurrency, dest, &state, &mut manifest).await;
     if let Some(p) = progress {
         p.abort();
     }
@@ -585,6 +535,90 @@ async fn transfer(
         "sync finished"
     );
     Ok(summary)
+}
+
+/// The files to download, each opened or resumed, and the parts still to fetch.
+struct Plan {
+    transfers: Vec<Transfer>,
+    /// (index into `transfers`, part number).
+    tasks: Vec<(usize, u64)>,
+    /// Bytes the tasks fetch.
+    to_fetch: u64,
+}
+
+fn plan(state: &StatePaths, needed: &[RemoteFile], part_size: u64) -> Result<Plan, SyncError> {
+    let mut plan = Plan { transfers: Vec::new(), tasks: Vec::new(), to_fetch: 0 };
+    for file in needed {
+        let (transfer, todo) = start_transfer(state, file, part_size)?;
+        for &part in &todo {
+            plan.tasks.push((plan.transfers.len(), part));
+            let start = part * part_size;
+            plan.to_fetch += (start + part_size).min(file.size).saturating_sub(start);
+        }
+        plan.transfers.push(transfer);
+    }
+    Ok(plan)
+}
+
+/// The parts of a transfer, fetched concurrently; each file is finished (checked, hashed, placed
+/// and recorded) as its last part lands.
+struct Parts {
+    source: Arc<Source>,
+    transfers: Arc<Vec<Transfer>>,
+    part_size: u64,
+    fetched: Arc<AtomicU64>,
+    /// Shared with the tasks that finish files, so it outlives any still running after an error.
+    lock: Arc<Lock>,
+}
+
+impl Parts {
+    async fn fetch_all(
+        &self,
+        tasks: Vec<(usize, u64)>,
+        concurrency: usize,
+        dest: &Path,
+        state: &StatePaths,
+        manifest: &mut Manifest,
+    ) -> Result<(), SyncError> {
+        let transfers = &self.transfers;
+        let record_file = |manifest: &mut Manifest, idx: usize, record: FileRecord| -> Result<(), SyncError> {
+            manifest.files.insert(transfers[idx].file.name.clone(), record);
+            manifest::write_json(&state.manifest(), manifest)
+        };
+        // Files with nothing left to fetch (fully resumed) finish first.
+        for idx in (0..transfers.len()).filter(|&i| transfers[i].remaining.load(Ordering::Relaxed) == 0) {
+            record_file(manifest, idx, finish_transfer(dest, &transfers[idx])?)?;
+        }
+        let results = futures::stream::iter(tasks)
+            .map(|(idx, part)| {
+                let (source, transfers, fetched, dest) =
+                    (self.source.clone(), self.transfers.clone(), self.fetched.clone(), dest.to_path_buf());
+                let (lock, part_size) = (self.lock.clone(), self.part_size);
+                async move {
+                    fetch_part(&source, &transfers[idx], part, part_size, &fetched).await?;
+                    if transfers[idx].remaining.fetch_sub(1, Ordering::SeqCst) > 1 {
+                        return Ok(None);
+                    }
+                    // The file's last part: check, hash and place it off the async threads, so the
+                    // other parts keep downloading meanwhile.
+                    let record = tokio::task::spawn_blocking(move || {
+                        let _lock = lock;
+                        finish_transfer(&dest, &transfers[idx])
+                    })
+                    .await
+                    .expect("finishing a file does not panic")?;
+                    Ok::<_, SyncError>(Some((idx, record)))
+                }
+            })
+            .buffer_unordered(concurrency.max(1));
+        let mut results = std::pin::pin!(results);
+        while let Some(result) = results.next().await {
+            if let Some((idx, record)) = result? {
+                record_file(manifest, idx, record)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Removes files an earlier sync of this source wrote that the source no longer has, saves the
