@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use super::EngineArgs;
 use crate::engine::{EngineRequest, MaxTokens, RequestId, RequestOutput, SamplingParams};
 use crate::launch::load_engine;
+use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -85,34 +86,9 @@ pub enum OutputFormat {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let loaded = load_engine(&args.engine.to_options())?;
     let mut engine = loaded.engine;
-    let tokenizer = engine.tokenizer().clone();
-    let params = SamplingParams {
-        n: args.n,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        min_p: args.min_p,
-        presence_penalty: args.presence_penalty,
-        frequency_penalty: args.frequency_penalty,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-        max_tokens: MaxTokens::Exact(args.max_tokens),
-        ignore_eos: args.ignore_eos,
-        stop: args.stop.clone(),
-        logprobs: args.logprobs,
-        ..SamplingParams::default()
-    };
+    let params = sampling_params(&args);
     for (idx, prompt) in args.prompt.iter().enumerate() {
-        let ids = if args.chat {
-            let template = tokenizer
-                .chat_template()
-                .context("--chat: the model has no chat template (tokenizer_config.json or chat_template.jinja)")?;
-            let messages = serde_json::json!([{"role": "user", "content": prompt}]);
-            let text = template.render(&messages, true, &serde_json::Map::new())?;
-            tokenizer.encode(&text, false)?
-        } else {
-            tokenizer.encode(prompt, true)?
-        };
+        let ids = prompt_ids(engine.tokenizer(), prompt, args.chat)?;
         let request = EngineRequest {
             id: RequestId(format!("{idx:06}")),
             prompt_token_ids: ids,
@@ -150,31 +126,69 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         writeln!(stdout)?;
         return Ok(());
     }
-    for c in &done {
-        match args.output {
-            OutputFormat::Text => {
-                let reason = c.finish_reason.map_or("none", |r| r.as_str());
-                let prompt_idx = c.request_id.0.parse::<usize>().unwrap_or(0);
-                writeln!(stdout, "--- prompt {prompt_idx} completion {} (finish_reason: {reason})", c.index)?;
-                writeln!(stdout, "{}", c.text)?;
-            }
-            OutputFormat::Json => {
-                let logprobs: Vec<serde_json::Value> = c
-                    .logprobs
-                    .iter()
-                    .map(|lp| serde_json::json!({"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}))
-                    .collect();
-                let line = serde_json::json!({
-                    "prompt_index": c.request_id.0.parse::<usize>().unwrap_or(0),
-                    "index": c.index,
-                    "text": c.text,
-                    "token_ids": c.token_ids,
-                    "finish_reason": c.finish_reason.map(|r| r.as_str()),
-                    "num_prompt_tokens": c.num_prompt_tokens,
-                    "logprobs": if c.logprobs.is_empty() { serde_json::Value::Null } else { logprobs.into() },
-                });
-                writeln!(stdout, "{line}")?;
-            }
+    for output in &done {
+        write_output(&mut stdout, args.output, output)?;
+    }
+    Ok(())
+}
+
+fn sampling_params(args: &GenerateArgs) -> SamplingParams {
+    SamplingParams {
+        n: args.n,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        max_tokens: MaxTokens::Exact(args.max_tokens),
+        ignore_eos: args.ignore_eos,
+        stop: args.stop.clone(),
+        logprobs: args.logprobs,
+        ..SamplingParams::default()
+    }
+}
+
+/// A prompt's token ids: as given, or (`--chat`) as the one user message of a chat.
+fn prompt_ids(tokenizer: &Tokenizer, prompt: &str, chat: bool) -> anyhow::Result<Vec<u32>> {
+    if !chat {
+        return Ok(tokenizer.encode(prompt, true)?);
+    }
+    let template = tokenizer
+        .chat_template()
+        .context("--chat: the model has no chat template (tokenizer_config.json or chat_template.jinja)")?;
+    let messages = serde_json::json!([{"role": "user", "content": prompt}]);
+    let text = template.render(&messages, true, &serde_json::Map::new())?;
+    Ok(tokenizer.encode(&text, false)?)
+}
+
+/// One finished sequence, as text with a header line or as a JSON line.
+fn write_output(out: &mut impl Write, format: OutputFormat, c: &RequestOutput) -> anyhow::Result<()> {
+    let prompt_idx = c.request_id.0.parse::<usize>().unwrap_or(0);
+    match format {
+        OutputFormat::Text => {
+            let reason = c.finish_reason.map_or("none", |r| r.as_str());
+            writeln!(out, "--- prompt {prompt_idx} completion {} (finish_reason: {reason})", c.index)?;
+            writeln!(out, "{}", c.text)?;
+        }
+        OutputFormat::Json => {
+            let logprobs: Vec<serde_json::Value> = c
+                .logprobs
+                .iter()
+                .map(|lp| serde_json::json!({"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}))
+                .collect();
+            let line = serde_json::json!({
+                "prompt_index": prompt_idx,
+                "index": c.index,
+                "text": c.text,
+                "token_ids": c.token_ids,
+                "finish_reason": c.finish_reason.map(|r| r.as_str()),
+                "num_prompt_tokens": c.num_prompt_tokens,
+                "logprobs": if c.logprobs.is_empty() { serde_json::Value::Null } else { logprobs.into() },
+            });
+            writeln!(out, "{line}")?;
         }
     }
     Ok(())

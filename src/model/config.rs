@@ -166,37 +166,9 @@ impl ModelConfig {
         let obj = value.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
         let fields = Fields { obj, path };
 
-        let arch_names: Vec<&str> = match obj.get("architectures") {
-            Some(Value::Array(list)) => list.iter().filter_map(|v| v.as_str()).collect(),
-            _ => Vec::new(),
-        };
-        let architecture = match arch_names.first() {
-            None => return Err(err(format!("no \"architectures\" entry; supported: {}", Architecture::SUPPORTED))),
-            Some(name) => Architecture::from_hf_name(name).ok_or_else(|| {
-                err(format!("architecture {name} is not supported; supported: {}", Architecture::SUPPORTED))
-            })?,
-        };
-
-        let hidden_size = fields.positive("hidden_size")?;
-        let num_attention_heads = fields.positive("num_attention_heads")?;
-        let num_key_value_heads = fields.optional_positive("num_key_value_heads")?.unwrap_or(num_attention_heads);
-        let head_dim = match fields.optional_positive("head_dim")? {
-            Some(d) => d,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
-                return Err(err(format!(
-                    "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads} and no head_dim is given"
-                )));
-            }
-        };
-        if num_attention_heads % num_key_value_heads != 0 {
-            return Err(err(format!(
-                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
-            )));
-        }
-        if head_dim % 2 != 0 {
-            return Err(err(format!("head_dim {head_dim} must be even for rotary embeddings")));
-        }
+        let architecture = architecture(obj).map_err(err)?;
+        let AttentionShape { hidden_size, num_attention_heads, num_key_value_heads, head_dim } =
+            attention_shape(&fields)?;
         match obj.get("hidden_act").and_then(|v| v.as_str()) {
             None | Some("silu") => {}
             Some(other) => return Err(err(format!("hidden_act {other} is not supported (only silu)"))),
@@ -221,14 +193,7 @@ impl ModelConfig {
             _ => None,
         };
 
-        let dtype = match obj.get("dtype").or_else(|| obj.get("torch_dtype")) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(name)) => Some(
-                DType::from_config_name(name)
-                    .ok_or_else(|| err(format!("dtype {name} is not supported (float32, float16 or bfloat16)")))?,
-            ),
-            Some(other) => return Err(err(format!("dtype must be a string, found {other}"))),
-        };
+        let dtype = config_dtype(obj).map_err(err)?;
 
         let config = ModelConfig {
             architecture,
@@ -259,6 +224,62 @@ impl ModelConfig {
 
     pub fn num_queries_per_kv(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
+    }
+}
+
+/// The first of `architectures`, which must be one Pagoda serves.
+fn architecture(obj: &serde_json::Map<String, Value>) -> Result<Architecture, String> {
+    let names: Vec<&str> = match obj.get("architectures") {
+        Some(Value::Array(list)) => list.iter().filter_map(|v| v.as_str()).collect(),
+        _ => Vec::new(),
+    };
+    match names.first() {
+        None => Err(format!("no \"architectures\" entry; supported: {}", Architecture::SUPPORTED)),
+        Some(name) => Architecture::from_hf_name(name)
+            .ok_or_else(|| format!("architecture {name} is not supported; supported: {}", Architecture::SUPPORTED)),
+    }
+}
+
+struct AttentionShape {
+    hidden_size: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+}
+
+/// The attention's shape, checked: whole KV-head groups, an even head size for the rotation.
+fn attention_shape(fields: &Fields) -> Result<AttentionShape, ConfigError> {
+    let hidden_size = fields.positive("hidden_size")?;
+    let num_attention_heads = fields.positive("num_attention_heads")?;
+    let num_key_value_heads = fields.optional_positive("num_key_value_heads")?.unwrap_or(num_attention_heads);
+    let head_dim = match fields.optional_positive("head_dim")? {
+        Some(d) => d,
+        None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+        None => {
+            return Err(fields.err(format!(
+                "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads} and no head_dim is given"
+            )));
+        }
+    };
+    if num_attention_heads % num_key_value_heads != 0 {
+        return Err(fields.err(format!(
+            "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+        )));
+    }
+    if head_dim % 2 != 0 {
+        return Err(fields.err(format!("head_dim {head_dim} must be even for rotary embeddings")));
+    }
+    Ok(AttentionShape { hidden_size, num_attention_heads, num_key_value_heads, head_dim })
+}
+
+/// `dtype` (transformers ≥ 5) or `torch_dtype`, if given.
+fn config_dtype(obj: &serde_json::Map<String, Value>) -> Result<Option<DType>, String> {
+    match obj.get("dtype").or_else(|| obj.get("torch_dtype")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(name)) => DType::from_config_name(name)
+            .map(Some)
+            .ok_or_else(|| format!("dtype {name} is not supported (float32, float16 or bfloat16)")),
+        Some(other) => Err(format!("dtype must be a string, found {other}")),
     }
 }
 
