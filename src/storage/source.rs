@@ -128,6 +128,48 @@ fn retry_config() -> RetryConfig {
     RetryConfig { max_retries: 5, retry_timeout: Duration::from_secs(60), ..RetryConfig::default() }
 }
 
+fn s3_store(bucket: String, opts: &StoreOptions, allow_http: bool) -> object_store::Result<Arc<dyn ObjectStore>> {
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_client_options(client_options(allow_http))
+        .with_retry(retry_config());
+    if let Some(endpoint) = &opts.endpoint {
+        b = b.with_endpoint(endpoint);
+    }
+    Ok(Arc::new(b.build()?))
+}
+
+fn gcs_store(bucket: String, opts: &StoreOptions, allow_http: bool) -> object_store::Result<Arc<dyn ObjectStore>> {
+    let mut b = GoogleCloudStorageBuilder::from_env()
+        .with_bucket_name(bucket)
+        .with_client_options(client_options(allow_http))
+        .with_retry(retry_config());
+    if let Some(endpoint) = &opts.endpoint {
+        b = b.with_config(GoogleConfigKey::BaseUrl, endpoint);
+    }
+    Ok(Arc::new(b.build()?))
+}
+
+/// An Azure Blob container; `account` when the URL names it (else from the environment).
+fn azure_store(
+    account: Option<String>,
+    container: String,
+    opts: &StoreOptions,
+    allow_http: bool,
+) -> object_store::Result<Arc<dyn ObjectStore>> {
+    let mut b = MicrosoftAzureBuilder::from_env()
+        .with_container_name(container)
+        .with_client_options(client_options(allow_http))
+        .with_retry(retry_config());
+    if let Some(account) = account {
+        b = b.with_account(account);
+    }
+    if let Some(endpoint) = &opts.endpoint {
+        b = b.with_config(AzureConfigKey::Endpoint, endpoint);
+    }
+    Ok(Arc::new(b.build()?))
+}
+
 /// Splits `scheme://bucket/prefix` into bucket and prefix.
 fn bucket_and_prefix(url: &url::Url) -> Result<(String, String), String> {
     let bucket = url.host_str().filter(|h| !h.is_empty()).ok_or("no bucket or container name")?.to_string();
@@ -147,36 +189,16 @@ impl Source {
         let (scheme, store, prefix): (Scheme, Arc<dyn ObjectStore>, String) = match url.scheme() {
             "s3" | "s3a" => {
                 let (bucket, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
-                let mut b = AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_client_options(client_options(allow_http))
-                    .with_retry(retry_config());
-                if let Some(endpoint) = &opts.endpoint {
-                    b = b.with_endpoint(endpoint);
-                }
-                (Scheme::S3, Arc::new(b.build().map_err(|e| store_err(Scheme::S3, e))?), prefix)
+                (Scheme::S3, s3_store(bucket, opts, allow_http).map_err(|e| store_err(Scheme::S3, e))?, prefix)
             }
             "gs" => {
                 let (bucket, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
-                let mut b = GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_client_options(client_options(allow_http))
-                    .with_retry(retry_config());
-                if let Some(endpoint) = &opts.endpoint {
-                    b = b.with_config(GoogleConfigKey::BaseUrl, endpoint);
-                }
-                (Scheme::Gcs, Arc::new(b.build().map_err(|e| store_err(Scheme::Gcs, e))?), prefix)
+                (Scheme::Gcs, gcs_store(bucket, opts, allow_http).map_err(|e| store_err(Scheme::Gcs, e))?, prefix)
             }
             "az" | "azure" => {
                 let (container, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
-                let mut b = MicrosoftAzureBuilder::from_env()
-                    .with_container_name(container)
-                    .with_client_options(client_options(allow_http))
-                    .with_retry(retry_config());
-                if let Some(endpoint) = &opts.endpoint {
-                    b = b.with_config(AzureConfigKey::Endpoint, endpoint);
-                }
-                (Scheme::Azure, Arc::new(b.build().map_err(|e| store_err(Scheme::Azure, e))?), prefix)
+                let store = azure_store(None, container, opts, allow_http).map_err(|e| store_err(Scheme::Azure, e))?;
+                (Scheme::Azure, store, prefix)
             }
             "https" | "http" if url.host_str().is_some_and(|h| h.ends_with(".blob.core.windows.net")) => {
                 // https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX
@@ -185,12 +207,10 @@ impl Source {
                     segments.next().filter(|c| !c.is_empty()).ok_or_else(|| invalid("no container in the path"))?;
                 let prefix = segments.next().unwrap_or("").trim_matches('/').to_string();
                 let account = url.host_str().and_then(|h| h.split('.').next()).unwrap_or_default().to_string();
-                let b = MicrosoftAzureBuilder::from_env()
-                    .with_account(account)
-                    .with_container_name(container)
-                    .with_client_options(client_options(allow_http))
-                    .with_retry(retry_config());
-                (Scheme::Azure, Arc::new(b.build().map_err(|e| store_err(Scheme::Azure, e))?), prefix)
+                let no_endpoint = StoreOptions { endpoint: None, ..opts.clone() };
+                let store = azure_store(Some(account), container.to_string(), &no_endpoint, allow_http)
+                    .map_err(|e| store_err(Scheme::Azure, e))?;
+                (Scheme::Azure, store, prefix)
             }
             "https" | "http" => {
                 if url.scheme() == "http" && !opts.allow_http {
