@@ -14,7 +14,9 @@ pub const DEMO_MODEL_NAME: &str = "pagoda-demo-random-weights";
 const TOKENIZER_JSON: &[u8] = include_bytes!("../../assets/demo/tokenizer.json");
 const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
 
-/// Shapes and seed of a random-weight Llama.
+/// Shapes and seed of a random-weight Llama: a checkpoint to write. It is not a `ModelConfig`
+/// on purpose: it emits a `config.json` and a safetensors file, which then go through the same
+/// loader and checks as any model folder, so the demo model exercises the real load path.
 #[derive(Clone, Debug)]
 pub struct DemoSpec {
     pub hidden_size: usize,
