@@ -110,7 +110,15 @@ fn parse_list(s: &str) -> Result<ListArg, String> {
 }
 
 fn api_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
-    let mut keys: Vec<String> = args.api_key.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+    // An empty key would leave the API open without a word: it is an error, as an empty
+    // --api-key-file is. (clap drops an empty PAGODA_API_KEY, so the variable is read here too.)
+    let empty_env = std::env::var("PAGODA_API_KEY").is_ok_and(|v| v.split(',').all(|k| k.trim().is_empty()));
+    anyhow::ensure!(
+        !empty_env && args.api_key.iter().all(|k| !k.trim().is_empty()),
+        "--api-key (or PAGODA_API_KEY) holds an empty key; give real keys, or leave it unset to serve without \
+         authentication"
+    );
+    let mut keys: Vec<String> = args.api_key.iter().map(|k| k.trim().to_string()).collect();
     if let Some(path) = &args.api_key_file {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read --api-key-file {}", path.display()))?;

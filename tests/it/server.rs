@@ -519,6 +519,43 @@ fn settings_come_from_pagoda_environment_variables_and_logs_can_be_json() {
     assert_eq!(parsed["level"], "INFO");
 }
 
+/// An empty key never turns authentication off: it stops the server at start with one line.
+#[test]
+fn empty_api_keys_are_refused_at_start() {
+    let cases: [(&[&str], &[(&str, &str)]); 5] = [
+        (&["--api-key", ""], &[]),
+        (&["--api-key", " "], &[]),
+        (&["--api-key", " , "], &[]),
+        (&["--api-key", "good,"], &[]),
+        (&[], &[("PAGODA_API_KEY", "")]),
+    ];
+    for (args, env) in cases {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pagoda"));
+        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"]).args(args).env_remove("PAGODA_API_KEY");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains("holds an empty key"), "{args:?} {env:?}: {stderr}");
+    }
+}
+
+/// The `Bearer` scheme is matched case-insensitively (RFC 9110), the key exactly.
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let server = tiny_llama_server(&["--api-key", "k3y"]);
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let resp = request(server.port, "GET", "/v1/models", &[("Authorization", &format!("{scheme} k3y"))], b"");
+        assert_eq!(resp.status, 200, "{scheme}");
+    }
+    for wrong in ["Bearer K3Y", "Basic k3y", "Bearerk3y", "k3y"] {
+        let resp = request(server.port, "GET", "/v1/models", &[("Authorization", wrong)], b"");
+        assert_eq!(resp.status, 401, "{wrong}");
+    }
+}
+
 #[test]
 fn serve_help_documents_every_flag() {
     let out = Command::new(env!("CARGO_BIN_EXE_pagoda")).args(["serve", "--help"]).output().unwrap();
