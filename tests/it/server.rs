@@ -522,7 +522,8 @@ fn settings_come_from_pagoda_environment_variables_and_logs_can_be_json() {
 /// An empty key never turns authentication off: it stops the server at start with one line.
 #[test]
 fn empty_api_keys_are_refused_at_start() {
-    let cases: [(&[&str], &[(&str, &str)]); 5] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case; 5] = [
         (&["--api-key", ""], &[]),
         (&["--api-key", " "], &[]),
         (&["--api-key", " , "], &[]),
