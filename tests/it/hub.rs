@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::common::*;
 use crate::http::{get, post};
 use crate::server::Server;
+use crate::sync::{big_model_dir, done_parts};
 
 const REPO: &str = "test-org/tiny-llama";
 
@@ -163,17 +164,8 @@ fn serve_org_name_fills_the_hub_cache_and_a_restart_downloads_nothing() {
 
 #[test]
 fn an_interrupted_hub_download_resumes_with_only_the_missing_bytes() {
-    let src = copy_fixture("tiny-llama", "hub-resume-src");
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let weights: Vec<u8> = (0..24 << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 56) as u8
-        })
-        .collect();
-    std::fs::write(src.join("model.safetensors"), &weights).unwrap();
+    let src = big_model_dir("hub-resume-src", 24);
+    let weights = std::fs::read(src.join("model.safetensors")).unwrap();
     let Some(hub) = FakeHub::start("test-org/big", &src, &["--throttle", "0.05"]) else { return };
     let cache = scratch_dir("hub-resume-cache");
     let endpoint = hub.endpoint();
@@ -210,13 +202,6 @@ fn an_interrupted_hub_download_resumes_with_only_the_missing_bytes() {
 fn sha2_digest(bytes: &[u8]) -> impl std::fmt::LowerHex {
     use sha2::Digest;
     sha2::Sha256::digest(bytes)
-}
-
-fn done_parts(parts: &Path) -> usize {
-    std::fs::read(parts)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .map_or(0, |v| v["done"].as_array().unwrap().iter().filter(|d| d.as_bool() == Some(true)).count())
 }
 
 #[test]

@@ -123,7 +123,7 @@ fn model_dir() -> PathBuf {
 }
 
 /// A model folder with a `weights_mib`-MiB weight file of pseudo-random bytes.
-fn big_model_dir(name: &str, weights_mib: usize) -> PathBuf {
+pub(crate) fn big_model_dir(name: &str, weights_mib: usize) -> PathBuf {
     let dir = copy_fixture("tiny-llama", name);
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let bytes: Vec<u8> = (0..weights_mib << 20)
@@ -267,7 +267,7 @@ fn sync_until_parts_done(moto: &Moto, uri: &str, dest: &Path, min_parts: usize) 
 }
 
 /// Parts a part map records as finished (0 when it is not there yet).
-fn done_parts(parts: &Path) -> usize {
+pub(crate) fn done_parts(parts: &Path) -> usize {
     std::fs::read(parts)
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
