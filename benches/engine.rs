@@ -126,7 +126,7 @@ fn add(engine: &mut Engine, id: usize, prompt: Vec<u32>, max_tokens: usize) {
         SamplingParams { max_tokens: MaxTokens::Exact(max_tokens), ignore_eos: true, ..SamplingParams::greedy() };
     let request =
         EngineRequest { id: RequestId(id.to_string()), prompt_token_ids: prompt, params, arrival: Instant::now() };
-    let request = request.validate(engine.limits()).unwrap();
+    let request = request.validate(&engine.limits()).unwrap();
     engine.add_request(request).unwrap();
 }
 

@@ -281,6 +281,21 @@ __device__ void logit_edits(float* __restrict__ logits, const unsigned* __restri
   *l = x - __uint_as_float(w[4]);
 }
 
+// backend::sampling::apply_mask: in each of the n masked rows (their indices first, then one
+// bitmask of `words` words per row), every logit whose bit is clear becomes -inf.
+// grid-stride over n * vocab, block 256.
+//   logits [rows, vocab] f32;  masks [n] row indices, then [n, words] bits
+__device__ void token_mask(float* __restrict__ logits, const unsigned* __restrict__ masks, int n, int words,
+                           int vocab) {
+  const size_t total = (size_t)n * vocab;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    const int m = (int)(i / vocab);
+    const int j = (int)(i % vocab);
+    const unsigned bits = masks[n + (size_t)m * words + j / 32];
+    if (((bits >> (j % 32)) & 1u) == 0u) logits[(size_t)masks[m] * vocab + j] = neg_inf();
+  }
+}
+
 // backend::sampling::row_logprobs of raw row r for the token tokens[token_rows[r]]: out row r is
 // [its logprob, then k pairs (token id as bits, logprob), most likely first, ties by lower index].
 // grid (rows), block 256.
@@ -340,6 +355,12 @@ extern "C" __global__ void __launch_bounds__(256)
   pagoda::logit_edits(logits, edits, n, vocab);
 }
 PAGODA_REGISTER(pagoda_logit_edits_f32)
+
+extern "C" __global__ void __launch_bounds__(256)
+    pagoda_token_mask_f32(float* logits, const unsigned* masks, int n, int words, int vocab) {
+  pagoda::token_mask(logits, masks, n, words, vocab);
+}
+PAGODA_REGISTER(pagoda_token_mask_f32)
 
 extern "C" __global__ void __launch_bounds__(256) pagoda_logprobs_f32(float* out, const float* raw,
                                                                        const unsigned* tokens,

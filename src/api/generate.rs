@@ -15,9 +15,9 @@ use super::openai::*;
 use super::{
     ApiError, AppState, InFlight, LoadedModel, ResponseBody, json_response, sse_response, unix_now, with_guard,
 };
+use crate::engine::structured::{JsonOptions, StructuredOutput, any_object};
 use crate::engine::{
-    EngineRequest, FinishReason, MaxTokens, RequestId, RequestLimits, RequestOutput, SamplingParams, StopReason,
-    TokenLogprobs,
+    EngineRequest, FinishReason, MaxTokens, RequestId, RequestOutput, SamplingParams, StopReason, TokenLogprobs,
 };
 use crate::tokenizer::Tokenizer;
 use tracing::Instrument;
@@ -92,7 +92,102 @@ fn sampling_params(
         include_stop_str_in_output: fields.include_stop_str_in_output.unwrap_or(false),
         logprobs: logprobs.map(|k| k as usize),
         skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
+        structured_output: structured_output(fields)?,
     })
+}
+
+/// The one constraint a request's structured-output fields ask for, if any: `response_format`,
+/// vLLM's `structured_outputs`, or its older `guided_*` fields. More than one is refused, as is a
+/// constraint Pagoda cannot enforce; the constraint itself is compiled (and checked) by
+/// `EngineRequest::validate`.
+fn structured_output(fields: &SamplingFields) -> Result<Option<StructuredOutput>, ApiError> {
+    let bad = |message: String, param: &'static str| Err(ApiError::bad_request(message, Some(param)));
+    let mut found: Vec<(&'static str, StructuredOutput)> = Vec::new();
+    let json = |schema: Value, options: JsonOptions| StructuredOutput::Json { schema, options };
+    let p = fields.structured_outputs.clone().unwrap_or_default();
+    // vLLM's JSON options also shape a `response_format` schema.
+    let options = JsonOptions {
+        no_whitespace: p.disable_any_whitespace,
+        whitespace_pattern: p.whitespace_pattern.clone().or(fields.guided_whitespace_pattern.clone()),
+        no_additional_properties: p.disable_additional_properties,
+        lenient: false,
+    };
+    if let Some(format) = &fields.response_format {
+        match format.kind.as_str() {
+            "text" => {}
+            "json_object" => found.push(("response_format", json(any_object(), options.clone()))),
+            "json_schema" => {
+                let Some(schema) = format.json_schema.as_ref().and_then(|f| f.schema.clone()) else {
+                    return bad(
+                        "response_format of type json_schema needs json_schema.schema".into(),
+                        "response_format",
+                    );
+                };
+                // Without `strict`, schema keywords the grammar engine does not know are ignored.
+                let strict = format.json_schema.as_ref().and_then(|f| f.strict).unwrap_or(false);
+                found.push(("response_format", json(schema, JsonOptions { lenient: !strict, ..options.clone() })));
+            }
+            other => {
+                return bad(
+                    format!("response_format type '{other}' is not supported; use text, json_object or json_schema"),
+                    "response_format",
+                );
+            }
+        }
+    }
+    if p.structural_tag.is_some() {
+        return bad("structured_outputs.structural_tag is not supported".into(), "structured_outputs");
+    }
+    let schema_of = |value: Value, param: &'static str| -> Result<Value, ApiError> {
+        match value {
+            // vLLM takes a schema as an object or as its JSON text.
+            Value::String(text) => serde_json::from_str(&text)
+                .map_err(|e| ApiError::bad_request(format!("{param} is not a JSON schema: {e}"), Some(param))),
+            other => Ok(other),
+        }
+    };
+    for (param, schema) in [("structured_outputs", p.json), ("guided_json", fields.guided_json.clone())] {
+        if let Some(schema) = schema {
+            found.push((param, json(schema_of(schema, param)?, options.clone())));
+        }
+    }
+    if p.json_object == Some(true) {
+        found.push(("structured_outputs", json(any_object(), options.clone())));
+    }
+    for (param, regex) in [("structured_outputs", p.regex), ("guided_regex", fields.guided_regex.clone())] {
+        if let Some(regex) = regex {
+            found.push((param, StructuredOutput::Regex(regex)));
+        }
+    }
+    for (param, choice) in [("structured_outputs", p.choice), ("guided_choice", fields.guided_choice.clone())] {
+        if let Some(choice) = choice {
+            found.push((param, StructuredOutput::Choice(choice)));
+        }
+    }
+    for (param, grammar) in [("structured_outputs", p.grammar), ("guided_grammar", fields.guided_grammar.clone())] {
+        if let Some(grammar) = grammar {
+            found.push((param, StructuredOutput::Grammar(grammar)));
+        }
+    }
+    if let Some(backend) = &fields.guided_decoding_backend
+        && !matches!(backend.as_str(), "auto" | "guidance" | "llguidance")
+    {
+        return bad(
+            format!("guided_decoding_backend '{backend}' is not available; Pagoda's structured outputs use guidance"),
+            "guided_decoding_backend",
+        );
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop().map(|(_, spec)| spec)),
+        _ => bad(
+            format!(
+                "only one structured-output constraint can be given; this request has {}",
+                found.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
+            ),
+            found[1].0,
+        ),
+    }
 }
 
 /// A request's sequences running in the engine, their outputs arriving on one channel.
@@ -112,7 +207,7 @@ impl Submission {
         prompts: Vec<Vec<u32>>,
         params: SamplingParams,
     ) -> Result<Submission, ApiError> {
-        let limits = RequestLimits { vocab_size: loaded.vocab_size, max_model_len: loaded.model.max_model_len };
+        let limits = &loaded.limits;
         let arrival = Instant::now();
         // Engine ids are ours alone: a client's x-request-id may repeat.
         let base = uuid::Uuid::new_v4().simple().to_string();
@@ -661,9 +756,9 @@ pub fn tokenize(state: &AppState, req: TokenizeRequest) -> Result<Response<Respo
 pub fn detokenize(state: &AppState, req: DetokenizeRequest) -> Result<Response<ResponseBody>, ApiError> {
     let loaded = state.ready()?;
     state.check_model(req.model.as_deref())?;
-    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= loaded.vocab_size) {
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= loaded.limits.vocab_size) {
         return Err(ApiError::bad_request(
-            format!("token id {bad} is outside the vocabulary of {}", loaded.vocab_size),
+            format!("token id {bad} is outside the vocabulary of {}", loaded.limits.vocab_size),
             Some("tokens"),
         ));
     }

@@ -29,8 +29,8 @@ use tracing::Instrument;
 
 pub use self::error::ApiError;
 use self::openai::{ModelCard, ModelList};
-use crate::engine::GenerationDefaults;
 use crate::engine::driver::{EngineHandle, EngineStatus};
+use crate::engine::{GenerationDefaults, RequestLimits};
 use crate::telemetry::{CloudInfo, GIT_COMMIT, Telemetry, VERSION};
 use crate::tokenizer::Tokenizer;
 
@@ -89,7 +89,8 @@ pub struct LoadedModel {
     pub engine: EngineHandle,
     pub model: ServedModel,
     pub tokenizer: Arc<Tokenizer>,
-    pub vocab_size: usize,
+    /// What requests are checked against (the engine's [`RequestLimits`]).
+    pub limits: RequestLimits,
     /// The model's sampling defaults (its `generation_config.json`).
     pub defaults: GenerationDefaults,
 }

@@ -106,6 +106,52 @@ pub struct SamplingFields {
     pub stop_token_ids: Option<Vec<u32>>,
     pub skip_special_tokens: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
+    // Structured outputs: OpenAI's `response_format`, vLLM's `structured_outputs`, and vLLM's
+    // older `guided_*` fields.
+    pub response_format: Option<ResponseFormat>,
+    pub structured_outputs: Option<StructuredOutputsParams>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    pub guided_whitespace_pattern: Option<String>,
+    pub guided_decoding_backend: Option<String>,
+}
+
+/// `response_format`: `text`, `json_object`, or `json_schema` with its schema.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaFormat {
+    /// `name`, `description`: labels for the client's own use, which change no output.
+    pub schema: Option<Value>,
+    pub strict: Option<bool>,
+}
+
+/// vLLM's `structured_outputs`: one constraint, and options for JSON.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StructuredOutputsParams {
+    /// A schema, or its JSON text.
+    pub json: Option<Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
+    pub grammar: Option<String>,
+    pub json_object: Option<bool>,
+    pub structural_tag: Option<Value>,
+    /// Pagoda has one grammar engine and never falls back, so this holds either way.
+    #[serde(default, rename = "disable_fallback")]
+    pub _disable_fallback: Option<bool>,
+    #[serde(default, deserialize_with = "null_is_false")]
+    pub disable_any_whitespace: bool,
+    #[serde(default, deserialize_with = "null_is_false")]
+    pub disable_additional_properties: bool,
+    pub whitespace_pattern: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

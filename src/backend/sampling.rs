@@ -48,6 +48,9 @@ pub struct RowSampling {
     pub draw: Option<Draw>,
     /// Logprobs of the raw logits: the chosen token's, and this many of the most likely tokens'.
     pub logprobs: Option<u32>,
+    /// The tokens a structured output allows, as a bitmask over the vocabulary (bit `t % 32` of
+    /// word `t / 32`); the others are set to -inf after the edits.
+    pub allowed: Option<Vec<u32>>,
 }
 
 impl RowSampling {
@@ -83,12 +86,24 @@ pub fn sample_row(row: &mut [f32], rule: &RowSampling) -> SampledRow {
             *l = edit.apply(*l);
         }
     }
+    if let Some(mask) = &rule.allowed {
+        apply_mask(row, mask);
+    }
     let token = match &rule.draw {
         None => argmax(row),
         Some(d) => draw(row, d),
     };
     let logprobs = raw.map(|raw| row_logprobs(&raw, token, rule.logprobs.unwrap_or(0) as usize));
     SampledRow { token, logprobs }
+}
+
+/// Sets every logit whose bit in `mask` is clear (or past its end) to -inf.
+pub fn apply_mask(row: &mut [f32], mask: &[u32]) {
+    for (t, l) in row.iter_mut().enumerate() {
+        if mask.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
 }
 
 /// A token drawn from `softmax(logits / temperature)`, keeping only the tokens whose probability
@@ -201,6 +216,29 @@ mod tests {
     }
 
     #[test]
+    fn a_mask_leaves_only_its_tokens_to_pick_and_the_logprobs_raw() {
+        // Tokens 2 and 33 allowed, of 40.
+        let mask = vec![1 << 2, 1 << 1];
+        let logits: Vec<f32> = (0..40).map(|t| if t == 7 { 9.0 } else { t as f32 * 0.01 }).collect();
+        let greedy = RowSampling { allowed: Some(mask.clone()), logprobs: Some(1), ..RowSampling::greedy() };
+        let picked = sample_row(&mut logits.clone(), &greedy);
+        assert_eq!(picked.token, 33);
+        // The logprobs describe the model's distribution, where token 7 is the likeliest.
+        assert_eq!(picked.logprobs.unwrap().top[0].0, 7);
+        for u in [0.0, 0.3, 0.5, 0.99] {
+            let d = Draw { temperature: 1.0, min_p: 0.0, top_k: 0, top_p: 1.0, uniform: u };
+            let token =
+                sample_row(&mut logits.clone(), &RowSampling { allowed: Some(mask.clone()), ..RowSampling::draw(d) })
+                    .token;
+            assert!(token == 2 || token == 33, "drew {token}");
+        }
+        // Past the end of a short mask nothing is allowed.
+        let mut row = logits.clone();
+        apply_mask(&mut row, &[u32::MAX]);
+        assert!(row[..32].iter().all(|l| l.is_finite()) && row[32..].iter().all(|&l| l == f32::NEG_INFINITY));
+    }
+
+    #[test]
     fn the_kept_tokens_are_walked_in_index_order() {
         // Probabilities 0.15, 0.5, 0.05, 0.3: top-2 keeps 1 and 3, walked as 1 then 3.
         let logits: Vec<f32> = [0.15f32, 0.5, 0.05, 0.3].iter().map(|p| p.ln()).collect();
@@ -228,6 +266,7 @@ mod tests {
             edits: vec![LogitEdit { token: 0, add: 5.0, repetition: 1.0, subtract: 0.0 }],
             draw: None,
             logprobs: Some(2),
+            allowed: None,
         };
         let picked = sample_row(&mut row, &rule);
         assert_eq!(picked.token, 0);

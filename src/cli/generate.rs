@@ -95,7 +95,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             params: params.clone(),
             arrival: Instant::now(),
         };
-        let request = request.validate(engine.limits()).with_context(|| format!("prompt {idx}"))?;
+        let request = request.validate(&engine.limits()).with_context(|| format!("prompt {idx}"))?;
         engine.add_request(request).with_context(|| format!("prompt {idx}"))?;
     }
 

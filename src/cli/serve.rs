@@ -269,12 +269,12 @@ async fn load_in_background(
         .await
         .map_err(|e| anyhow::anyhow!("model loading panicked: {e}"))??;
     let tokenizer = loaded.engine.tokenizer().clone();
-    let vocab_size = loaded.engine.vocab_size();
+    let limits = loaded.engine.limits();
     let info = loaded.info;
     let (engine, _thread) = EngineHandle::spawn(loaded.engine, Some(Box::new(telemetry.engine_metrics())));
     let model = ServedModel { origin: info.origin, max_model_len: info.max_model_len, backend: info.backend };
     let defaults = info.generation_defaults;
-    state.set_loaded(LoadedModel { engine, model, tokenizer, vocab_size, defaults });
+    state.set_loaded(LoadedModel { engine, model, tokenizer, limits, defaults });
     tracing::info!("ready");
     Ok(())
 }

@@ -350,7 +350,7 @@ mod tests {
             params,
             arrival: Instant::now(),
         };
-        let mut stream = handle.submit(request.validate(limits).unwrap()).unwrap();
+        let mut stream = handle.submit(request.validate(&limits).unwrap()).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let outputs: Vec<RequestOutput> = runtime.block_on(async {
             let mut all = Vec::new();
@@ -370,6 +370,6 @@ mod tests {
         let params = SamplingParams::greedy();
         let request =
             EngineRequest { id: RequestId("late".into()), prompt_token_ids: vec![0], params, arrival: Instant::now() };
-        assert!(handle.submit(request.validate(limits).unwrap()).is_err());
+        assert!(handle.submit(request.validate(&limits).unwrap()).is_err());
     }
 }

@@ -11,6 +11,7 @@ pub mod request;
 pub mod sampler;
 pub mod scheduler;
 pub mod stop;
+pub mod structured;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
+use rayon::prelude::*;
 
 pub use self::request::{
     EngineRequest, FinishReason, MaxTokens, RequestError, RequestId, RequestLimits, RequestOutput, SamplingParams,
@@ -26,10 +28,11 @@ pub use self::request::{
 use self::sampler::SamplingContext;
 use self::scheduler::{Scheduler, SchedulerConfig};
 use self::stop::StopStrings;
+use self::structured::{Grammar, Grammars};
 use crate::kv_cache::{KvCacheManager, PrefixCacheStats, SeqId};
 use crate::model::Executor;
 pub use crate::model::config::GenerationDefaults;
-use crate::model::{BackendError, BatchLayout, SeqLayout, cache_slot};
+use crate::model::{BackendError, BatchLayout, RowSampling, SeqLayout, cache_slot};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 /// Engine limits; the KV-cache geometry comes from the executor.
@@ -75,6 +78,8 @@ struct SeqRuntime {
     stop_strings: StopStrings,
     num_cached_tokens: usize,
     timings: SeqTimings,
+    /// A structured output's place in its grammar.
+    grammar: Option<Grammar>,
 }
 
 pub struct Engine {
@@ -84,6 +89,7 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     eos_token_ids: Vec<u32>,
     vocab_size: usize,
+    grammars: Arc<Grammars>,
     seqs: HashMap<SeqId, SeqRuntime>,
     requests: HashMap<RequestId, Vec<SeqId>>,
     next_seq: u64,
@@ -125,6 +131,7 @@ impl Engine {
             KvCacheManager::new(shape.num_blocks, shape.block_size, config.enable_prefix_caching),
         );
         let vocab_size = executor.vocab_size();
+        let grammars = Arc::new(Grammars::new(tokenizer.clone(), vocab_size, eos_token_ids.clone()));
         Ok(Engine {
             config,
             scheduler,
@@ -132,6 +139,7 @@ impl Engine {
             tokenizer,
             eos_token_ids,
             vocab_size,
+            grammars,
             seqs: HashMap::new(),
             requests: HashMap::new(),
             next_seq: 0,
@@ -152,13 +160,17 @@ impl Engine {
 
     /// What this engine's model allows a request (for [`EngineRequest::validate`]).
     pub fn limits(&self) -> RequestLimits {
-        RequestLimits { vocab_size: self.vocab_size, max_model_len: self.config.max_model_len }
+        RequestLimits {
+            vocab_size: self.vocab_size,
+            max_model_len: self.config.max_model_len,
+            grammars: Some(self.grammars.clone()),
+        }
     }
 
     /// Queues a checked request: `params.n` sequences of the same prompt. Only a request id
     /// already running is refused.
     pub fn add_request(&mut self, request: ValidRequest) -> Result<(), RequestError> {
-        let (request, max_tokens) = request.into_parts();
+        let (request, max_tokens, grammar) = request.into_parts();
         if self.requests.contains_key(&request.id) {
             return Err(RequestError::DuplicateId(request.id));
         }
@@ -190,6 +202,7 @@ impl Engine {
                         first_token: None,
                         last_token: None,
                     },
+                    grammar: grammar.clone(),
                 },
             );
             self.scheduler.add(seq, request.prompt_token_ids.clone());
@@ -207,22 +220,19 @@ impl Engine {
                 let runtime = self.seqs.remove(&seq)?;
                 let num_output_tokens = self.scheduler.tokens(seq).len() - runtime.num_prompt_tokens;
                 self.scheduler.finish(seq);
-                Some(RequestOutput {
-                    request_id: runtime.request_id,
-                    index: runtime.index,
-                    token_ids: Vec::new(),
-                    text: String::new(),
-                    logprobs: Vec::new(),
-                    finish_reason: Some(FinishReason::Abort),
-                    stop_reason: None,
-                    num_prompt_tokens: runtime.num_prompt_tokens,
-                    num_output_tokens,
-                    num_cached_tokens: runtime.num_cached_tokens,
-                    timings: runtime.timings,
-                    error: None,
-                })
+                Some(aborted(&runtime, num_output_tokens))
             })
             .collect()
+    }
+
+    /// Ends one sequence that cannot go on (its grammar failed), with `error` on its output.
+    fn fail(&mut self, seq: SeqId, error: String) -> RequestOutput {
+        let num_tokens = self.scheduler.tokens(seq).len();
+        let runtime = self.seqs.get(&seq).expect("sequence is live");
+        let mut output = aborted(runtime, num_tokens - runtime.num_prompt_tokens);
+        output.error = Some(error);
+        self.finish(seq);
+        output
     }
 
     /// Cancels everything (shutdown, or after a failed step).
@@ -304,6 +314,7 @@ impl Engine {
                 ));
             }
         }
+        let mut grammar_errors = self.apply_grammar_masks(&sampled, &mut rules);
         let picked = self.executor.execute_step(&layout, &logits_rows, &rules)?;
         if picked.len() != sampled.len() {
             return Err(
@@ -315,6 +326,10 @@ impl Engine {
         let now = Instant::now();
         let mut outputs = Vec::with_capacity(sampled.len());
         for (seq, row) in sampled.into_iter().zip(picked) {
+            if let Some(error) = grammar_errors.remove(&seq) {
+                outputs.push(self.fail(seq, error));
+                continue;
+            }
             let runtime = self.seqs.get_mut(&seq).expect("sampled sequences have runtime state");
             let (token, logprobs) = sampler::token_and_logprobs(row);
             self.scheduler.append_token(seq, token);
@@ -323,10 +338,44 @@ impl Engine {
             let output = self.process_token(seq, token, logprobs);
             if output.finished() {
                 self.finish(seq);
+            } else if let Some(grammar) = &mut self.seqs.get_mut(&seq).expect("sequence is live").grammar
+                && let Err(e) = grammar.advance(token)
+            {
+                // The token was sent; the error ends the sequence after it.
+                outputs.push(output);
+                outputs.push(self.fail(seq, e));
+                continue;
             }
             outputs.push(output);
         }
         Ok(outputs)
+    }
+
+    /// Puts each structured output's token mask on its row's rule, computing the masks of the
+    /// step's sequences in parallel. Returns the sequences whose grammar failed: their pick is
+    /// dropped and they end with the error.
+    fn apply_grammar_masks(&mut self, sampled: &[SeqId], rules: &mut [RowSampling]) -> HashMap<SeqId, String> {
+        let row_of: HashMap<SeqId, usize> = sampled.iter().enumerate().map(|(row, &seq)| (seq, row)).collect();
+        let mut work: Vec<(usize, &mut Grammar)> = self
+            .seqs
+            .iter_mut()
+            .filter_map(|(seq, runtime)| Some((*row_of.get(seq)?, runtime.grammar.as_mut()?)))
+            .collect();
+        if work.is_empty() {
+            return HashMap::new();
+        }
+        let masks: Vec<(usize, Result<Vec<u32>, String>)> =
+            work.par_iter_mut().map(|(row, grammar)| (*row, grammar.mask())).collect();
+        let mut errors = HashMap::new();
+        for (row, mask) in masks {
+            match mask {
+                Ok(mask) => rules[row].allowed = Some(mask),
+                Err(e) => {
+                    errors.insert(sampled[row], e);
+                }
+            }
+        }
+        errors
     }
 
     /// Detokenizes a new token and applies the stop conditions, in vLLM's order: nothing stops
@@ -408,6 +457,24 @@ impl Engine {
         let mut list: Vec<RequestOutput> = done.into_values().collect();
         list.sort_by(|a, b| (&a.request_id, a.index).cmp(&(&b.request_id, b.index)));
         Ok(list)
+    }
+}
+
+/// The output that ends a cancelled sequence: no new token.
+fn aborted(runtime: &SeqRuntime, num_output_tokens: usize) -> RequestOutput {
+    RequestOutput {
+        request_id: runtime.request_id.clone(),
+        index: runtime.index,
+        token_ids: Vec::new(),
+        text: String::new(),
+        logprobs: Vec::new(),
+        finish_reason: Some(FinishReason::Abort),
+        stop_reason: None,
+        num_prompt_tokens: runtime.num_prompt_tokens,
+        num_output_tokens,
+        num_cached_tokens: runtime.num_cached_tokens,
+        timings: runtime.timings,
+        error: None,
     }
 }
 

@@ -2,7 +2,10 @@
 //! (per-step outputs of each of its sequences).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
+
+use super::structured::{Grammar, Grammars, StructuredOutput};
 
 /// A request's id, as the client or the server chose it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -49,6 +52,8 @@ pub struct SamplingParams {
     /// Return this many top alternatives with each token's logprob (`Some(0)`: the token's only).
     pub logprobs: Option<usize>,
     pub skip_special_tokens: bool,
+    /// Holds the output to a JSON schema, regex, choice or grammar.
+    pub structured_output: Option<StructuredOutput>,
 }
 
 impl Default for SamplingParams {
@@ -72,6 +77,7 @@ impl Default for SamplingParams {
             include_stop_str_in_output: false,
             logprobs: None,
             skip_special_tokens: true,
+            structured_output: None,
         }
     }
 }
@@ -184,6 +190,22 @@ impl SamplingParams {
         if let Some(&t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return bad("stop_token_ids", format!("stop token id {t} is outside the vocabulary of {vocab_size}"));
         }
+        // The grammar decides where a structured output ends: with EOS, at once.
+        if self.structured_output.is_some() {
+            if self.ignore_eos {
+                return bad(
+                    "ignore_eos",
+                    "ignore_eos cannot be combined with structured outputs, which end with EOS".into(),
+                );
+            }
+            if self.min_tokens > 0 {
+                return bad(
+                    "min_tokens",
+                    "min_tokens cannot be combined with structured outputs, which end with EOS where the grammar does"
+                        .into(),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -198,19 +220,22 @@ pub struct EngineRequest {
     pub arrival: Instant,
 }
 
-/// What a model allows a request: its vocabulary and its context length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a model allows a request: its vocabulary, its context length, and the grammars its
+/// vocabulary can be held to (`None`: no structured outputs).
+#[derive(Clone, Debug)]
 pub struct RequestLimits {
     pub vocab_size: usize,
     pub max_model_len: usize,
+    pub grammars: Option<Arc<Grammars>>,
 }
 
 impl EngineRequest {
     /// The one check of a request: every sampling parameter in its range, a non-empty prompt of
     /// known token ids, and room in the context for the prompt and its completion. A default
-    /// `max_tokens` is fitted to the room left here, once.
-    pub fn validate(self, limits: RequestLimits) -> Result<ValidRequest, RequestError> {
-        let RequestLimits { vocab_size, max_model_len } = limits;
+    /// `max_tokens` is fitted to the room left here, once; a structured output's constraint is
+    /// compiled here, once.
+    pub fn validate(self, limits: &RequestLimits) -> Result<ValidRequest, RequestError> {
+        let &RequestLimits { vocab_size, max_model_len, ref grammars } = limits;
         self.params.validate(vocab_size)?;
         let prompt = &self.prompt_token_ids;
         if prompt.is_empty() {
@@ -232,7 +257,20 @@ impl EngineRequest {
             MaxTokens::UpTo(max) => max.min(room),
             MaxTokens::Unlimited => room,
         };
-        Ok(ValidRequest { request: self, max_tokens })
+        let grammar = match &self.params.structured_output {
+            None => None,
+            Some(spec) => {
+                let grammars = grammars.as_ref().ok_or_else(|| RequestError::InvalidParam {
+                    param: "structured_outputs",
+                    message: "structured outputs are not available for this model".into(),
+                })?;
+                let grammar = grammars
+                    .compile(spec)
+                    .map_err(|message| RequestError::InvalidParam { param: "structured_outputs", message })?;
+                Some(grammar)
+            }
+        };
+        Ok(ValidRequest { request: self, max_tokens, grammar })
     }
 }
 
@@ -242,6 +280,8 @@ impl EngineRequest {
 pub struct ValidRequest {
     request: EngineRequest,
     max_tokens: usize,
+    /// The compiled constraint, in its start state.
+    grammar: Option<Grammar>,
 }
 
 impl ValidRequest {
@@ -262,8 +302,8 @@ impl ValidRequest {
         self.max_tokens
     }
 
-    pub fn into_parts(self) -> (EngineRequest, usize) {
-        (self.request, self.max_tokens)
+    pub fn into_parts(self) -> (EngineRequest, usize, Option<Grammar>) {
+        (self.request, self.max_tokens, self.grammar)
     }
 }
 
@@ -408,12 +448,12 @@ impl RequestOutput {
 mod tests {
     use super::*;
 
-    const LIMITS: RequestLimits = RequestLimits { vocab_size: 100, max_model_len: 32 };
+    const LIMITS: RequestLimits = RequestLimits { vocab_size: 100, max_model_len: 32, grammars: None };
 
     fn check(params: SamplingParams, prompt: Vec<u32>) -> Result<usize, RequestError> {
         let request =
             EngineRequest { id: RequestId("r".into()), prompt_token_ids: prompt, params, arrival: Instant::now() };
-        request.validate(LIMITS).map(|r| r.max_tokens())
+        request.validate(&LIMITS).map(|r| r.max_tokens())
     }
 
     /// `EngineRequest::validate` is the one function that refuses a request; every field it checks

@@ -34,7 +34,7 @@ pub fn row_rule(params: &SamplingParams, ctx: &SamplingContext, rng: &mut ChaCha
         top_p: params.top_p,
         uniform: uniform(rng),
     });
-    RowSampling { edits: edits(params, ctx), draw, logprobs: params.logprobs.map(|k| k as u32) }
+    RowSampling { edits: edits(params, ctx), draw, logprobs: params.logprobs.map(|k| k as u32), allowed: None }
 }
 
 /// A backend's pick as the engine reports it.

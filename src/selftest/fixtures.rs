@@ -205,7 +205,7 @@ pub fn batching_rows(fixtures: &Path, device: DeviceKind) -> Result<Vec<Row>, St
                     params: params.clone(),
                     arrival: std::time::Instant::now(),
                 };
-                let request = request.validate(engine.limits()).map_err(|e| e.to_string())?;
+                let request = request.validate(&engine.limits()).map_err(|e| e.to_string())?;
                 engine.add_request(request).map_err(|e| e.to_string())?;
             }
             let done = engine.run_to_completion().map_err(|e| e.to_string())?;

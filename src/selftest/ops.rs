@@ -251,7 +251,7 @@ pub fn argmax(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
 
 /// Every sampling rule on the device picks what `backend::sampling::sample_row` picks on the host
 /// from the same logits (greedy and draws; temperature, min-p, top-k, top-p; the logit edits;
-/// logprobs within rounding), with rows of ties where top-k must break them by index.
+/// logprobs within rounding; token masks), with rows of ties where top-k must break them by index.
 pub fn sampling(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     let rows = 64;
     // Small weights: flat distributions, where a wrong walk or a wrong cut picks another token.
@@ -325,6 +325,16 @@ fn sampling_rule(r: usize, rows: usize) -> RowSampling {
     }
     if r.is_multiple_of(5) {
         rule.logprobs = Some((r % 7) as u32);
+    }
+    // A structured output's token mask on every fourth row, on some shorter than the vocabulary
+    // (allowing nothing past its end).
+    if r % 4 == 1 {
+        let words = if r % 8 == 5 { 20 } else { 1000usize.div_ceil(32) };
+        let mut mask = vec![0u32; words];
+        for t in (0..words * 32).filter(|t| (t * 31 + r) % 7 < 2) {
+            mask[t / 32] |= 1 << (t % 32);
+        }
+        rule.allowed = Some(mask);
     }
     rule
 }

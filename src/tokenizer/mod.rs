@@ -137,6 +137,11 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The tokenizer as `tokenizer.json` text (also for one built from a GGUF vocabulary).
+    pub fn to_json(&self) -> String {
+        self.inner.to_string(false).unwrap_or_default()
+    }
+
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }

@@ -174,7 +174,7 @@ fn stop_conditions_end_generation_where_they_should() {
 fn requests_beyond_the_context_are_refused_at_the_limit() {
     let engine = engine("tiny-llama", |o| o.max_model_len = Some(64));
     let check = |prompt: &[u32], params: SamplingParams| {
-        request("x", prompt.to_vec(), params).validate(engine.limits()).map(|r| r.max_tokens())
+        request("x", prompt.to_vec(), params).validate(&engine.limits()).map(|r| r.max_tokens())
     };
     let prompt = vec![5u32; 60];
     let params = |max| SamplingParams { max_tokens: MaxTokens::Exact(max), ..SamplingParams::greedy() };

@@ -116,7 +116,7 @@ pub fn greedy(max_tokens: usize) -> SamplingParams {
 /// Checks the requests, runs them together and returns completions in request-id order.
 pub fn run(engine: &mut Engine, requests: Vec<pagoda::engine::EngineRequest>) -> Vec<RequestOutput> {
     for r in requests {
-        let r = r.validate(engine.limits()).unwrap();
+        let r = r.validate(&engine.limits()).unwrap();
         engine.add_request(r).unwrap();
     }
     engine.run_to_completion().unwrap()

@@ -14,5 +14,6 @@ mod metadata;
 mod operations;
 mod reference;
 mod server;
+mod structured;
 mod sync;
 mod tidy;

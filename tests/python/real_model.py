@@ -33,3 +33,31 @@ stream = client.chat.completions.create(
 text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 assert text == "The capital of France is Paris.", text
 print("the real model answered: The capital of France is Paris.")
+
+# Structured outputs on a real model: the schema holds and the answer is still right.
+import json
+
+chat = client.chat.completions.create(
+    model="smollm2",
+    messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+    temperature=0,
+    max_tokens=60,
+    response_format={
+        "type": "json_schema",
+        "json_schema": {
+            "name": "answer",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+                "required": ["country", "capital"],
+                "additionalProperties": False,
+            },
+        },
+    },
+)
+choice = chat.choices[0]
+answer = json.loads(choice.message.content)
+assert choice.finish_reason == "stop", chat
+assert set(answer) == {"country", "capital"} and answer["capital"] == "Paris", answer
+print("the real model answered in JSON:", choice.message.content)

@@ -45,7 +45,8 @@ pub fn add_rms_norm(num_rows: usize) -> LaunchConfig {
     config((dim(num_rows), 1, 1), NORM_THREADS)
 }
 
-/// `pagoda_add_*`, `pagoda_add_bias_*`, `pagoda_silu_mul_*`: one thread per element.
+/// `pagoda_add_*`, `pagoda_add_bias_*`, `pagoda_silu_mul_*`, `pagoda_logit_edits_f32`,
+/// `pagoda_token_mask_f32`: one thread per element.
 pub fn elementwise(len: usize) -> LaunchConfig {
     config((dim(len.div_ceil(ELEMENTWISE_THREADS as usize)), 1, 1), ELEMENTWISE_THREADS)
 }

@@ -415,6 +415,11 @@ struct SamplingUpload {
     logprob_rows: Vec<u32>,
     /// The most top logprobs any row asks for (capped at the vocabulary); each row gets this many.
     max_logprobs: usize,
+    /// Rows with a token mask: their indices at `masks_at`, then each one's bitmask of
+    /// `mask_words` words.
+    masks_at: usize,
+    num_masks: usize,
+    mask_words: usize,
 }
 
 impl SamplingUpload {
@@ -422,7 +427,9 @@ impl SamplingUpload {
         let logprob_rows: Vec<u32> =
             (0..sampling.len() as u32).filter(|&r| sampling[r as usize].logprobs.is_some()).collect();
         let max_logprobs = sampling.iter().filter_map(|r| r.logprobs).max().unwrap_or(0).min(vocab as u32) as usize;
-        let plain = sampling.iter().all(|r| r.draw.is_none() && r.edits.is_empty()) && logprob_rows.is_empty();
+        let mask_words = vocab.div_ceil(32);
+        let plain = sampling.iter().all(|r| r.draw.is_none() && r.edits.is_empty() && r.allowed.is_none())
+            && logprob_rows.is_empty();
         if plain {
             return SamplingUpload {
                 words: Vec::new(),
@@ -431,6 +438,9 @@ impl SamplingUpload {
                 logprob_rows_at: 0,
                 logprob_rows,
                 max_logprobs,
+                masks_at: 0,
+                num_masks: 0,
+                mask_words,
             };
         }
         let mut words = Vec::with_capacity(5 * sampling.len() + logprob_rows.len());
@@ -451,7 +461,25 @@ impl SamplingUpload {
         let num_edits = (words.len() - edits_at) / 5;
         let logprob_rows_at = words.len();
         words.extend(&logprob_rows);
-        SamplingUpload { words, edits_at, num_edits, logprob_rows_at, logprob_rows, max_logprobs }
+        let masks_at = words.len();
+        let masked: Vec<(u32, &Vec<u32>)> =
+            sampling.iter().enumerate().filter_map(|(r, rule)| Some((r as u32, rule.allowed.as_ref()?))).collect();
+        words.extend(masked.iter().map(|m| m.0));
+        for (_, mask) in &masked {
+            // A mask shorter than the vocabulary allows nothing past its end.
+            words.extend(mask.iter().copied().chain(std::iter::repeat(0)).take(mask_words));
+        }
+        SamplingUpload {
+            words,
+            edits_at,
+            num_edits,
+            logprob_rows_at,
+            logprob_rows,
+            max_logprobs,
+            masks_at,
+            num_masks: masked.len(),
+            mask_words,
+        }
     }
 
     /// Words per logprobs row of the output: the token's logprob, then (id, logprob) pairs.
@@ -983,6 +1011,19 @@ impl Backend for CudaBackend {
                         KernelArg::Ptr(x.ptr()),
                         KernelArg::Ptr(word(plan.edits_at)),
                         KernelArg::I32(plan.num_edits as i32),
+                        KernelArg::I32(x.cols as i32),
+                    ],
+                )?;
+            }
+            if plan.num_masks > 0 {
+                device.launch(
+                    "pagoda_token_mask_f32",
+                    geometry::elementwise(plan.num_masks * x.cols),
+                    &[
+                        KernelArg::Ptr(x.ptr()),
+                        KernelArg::Ptr(word(plan.masks_at)),
+                        KernelArg::I32(plan.num_masks as i32),
+                        KernelArg::I32(plan.mask_words as i32),
                         KernelArg::I32(x.cols as i32),
                     ],
                 )?;
