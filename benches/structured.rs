@@ -1,6 +1,6 @@
-//! What structured outputs cost per token on a real vocabulary: the grammar's token mask before
-//! each pick and its advance after it, walking a valid JSON document token by token, against the
-//! time of one decode step of the same model (which the mask is added to).
+//! What structured outputs cost per token on a real model: the grammar's token mask before each
+//! pick and its advance after it, walking a valid JSON document token by token; then the engine's
+//! decode time per token on the CPU with and without a JSON schema, greedy, same prompt.
 //!
 //! Run: `cargo bench --bench structured -- MODEL` (a folder or a `.gguf`; CI fetches SmolLM2-135M
 //! to `.ci/cache/smollm2/`). Prints a Markdown table for BENCHMARKS.md.
@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pagoda::engine::structured::{Grammars, JsonOptions, StructuredOutput};
+use pagoda::engine::{EngineRequest, MaxTokens, RequestId, SamplingParams};
+use pagoda::launch::{DeviceKind, EngineOptions, load_engine};
 use pagoda::model::ModelFiles;
 use serde_json::json;
 
@@ -36,7 +38,7 @@ fn main() {
         },
         "required": ["name", "age", "email", "tags", "address"],
     });
-    let spec = StructuredOutput::Json { schema, options: JsonOptions::default() };
+    let spec = StructuredOutput::Json { schema: schema.clone(), options: JsonOptions::default() };
     grammars.compile(&spec).expect("schema compiles");
     let first_use = start.elapsed();
     let start = Instant::now();
@@ -77,4 +79,39 @@ fn main() {
     println!("| advance, per token | {adv_mean:.1} µs | {adv_p50:.1} µs | {adv_p99:.1} µs |");
     println!("| compile the schema | {:.2} ms | | |", compile.as_secs_f64() * 1e3);
     println!("| first use (token trie + compile) | {:.0} ms | | |", first_use.as_secs_f64() * 1e3);
+
+    // The engine, one sequence, greedy: decode time per token with and without the schema.
+    let opts = EngineOptions {
+        model: Some(model.clone().into()),
+        device: DeviceKind::Cpu,
+        num_gpu_blocks_override: Some(64),
+        ..EngineOptions::default()
+    };
+    let mut engine = load_engine(&opts).expect("engine loads").engine;
+    let prompt = tokenizer.encode("Here is a person described in JSON:", false).expect("prompt tokenizes");
+    let mut per_token = |structured_output: Option<StructuredOutput>, id: &str| {
+        let params = SamplingParams {
+            max_tokens: MaxTokens::Exact(48),
+            ignore_eos: structured_output.is_none(),
+            structured_output,
+            ..SamplingParams::greedy()
+        };
+        let request =
+            EngineRequest { id: RequestId(id.into()), prompt_token_ids: prompt.clone(), params, arrival: Instant::now() };
+        engine.add_request(request.validate(&engine.limits()).expect("valid")).expect("added");
+        let out = engine.run_to_completion().expect("runs").remove(0);
+        let t = out.timings;
+        let decode = t.last_token.unwrap() - t.first_token.unwrap();
+        (decode.as_secs_f64() / (out.num_output_tokens - 1) as f64, out.num_output_tokens)
+    };
+    per_token(None, "warm-up");
+    let (plain, plain_n) = per_token(None, "plain");
+    let spec = StructuredOutput::Json { schema, options: JsonOptions::default() };
+    let (constrained, constrained_n) = per_token(Some(spec), "json");
+    println!();
+    println!("| engine decode, 1 sequence, greedy, CPU | per token | tokens |");
+    println!("|---|---|---|");
+    println!("| no constraint | {:.2} ms | {plain_n} |", plain * 1e3);
+    println!("| JSON schema | {:.2} ms | {constrained_n} |", constrained * 1e3);
+    println!("| ratio | {:.3} | |", constrained / plain);
 }
