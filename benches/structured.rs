@@ -96,8 +96,12 @@ fn main() {
             structured_output,
             ..SamplingParams::greedy()
         };
-        let request =
-            EngineRequest { id: RequestId(id.into()), prompt_token_ids: prompt.clone(), params, arrival: Instant::now() };
+        let request = EngineRequest {
+            id: RequestId(id.into()),
+            prompt_token_ids: prompt.clone(),
+            params,
+            arrival: Instant::now(),
+        };
         engine.add_request(request.validate(&engine.limits()).expect("valid")).expect("added");
         let out = engine.run_to_completion().expect("runs").remove(0);
         let t = out.timings;

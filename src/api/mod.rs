@@ -8,7 +8,7 @@
 
 mod error;
 mod generate;
-mod openai;
+pub mod openai;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -284,16 +284,20 @@ fn parse<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T,
 
 /// A generation request: its own fields, then the shared sampling fields from the same object.
 trait WithSampling: serde::de::DeserializeOwned {
+    /// Chat completions (whose unsupported fields differ a little from completions').
+    const CHAT: bool;
     fn sampling_mut(&mut self) -> &mut openai::SamplingFields;
 }
 
 impl WithSampling for openai::CompletionRequest {
+    const CHAT: bool = false;
     fn sampling_mut(&mut self) -> &mut openai::SamplingFields {
         &mut self.sampling
     }
 }
 
 impl WithSampling for openai::ChatRequest {
+    const CHAT: bool = true;
     fn sampling_mut(&mut self) -> &mut openai::SamplingFields {
         &mut self.sampling
     }
@@ -301,6 +305,9 @@ impl WithSampling for openai::ChatRequest {
 
 async fn read_request<T: WithSampling>(state: &AppState, req: Request<Incoming>) -> Result<T, ApiError> {
     let value = read_body(state, req).await?;
+    if let Some((field, message)) = openai::unsupported_field(&value, T::CHAT) {
+        return Err(ApiError::bad_request(message, Some(field)));
+    }
     let mut parsed: T = parse(&value)?;
     *parsed.sampling_mut() = parse(&value)?;
     Ok(parsed)

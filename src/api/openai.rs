@@ -50,6 +50,91 @@ impl<'de> Deserialize<'de> for Prompt {
     }
 }
 
+/// A request field of OpenAI's API or vLLM's that Pagoda does not implement (yet): present with
+/// any value but one of `neutral` (those that ask for the default behaviour), it is refused with a
+/// 400. A field is implemented or refused, never accepted and ignored; fields no API defines are
+/// ignored (clients send many).
+pub struct UnsupportedField {
+    pub name: &'static str,
+    pub neutral: fn() -> Vec<Value>,
+    /// `true`: chat completions only (completions implement it).
+    pub chat_only: bool,
+}
+
+const fn field(name: &'static str, neutral: fn() -> Vec<Value>) -> UnsupportedField {
+    UnsupportedField { name, neutral, chat_only: false }
+}
+
+fn null() -> Vec<Value> {
+    vec![Value::Null]
+}
+
+fn null_or_false() -> Vec<Value> {
+    vec![Value::Null, Value::Bool(false)]
+}
+
+pub const UNSUPPORTED_FIELDS: &[UnsupportedField] = &[
+    field("prompt_logprobs", null),
+    field("return_tokens_as_token_ids", null_or_false),
+    field("return_token_ids", null_or_false),
+    field("truncate_prompt_tokens", null),
+    field("allowed_token_ids", null),
+    field("bad_words", || vec![Value::Null, Value::Array(Vec::new())]),
+    field("logits_processors", null),
+    field("priority", || vec![Value::Null, Value::from(0)]),
+    field("use_beam_search", null_or_false),
+    field("length_penalty", || vec![Value::Null, Value::from(1), Value::from(1.0)]),
+    field("spaces_between_special_tokens", || vec![Value::Null, Value::Bool(true)]),
+    field("detokenize", || vec![Value::Null, Value::Bool(true)]),
+    field("prompt_embeds", null),
+    field("cache_salt", null),
+    field("kv_transfer_params", null),
+    field("vllm_xargs", null),
+    field("mm_processor_kwargs", null),
+    field("reasoning_effort", null),
+    field("prediction", null),
+    field("audio", null),
+    field("modalities", || vec![Value::Null, Value::Array(vec![Value::from("text")])]),
+    field("web_search_options", null),
+    UnsupportedField { name: "tool_choice", neutral: || vec![Value::Null, Value::from("none")], chat_only: true },
+    UnsupportedField { name: "parallel_tool_calls", neutral: || vec![Value::Null, Value::Bool(true)], chat_only: true },
+    UnsupportedField { name: "functions", neutral: null, chat_only: true },
+    UnsupportedField { name: "function_call", neutral: || vec![Value::Null, Value::from("none")], chat_only: true },
+    UnsupportedField { name: "documents", neutral: null, chat_only: true },
+    UnsupportedField { name: "chat_template", neutral: null, chat_only: true },
+    UnsupportedField { name: "echo", neutral: null_or_false, chat_only: true },
+];
+
+/// The first field of `body` that asks for something Pagoda does not implement, with why.
+pub fn unsupported_field(body: &Value, chat: bool) -> Option<(&'static str, String)> {
+    let object = body.as_object()?;
+    for f in UNSUPPORTED_FIELDS.iter().filter(|f| chat || !f.chat_only) {
+        if let Some(value) = object.get(f.name)
+            && !(f.neutral)().contains(value)
+        {
+            let why = match f.name {
+                "tool_choice" | "parallel_tool_calls" | "functions" | "function_call" => {
+                    "tool calls are not parsed yet: tools reach the chat template, and the output is text"
+                }
+                _ => "Pagoda does not implement it yet",
+            };
+            return Some((f.name, format!("{} = {value} is not supported: {why}", f.name)));
+        }
+    }
+    if let Some(options) = object.get("stream_options").filter(|o| !o.is_null()) {
+        if !object.get("stream").is_some_and(|s| s == true) {
+            return Some(("stream_options", "stream_options is only allowed when stream is true".into()));
+        }
+        if options.get("continuous_usage_stats").is_some_and(|v| v == true) {
+            return Some((
+                "stream_options.continuous_usage_stats",
+                "stream_options.continuous_usage_stats is not supported: Pagoda does not implement it yet".into(),
+            ));
+        }
+    }
+    None
+}
+
 /// `stop`: one string or a list of them.
 #[derive(Debug, Clone, Default)]
 pub struct Stop(pub Vec<String>);

@@ -6,6 +6,7 @@ mod batching;
 mod cli;
 mod common;
 mod cuda;
+mod fields;
 mod gguf;
 mod http;
 mod hub;

@@ -182,11 +182,12 @@ fn streamed_chunks_concatenate_to_the_whole_response() {
     let reference = reference("tiny-llama");
     let prompt = &reference.prompts[3].text;
     // Completions, two prompts and n = 2 (seeded sampling), streamed and not.
-    let body = json!({"prompt": [prompt, "a"], "max_tokens": 20, "n": 2, "seed": 5, "temperature": 0.8, "ignore_eos": true,
-                      "stream_options": {"include_usage": true}});
+    let body =
+        json!({"prompt": [prompt, "a"], "max_tokens": 20, "n": 2, "seed": 5, "temperature": 0.8, "ignore_eos": true});
     let whole = post(server.port, "/v1/completions", &body).json();
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
     let stream = EventStream::open(server.port, "/v1/completions", &streamed);
     assert_eq!(stream.status, 200);
     assert!(stream.headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v == "text/event-stream"));
