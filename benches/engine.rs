@@ -116,6 +116,8 @@ fn build_engine(files: &ModelFiles) -> Engine {
         max_num_batched_tokens: 2048,
         enable_prefix_caching: false,
         enable_chunked_prefill: true,
+        seed: None,
+        max_logprobs: 20,
     };
     let tokenizer = Arc::new(ModelFiles::demo(&DemoSpec::demo()).unwrap().tokenizer);
     Engine::new(config, Box::new(runner), tokenizer, vec![]).unwrap()

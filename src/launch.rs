@@ -41,6 +41,15 @@ pub struct EngineOptions {
     pub gpu_memory_utilization: f32,
     /// No CUDA graphs: every step runs eagerly (`--enforce-eager`).
     pub enforce_eager: bool,
+    /// GPUs one model is split over (`--tensor-parallel-size`); only 1 is implemented.
+    pub tensor_parallel_size: usize,
+    pub pipeline_parallel_size: usize,
+    /// Seeds the draws of requests that give no seed of their own (`--seed`).
+    pub seed: Option<u64>,
+    /// Most top logprobs a request may ask for (`--max-logprobs`).
+    pub max_logprobs: usize,
+    /// A chat template replacing the model's (`--chat-template`: already read from its file).
+    pub chat_template: Option<String>,
 }
 
 /// `--device`: where the model runs.
@@ -88,6 +97,11 @@ impl Default for EngineOptions {
             load_format: LoadFormat::Auto,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             enforce_eager: false,
+            tensor_parallel_size: 1,
+            pipeline_parallel_size: 1,
+            seed: None,
+            max_logprobs: crate::engine::request::DEFAULT_MAX_LOGPROBS,
+            chat_template: None,
         }
     }
 }
@@ -140,11 +154,27 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
             opts.gpu_memory_utilization
         )));
     }
+    for (flag, size) in [
+        ("--tensor-parallel-size", opts.tensor_parallel_size),
+        ("--pipeline-parallel-size", opts.pipeline_parallel_size),
+    ] {
+        if size != 1 {
+            return Err(LaunchError::Invalid(format!(
+                "{flag} {size}: Pagoda runs a model on one GPU; splitting it over several is not supported yet"
+            )));
+        }
+    }
     let mut files = match (&opts.model, opts.load_format) {
         (Some(dir), LoadFormat::Auto) => ModelFiles::load(dir)?,
         (Some(dir), LoadFormat::Dummy) => ModelFiles::load_dummy(dir)?,
         (None, _) => ModelFiles::demo(&DemoSpec::demo())?,
     };
+    if let Some(template) = &opts.chat_template {
+        files
+            .tokenizer
+            .set_chat_template(template)
+            .map_err(|e| LaunchError::Invalid(format!("--chat-template: {e}")))?;
+    }
     if opts.load_format == LoadFormat::Dummy {
         tracing::warn!("--load-format dummy: the weights are random; the output is meaningless");
         files.weights = Weights::Dummy { seed: 0 };
@@ -160,6 +190,8 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
         max_num_batched_tokens: opts.max_num_batched_tokens,
         enable_prefix_caching: opts.enable_prefix_caching,
         enable_chunked_prefill: opts.enable_chunked_prefill,
+        seed: opts.seed,
+        max_logprobs: opts.max_logprobs,
     };
     let kv_cache = bound.executor.kv_cache_shape();
     let info = ModelInfo {

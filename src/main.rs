@@ -20,7 +20,7 @@ fn one_line(err: &anyhow::Error) -> String {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = pagoda::cli::Cli::parse();
+    let cli = pagoda::cli::Cli::parse_from(pagoda::cli::vllm_short_flags(std::env::args_os()));
     pagoda::cli::init_logging(cli.log_format);
     match cli.run() {
         Ok(()) => std::process::ExitCode::SUCCESS,

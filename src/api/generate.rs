@@ -218,6 +218,10 @@ impl Submission {
             let request = EngineRequest { id, prompt_token_ids: prompt, params: params.clone(), arrival };
             requests.push(request.validate(limits)?);
         }
+        if state.config.log_request_params {
+            let prompt_tokens: Vec<usize> = requests.iter().map(|r| r.prompt_token_ids().len()).collect();
+            tracing::info!(request = %base, ?prompt_tokens, ?params, "received request");
+        }
         let num_seqs = requests.len() * params.n;
         if num_seqs > state.config.max_queue {
             return Err(ApiError::bad_request(
@@ -422,11 +426,12 @@ fn log_finished(started: Instant, usage: &Usage, reasons: &[Option<&'static str>
 
 pub async fn completions(
     state: Arc<AppState>,
-    req: CompletionRequest,
+    mut req: CompletionRequest,
     request_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let loaded = state.ready()?;
-    state.check_model(req.model.as_deref())?;
+    let model = state.check_model(req.model.as_deref())?;
+    force_usage(&state, &mut req.stream_options);
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("suffix is not supported", Some("suffix")));
     }
@@ -456,13 +461,19 @@ pub async fn completions(
     };
     let run = Submission::start(&state, loaded, prompts, params)?;
     let guard = InFlight::new(&state);
-    let meta =
-        ResponseMeta { id: format!("cmpl-{request_id}"), model: state.served_model_name.clone(), created: unix_now() };
+    let meta = ResponseMeta { id: format!("cmpl-{request_id}"), model, created: unix_now() };
     if req.stream {
         return Ok(with_guard(stream_completion(run, meta, &req, tok, echo_texts), guard));
     }
     let response = collect_completion(run, meta, &req, tok, echo_texts).await?;
     Ok(with_guard(json_response(StatusCode::OK, &response), guard))
+}
+
+/// `--enable-force-include-usage`: a stream ends with its usage whether or not it asked.
+fn force_usage(state: &AppState, options: &mut Option<StreamOptions>) {
+    if state.config.force_include_usage {
+        options.get_or_insert_with(StreamOptions::default).include_usage = true;
+    }
 }
 
 /// What every response and chunk of one request repeats.
@@ -608,11 +619,12 @@ fn render_chat(
 
 pub async fn chat(
     state: Arc<AppState>,
-    req: ChatRequest,
+    mut req: ChatRequest,
     request_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let loaded = state.ready()?;
-    state.check_model(req.model.as_deref())?;
+    let model = state.check_model(req.model.as_deref())?;
+    force_usage(&state, &mut req.stream_options);
     if req.top_logprobs.is_some() && !req.logprobs {
         return Err(ApiError::bad_request("top_logprobs needs logprobs set to true", Some("top_logprobs")));
     }
@@ -631,11 +643,7 @@ pub async fn chat(
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad_request(e.message, Some("messages")))?;
     let run = Submission::start(&state, loaded, vec![prompt], params)?;
     let guard = InFlight::new(&state);
-    let meta = ResponseMeta {
-        id: format!("chatcmpl-{request_id}"),
-        model: state.served_model_name.clone(),
-        created: unix_now(),
-    };
+    let meta = ResponseMeta { id: format!("chatcmpl-{request_id}"), model, created: unix_now() };
     if req.stream {
         return Ok(with_guard(stream_chat(run, meta, &req, tok, logprobs), guard));
     }

@@ -53,7 +53,14 @@ pub struct ServerConfig {
     pub engine_stall_timeout: Duration,
     /// Use the model's `generation_config.json` sampling values as request defaults.
     pub use_generation_config: bool,
+    /// A log line per request (method, path, status, time).
     pub log_requests: bool,
+    /// Also a line per generation request with its prompt sizes and sampling parameters
+    /// (`--enable-log-requests`).
+    pub log_request_params: bool,
+    /// Every streamed response ends with a usage chunk, asked for or not
+    /// (`--enable-force-include-usage`).
+    pub force_include_usage: bool,
 }
 
 /// Where the server is in its life; kept in an atomic as its `u8`.
@@ -100,7 +107,8 @@ pub struct AppState {
     phase: AtomicU8,
     loaded: OnceLock<LoadedModel>,
     telemetry: Arc<Telemetry>,
-    served_model_name: String,
+    /// The names the model answers to; the first is reported.
+    served_model_names: Vec<String>,
     cloud: CloudInfo,
     /// Generation requests being answered (a streaming one until its last byte).
     in_flight: AtomicUsize,
@@ -111,15 +119,16 @@ impl AppState {
     pub fn new(
         config: ServerConfig,
         telemetry: Arc<Telemetry>,
-        served_model_name: String,
+        served_model_names: Vec<String>,
         cloud: CloudInfo,
     ) -> AppState {
+        assert!(!served_model_names.is_empty(), "a model has a name");
         AppState {
             config,
             phase: AtomicU8::new(Phase::Loading as u8),
             loaded: OnceLock::new(),
             telemetry,
-            served_model_name,
+            served_model_names,
             cloud,
             in_flight: AtomicUsize::new(0),
             created: unix_now(),
@@ -164,14 +173,21 @@ impl AppState {
         }
     }
 
-    fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
+    /// The name a response reports: the one the request used (one of the served names), else the
+    /// first.
+    fn check_model(&self, requested: Option<&str>) -> Result<String, ApiError> {
         match requested {
-            Some(name) if name != self.served_model_name => Err(ApiError::NotFound(format!(
+            Some(name) if !self.served_model_names.iter().any(|n| n == name) => Err(ApiError::NotFound(format!(
                 "the model '{name}' does not exist; this server serves '{}'",
-                self.served_model_name
+                self.served_model_names.join("', '")
             ))),
-            _ => Ok(()),
+            Some(name) => Ok(name.to_string()),
+            None => Ok(self.served_model_name().to_string()),
         }
+    }
+
+    fn served_model_name(&self) -> &str {
+        &self.served_model_names[0]
     }
 }
 
@@ -436,16 +452,20 @@ async fn dispatch(
         Route::Version => Ok(version(state)),
         Route::Models => {
             let loaded = state.ready()?;
-            let card = ModelCard {
-                id: state.served_model_name.clone(),
-                object: "model",
-                created: state.created,
-                owned_by: "pagoda",
-                root: loaded.model.origin.clone(),
-                parent: None,
-                max_model_len: loaded.model.max_model_len,
-            };
-            Ok(json_response(StatusCode::OK, &ModelList { object: "list", data: vec![card] }))
+            let cards = state
+                .served_model_names
+                .iter()
+                .map(|name| ModelCard {
+                    id: name.clone(),
+                    object: "model",
+                    created: state.created,
+                    owned_by: "pagoda",
+                    root: loaded.model.origin.clone(),
+                    parent: None,
+                    max_model_len: loaded.model.max_model_len,
+                })
+                .collect();
+            Ok(json_response(StatusCode::OK, &ModelList { object: "list", data: cards }))
         }
         Route::Completions => generate::completions(state.clone(), read_request(state, req).await?, request_id).await,
         Route::ChatCompletions => generate::chat(state.clone(), read_request(state, req).await?, request_id).await,
@@ -482,7 +502,7 @@ fn version(state: &AppState) -> Response<ResponseBody> {
         &serde_json::json!({
             "version": VERSION,
             "git_commit": GIT_COMMIT,
-            "model": state.served_model_name,
+            "model": state.served_model_name(),
             "backend": loaded.map(|l| l.model.backend),
             "cloud": {"provider": state.cloud.provider, "instance_type": state.cloud.instance_type},
         }),

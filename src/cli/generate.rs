@@ -52,10 +52,6 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
 
-    /// Seed for sampling: the same seed and prompt give the same output.
-    #[arg(long)]
-    pub seed: Option<u64>,
-
     /// Completions per prompt.
     #[arg(long, default_value_t = 1)]
     pub n: usize,
@@ -84,7 +80,7 @@ pub enum OutputFormat {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = load_engine(&args.engine.to_options())?;
+    let loaded = load_engine(&args.engine.to_options()?)?;
     let mut engine = loaded.engine;
     let params = sampling_params(&args);
     for (idx, prompt) in args.prompt.iter().enumerate() {
@@ -142,7 +138,9 @@ fn sampling_params(args: &GenerateArgs) -> SamplingParams {
         presence_penalty: args.presence_penalty,
         frequency_penalty: args.frequency_penalty,
         repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
+        // --seed (an engine flag) seeds every prompt alike: the same seed and prompt give the same
+        // output.
+        seed: args.engine.seed,
         max_tokens: MaxTokens::Exact(args.max_tokens),
         ignore_eos: args.ignore_eos,
         stop: args.stop.clone(),

@@ -18,6 +18,8 @@ use crate::weights::DType;
 #[command(
     name = "pagoda",
     version,
+    // A flag given twice takes its last value, as in vLLM (lists such as --api-key still add up).
+    args_override_self = true,
     about = "An LLM inference appliance: OpenAI-compatible serving with a paged KV cache"
 )]
 pub struct Cli {
@@ -89,9 +91,10 @@ pub struct EngineArgs {
     #[arg(long, env = "PAGODA_MODEL")]
     pub model: Option<std::path::PathBuf>,
 
-    /// Name clients use for the model (default: the --model value, or the demo model's name).
-    #[arg(long, env = "PAGODA_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
+    /// Names clients use for the model; several are aliases of one model, the first one reported
+    /// in responses and metrics (default: the --model value, or the demo model's name).
+    #[arg(long, env = "PAGODA_SERVED_MODEL_NAME", num_args = 1..)]
+    pub served_model_name: Vec<String>,
 
     /// Longest sequence (prompt and output) in tokens. Default: the model's maximum, lowered to what
     /// the KV cache holds.
@@ -166,6 +169,60 @@ pub struct EngineArgs {
     /// the first two leave. Ignored on the CPU.
     #[arg(long, env = "PAGODA_GPU_MEMORY_UTILIZATION", default_value_t = crate::launch::DEFAULT_GPU_MEMORY_UTILIZATION)]
     pub gpu_memory_utilization: f32,
+
+    /// GPUs to split the model over (vLLM's -tp). Only 1: more is refused at start until Pagoda
+    /// has tensor parallelism.
+    #[arg(long, env = "PAGODA_TENSOR_PARALLEL_SIZE", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+
+    /// Pipeline stages (vLLM's -pp). Only 1.
+    #[arg(long, env = "PAGODA_PIPELINE_PARALLEL_SIZE", default_value_t = 1)]
+    pub pipeline_parallel_size: usize,
+
+    /// Seed for requests that give none: each draws its seed from a generator seeded with this, in
+    /// the order requests reach the engine, so a replay of the same requests gives the same
+    /// outputs. Without it, unseeded requests take their randomness from the OS.
+    #[arg(long, env = "PAGODA_SEED")]
+    pub seed: Option<u64>,
+
+    /// Most top logprobs a request may ask for (`logprobs`, `top_logprobs`); -1: the vocabulary.
+    #[arg(long, env = "PAGODA_MAX_LOGPROBS", default_value_t = crate::engine::request::DEFAULT_MAX_LOGPROBS as i64,
+          allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(-1..))]
+    pub max_logprobs: i64,
+
+    /// A chat template replacing the model's: a file holding it, or the template itself (a value
+    /// with '{{' or '{%' that is not a file).
+    #[arg(long, env = "PAGODA_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
+
+    /// Accepted so that vLLM command lines work. Pagoda runs no code from a model's repository
+    /// (its architectures are built in), so there is nothing to trust and nothing changes.
+    #[arg(long, env = "PAGODA_TRUST_REMOTE_CODE")]
+    pub trust_remote_code: bool,
+}
+
+/// `--chat-template`: the file's text, or the value itself when it is a template.
+pub fn read_chat_template(value: &str) -> anyhow::Result<String> {
+    let path = std::path::Path::new(value);
+    if path.is_file() {
+        return std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--chat-template {value}: {e}"));
+    }
+    anyhow::ensure!(
+        value.contains("{{") || value.contains("{%"),
+        "--chat-template {value}: no such file, and not a template (no '{{{{' or '{{%')"
+    );
+    Ok(value.to_string())
+}
+
+/// vLLM's short flags that clap cannot spell (`-tp 2`), rewritten to their long forms.
+pub fn vllm_short_flags(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.into_iter()
+        .map(|a| match a.to_str() {
+            Some("-tp") => "--tensor-parallel-size".into(),
+            Some("-pp") => "--pipeline-parallel-size".into(),
+            _ => a,
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -245,10 +302,10 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 }
 
 impl EngineArgs {
-    pub fn to_options(&self) -> EngineOptions {
-        EngineOptions {
+    pub fn to_options(&self) -> anyhow::Result<EngineOptions> {
+        Ok(EngineOptions {
             model: self.model.clone(),
-            served_model_name: self.served_model_name.clone(),
+            served_model_name: self.served_model_name.first().cloned(),
             max_model_len: self.max_model_len,
             max_num_seqs: self.max_num_seqs as usize,
             max_num_batched_tokens: self.max_num_batched_tokens as usize,
@@ -265,7 +322,13 @@ impl EngineArgs {
             },
             gpu_memory_utilization: self.gpu_memory_utilization,
             enforce_eager: self.enforce_eager,
-        }
+            tensor_parallel_size: self.tensor_parallel_size,
+            pipeline_parallel_size: self.pipeline_parallel_size,
+            seed: self.seed,
+            // -1: as many as the vocabulary has (checked against it per request).
+            max_logprobs: usize::try_from(self.max_logprobs).unwrap_or(usize::MAX),
+            chat_template: self.chat_template.as_deref().map(read_chat_template).transpose()?,
+        })
     }
 }
 
@@ -303,13 +366,64 @@ mod tests {
             let mut full = vec!["pagoda", "generate", "--prompt", "x"];
             full.extend_from_slice(args);
             let Command::Generate(g) = Cli::try_parse_from(full).unwrap().command else { unreachable!() };
-            g.engine.to_options()
+            g.engine.to_options().unwrap()
         };
         assert!(parse(&[]).enable_prefix_caching);
         assert!(!parse(&["--no-enable-prefix-caching"]).enable_prefix_caching);
         assert!(!parse(&["--enable-prefix-caching", "false"]).enable_prefix_caching);
         assert!(parse(&["--enable-prefix-caching"]).enable_prefix_caching);
         assert!(!parse(&["--no-enable-chunked-prefill"]).enable_chunked_prefill);
+    }
+
+    #[test]
+    fn vllm_command_lines_parse_as_vllm_reads_them() {
+        let serve = |args: &[&str]| {
+            let mut full = vec!["pagoda", "serve"];
+            full.extend_from_slice(args);
+            let Command::Serve(s) = Cli::try_parse_from(vllm_short_flags(full.into_iter().map(Into::into)))
+                .map_err(|e| e.to_string())?
+                .command
+            else {
+                unreachable!()
+            };
+            Ok::<_, String>(s)
+        };
+        let s = serve(&["org/model", "--max-num-seqs", "4", "--max-num-seqs", "8", "-tp", "1"]).unwrap();
+        assert_eq!(s.model_tag.as_deref(), Some(std::path::Path::new("org/model")));
+        assert_eq!((s.engine.max_num_seqs, s.engine.tensor_parallel_size), (8, 1), "the last value wins");
+        // Lists still add up when repeated.
+        let s = serve(&["--api-key", "a", "--api-key", "b", "--served-model-name", "x", "y"]).unwrap();
+        assert_eq!(
+            (s.api_key, s.engine.served_model_name),
+            (vec!["a".into(), "b".into()], vec!["x".into(), "y".into()])
+        );
+        let s = serve(&["--trust-remote-code", "--max-logprobs", "-1", "--seed", "3"]).unwrap();
+        let opts = s.engine.to_options().unwrap();
+        assert_eq!((opts.max_logprobs, opts.seed), (usize::MAX, Some(3)));
+        assert!(serve(&["--max-logprobs", "-2"]).is_err());
+        assert!(serve(&["m", "--model", "m"]).unwrap_err().contains("cannot be used with"));
+        assert!(serve(&["--disable-log-requests", "--enable-log-requests"]).is_err());
+    }
+
+    #[test]
+    fn every_command_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_chat_template_is_a_file_or_a_template() {
+        let dir = std::env::temp_dir().join(format!("pagoda-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.jinja");
+        std::fs::write(&file, "{{ messages }}").unwrap();
+        assert_eq!(read_chat_template(file.to_str().unwrap()).unwrap(), "{{ messages }}");
+        assert_eq!(
+            read_chat_template("{% for m in messages %}{% endfor %}").unwrap(),
+            "{% for m in messages %}{% endfor %}"
+        );
+        assert!(read_chat_template("missing.jinja").unwrap_err().to_string().contains("no such file"));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -19,6 +19,10 @@ use crate::telemetry::{Telemetry, cloud};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// The model, as with --model (`pagoda serve MODEL`, as `vllm serve MODEL`).
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    pub model_tag: Option<PathBuf>,
+
     #[command(flatten)]
     pub engine: EngineArgs,
 
@@ -73,8 +77,17 @@ pub struct ServeArgs {
     pub generation_config: GenerationConfig,
 
     /// Do not log a line per request.
-    #[arg(long, env = "PAGODA_DISABLE_LOG_REQUESTS")]
+    #[arg(long, env = "PAGODA_DISABLE_LOG_REQUESTS", conflicts_with = "enable_log_requests")]
     pub disable_log_requests: bool,
+
+    /// Also log each generation request's prompt sizes and sampling parameters (never its text).
+    #[arg(long, env = "PAGODA_ENABLE_LOG_REQUESTS")]
+    pub enable_log_requests: bool,
+
+    /// End every streamed response with a usage chunk, as if each asked with
+    /// stream_options.include_usage.
+    #[arg(long, env = "PAGODA_ENABLE_FORCE_INCLUDE_USAGE")]
+    pub enable_force_include_usage: bool,
 
     /// Folder with the DMI strings used to detect the cloud.
     #[arg(long, env = "PAGODA_DMI_DIR", default_value = cloud::DMI_DIR)]
@@ -131,7 +144,10 @@ fn api_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut opts = args.engine.to_options();
+    let mut opts = args.engine.to_options()?;
+    if let Some(model) = &args.model_tag {
+        opts.model = Some(model.clone());
+    }
     let remote = remote_source(&args, &mut opts)?;
     let fetch = Fetch {
         sync_opts: args.store.to_options()?,
@@ -143,12 +159,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cloud = cloud::detect(&args.dmi_dir);
     let served = served_model_name(&opts);
     let telemetry = Arc::new(Telemetry::new(&served, opts.max_model_len.unwrap_or(1 << 20), &cloud));
+    // Every --served-model-name is an alias; the first (or the default name) is reported.
+    let mut names = vec![served.clone()];
+    names.extend(args.engine.served_model_name.iter().skip(1).filter(|n| **n != served).cloned());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("http").build()?;
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
         tracing::info!(address = %local, model = %served, "listening on http://{local}");
-        let state = Arc::new(AppState::new(config, telemetry.clone(), served, cloud));
+        let state = Arc::new(AppState::new(config, telemetry.clone(), names, cloud));
         let signals = watch_signals()?;
         // Load in the background; a failure ends the server with the error.
         let load_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
@@ -220,6 +239,8 @@ fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
         engine_stall_timeout: Duration::from_secs(args.engine_stall_timeout),
         use_generation_config: args.generation_config == GenerationConfig::Auto,
         log_requests: !args.disable_log_requests,
+        log_request_params: args.enable_log_requests,
+        force_include_usage: args.enable_force_include_usage,
     })
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand_chacha::ChaCha8Rng;
-use rand_core::SeedableRng;
+use rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
 
 pub use self::request::{
@@ -44,6 +44,11 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     pub enable_prefix_caching: bool,
     pub enable_chunked_prefill: bool,
+    /// Requests without a seed of their own draw one from a generator seeded with this, in the
+    /// order they reach the engine (`--seed`); without it, from the OS.
+    pub seed: Option<u64>,
+    /// Most top logprobs a request may ask for.
+    pub max_logprobs: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +95,8 @@ pub struct Engine {
     eos_token_ids: Vec<u32>,
     vocab_size: usize,
     grammars: Arc<Grammars>,
+    /// Seeds for requests without their own (`EngineConfig::seed`).
+    seeds: Option<ChaCha8Rng>,
     seqs: HashMap<SeqId, SeqRuntime>,
     requests: HashMap<RequestId, Vec<SeqId>>,
     next_seq: u64,
@@ -140,6 +147,7 @@ impl Engine {
             eos_token_ids,
             vocab_size,
             grammars,
+            seeds: config.seed.map(ChaCha8Rng::seed_from_u64),
             seqs: HashMap::new(),
             requests: HashMap::new(),
             next_seq: 0,
@@ -163,6 +171,7 @@ impl Engine {
         RequestLimits {
             vocab_size: self.vocab_size,
             max_model_len: self.config.max_model_len,
+            max_logprobs: self.config.max_logprobs,
             grammars: Some(self.grammars.clone()),
         }
     }
@@ -175,11 +184,12 @@ impl Engine {
             return Err(RequestError::DuplicateId(request.id));
         }
         let params = Arc::new(request.params);
+        let seed = params.seed.or_else(|| self.seeds.as_mut().map(|s| s.next_u64()));
         let mut ids = Vec::with_capacity(params.n);
         for index in 0..params.n {
             let seq = SeqId(self.next_seq);
             self.next_seq += 1;
-            let rng = match params.seed {
+            let rng = match seed {
                 Some(seed) => ChaCha8Rng::seed_from_u64(seed.wrapping_add(index as u64)),
                 None => ChaCha8Rng::from_os_rng(),
             };

@@ -19,7 +19,8 @@ impl fmt::Display for RequestId {
 
 /// Limits that requests are checked against.
 pub const MAX_N: usize = 128;
-pub const MAX_LOGPROBS: usize = 20;
+/// vLLM's default `--max-logprobs`.
+pub const DEFAULT_MAX_LOGPROBS: usize = 20;
 pub const MAX_STOP_STRINGS: usize = 64;
 /// Longest stop string, in bytes: each generated token is checked against every stop string.
 pub const MAX_STOP_STRING_BYTES: usize = 1024;
@@ -109,7 +110,7 @@ impl SamplingParams {
     }
 
     /// Checks every value against its range; the error names the parameter as the API spells it.
-    fn validate(&self, vocab_size: usize) -> Result<(), RequestError> {
+    fn validate(&self, vocab_size: usize, max_logprobs: usize) -> Result<(), RequestError> {
         let bad = |param: &'static str, message: String| Err(RequestError::InvalidParam { param, message });
         if self.n == 0 || self.n > MAX_N {
             return bad("n", format!("n must be between 1 and {MAX_N}, got {}", self.n));
@@ -156,9 +157,12 @@ impl SamplingParams {
             return bad("min_tokens", format!("min_tokens ({}) must not exceed max_tokens ({max})", self.min_tokens));
         }
         if let Some(k) = self.logprobs
-            && k > MAX_LOGPROBS
+            && k > max_logprobs
         {
-            return bad("logprobs", format!("at most {MAX_LOGPROBS} logprobs can be requested, got {k}"));
+            return bad(
+                "logprobs",
+                format!("at most {max_logprobs} logprobs can be requested (--max-logprobs), got {k}"),
+            );
         }
         if self.stop.len() > MAX_STOP_STRINGS {
             return bad(
@@ -226,6 +230,7 @@ pub struct EngineRequest {
 pub struct RequestLimits {
     pub vocab_size: usize,
     pub max_model_len: usize,
+    pub max_logprobs: usize,
     pub grammars: Option<Arc<Grammars>>,
 }
 
@@ -235,8 +240,8 @@ impl EngineRequest {
     /// `max_tokens` is fitted to the room left here, once; a structured output's constraint is
     /// compiled here, once.
     pub fn validate(self, limits: &RequestLimits) -> Result<ValidRequest, RequestError> {
-        let &RequestLimits { vocab_size, max_model_len, ref grammars } = limits;
-        self.params.validate(vocab_size)?;
+        let &RequestLimits { vocab_size, max_model_len, max_logprobs, ref grammars } = limits;
+        self.params.validate(vocab_size, max_logprobs)?;
         let prompt = &self.prompt_token_ids;
         if prompt.is_empty() {
             return Err(RequestError::EmptyPrompt);
@@ -448,7 +453,8 @@ impl RequestOutput {
 mod tests {
     use super::*;
 
-    const LIMITS: RequestLimits = RequestLimits { vocab_size: 100, max_model_len: 32, grammars: None };
+    const LIMITS: RequestLimits =
+        RequestLimits { vocab_size: 100, max_model_len: 32, max_logprobs: DEFAULT_MAX_LOGPROBS, grammars: None };
 
     fn check(params: SamplingParams, prompt: Vec<u32>) -> Result<usize, RequestError> {
         let request =
@@ -476,7 +482,7 @@ mod tests {
             (SamplingParams { logit_bias: vec![(1, 101.0)], ..ok() }, "logit_bias"),
             (SamplingParams { max_tokens: MaxTokens::Exact(0), ..ok() }, "max_tokens"),
             (SamplingParams { min_tokens: 17, ..ok() }, "min_tokens"),
-            (SamplingParams { logprobs: Some(MAX_LOGPROBS + 1), ..ok() }, "logprobs"),
+            (SamplingParams { logprobs: Some(DEFAULT_MAX_LOGPROBS + 1), ..ok() }, "logprobs"),
             (SamplingParams { stop: vec![String::new()], ..ok() }, "stop"),
             (SamplingParams { stop: vec!["x".repeat(MAX_STOP_STRING_BYTES + 1)], ..ok() }, "stop"),
             (SamplingParams { stop_token_ids: vec![100], ..ok() }, "stop_token_ids"),
@@ -491,7 +497,7 @@ mod tests {
         // At the limits: the largest values accepted.
         let edge = SamplingParams {
             n: MAX_N,
-            logprobs: Some(MAX_LOGPROBS),
+            logprobs: Some(DEFAULT_MAX_LOGPROBS),
             max_tokens: MaxTokens::Exact(30),
             min_tokens: 30,
             stop: vec!["x".repeat(MAX_STOP_STRING_BYTES)],

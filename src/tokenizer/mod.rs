@@ -142,6 +142,13 @@ impl Tokenizer {
         self.inner.to_string(false).unwrap_or_default()
     }
 
+    /// Replaces the model's chat template (`--chat-template`).
+    pub fn set_chat_template(&mut self, source: &str) -> Result<(), TemplateError> {
+        self.chat_template =
+            Some(ChatTemplate::new(source.to_string(), self.bos_token.clone(), self.eos_token.clone())?);
+        Ok(())
+    }
+
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }

@@ -18,3 +18,4 @@ mod server;
 mod structured;
 mod sync;
 mod tidy;
+mod vllm_cli;
