@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::openai::*;
+use super::tools::{self, ToolCall, ToolMode, ToolParser};
 use super::{
     ApiError, AppState, InFlight, LoadedModel, ResponseBody, json_response, sse_response, unix_now, with_guard,
 };
@@ -96,6 +97,18 @@ fn sampling_params(
     })
 }
 
+/// vLLM's options for JSON constraints (`structured_outputs.disable_any_whitespace`, …), which
+/// shape every JSON constraint of the request: its schema, `response_format`'s, a tool call's.
+fn json_options(fields: &SamplingFields) -> JsonOptions {
+    let p = fields.structured_outputs.as_ref();
+    JsonOptions {
+        no_whitespace: p.is_some_and(|p| p.disable_any_whitespace),
+        whitespace_pattern: p.and_then(|p| p.whitespace_pattern.clone()).or(fields.guided_whitespace_pattern.clone()),
+        no_additional_properties: p.is_some_and(|p| p.disable_additional_properties),
+        lenient: false,
+    }
+}
+
 /// The one constraint a request's structured-output fields ask for, if any: `response_format`,
 /// vLLM's `structured_outputs`, or its older `guided_*` fields. More than one is refused, as is a
 /// constraint Pagoda cannot enforce; the constraint itself is compiled (and checked) by
@@ -106,12 +119,7 @@ fn structured_output(fields: &SamplingFields) -> Result<Option<StructuredOutput>
     let json = |schema: Value, options: JsonOptions| StructuredOutput::Json { schema, options };
     let p = fields.structured_outputs.clone().unwrap_or_default();
     // vLLM's JSON options also shape a `response_format` schema.
-    let options = JsonOptions {
-        no_whitespace: p.disable_any_whitespace,
-        whitespace_pattern: p.whitespace_pattern.clone().or(fields.guided_whitespace_pattern.clone()),
-        no_additional_properties: p.disable_additional_properties,
-        lenient: false,
-    };
+    let options = json_options(fields);
     if let Some(format) = &fields.response_format {
         match format.kind.as_str() {
             "text" => {}
@@ -630,7 +638,28 @@ pub async fn chat(
     }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let params = sampling_params(&state, loaded, Endpoint::Chat, &req.sampling, max_tokens, logprobs)?;
+    let mut params = sampling_params(&state, loaded, Endpoint::Chat, &req.sampling, max_tokens, logprobs)?;
+    let (mode, tool_output) = tools::plan(
+        state.config.tools,
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+        json_options(&req.sampling),
+    )?;
+    if let Some(spec) = tool_output {
+        if params.structured_output.is_some() {
+            return Err(ApiError::bad_request(
+                "tool_choice \"required\" or a named function holds the output to a tool call; it cannot be \
+                 combined with response_format or structured_outputs",
+                Some("tool_choice"),
+            ));
+        }
+        params.structured_output = Some(spec);
+    }
+    if mode == ToolMode::Auto(ToolParser::Mistral) {
+        // Mistral marks calls with a special token, which the text must keep for the parser.
+        params.skip_special_tokens = false;
+    }
     let text = render_chat(
         loaded,
         &req.messages,
@@ -645,19 +674,21 @@ pub async fn chat(
     let guard = InFlight::new(&state);
     let meta = ResponseMeta { id: format!("chatcmpl-{request_id}"), model, created: unix_now() };
     if req.stream {
-        return Ok(with_guard(stream_chat(run, meta, &req, tok, logprobs), guard));
+        return Ok(with_guard(stream_chat(run, meta, &req, tok, logprobs, mode), guard));
     }
-    let response = collect_chat(run, meta, &req, tok, logprobs).await?;
+    let response = collect_chat(run, meta, &req, tok, logprobs, &mode).await?;
     Ok(with_guard(json_response(StatusCode::OK, &response), guard))
 }
 
-/// A chat completion answered as server-sent events.
+/// A chat completion answered as server-sent events. With tools, text that may be a tool call is
+/// held back until its choice ends, then sent as `delta.tool_calls` (or as text if it is none).
 fn stream_chat(
     run: Submission,
     meta: ResponseMeta,
     req: &ChatRequest,
     tok: Arc<Tokenizer>,
     logprobs: Option<u32>,
+    mode: ToolMode,
 ) -> Response<ResponseBody> {
     let ResponseMeta { id, model, created } = meta;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -674,7 +705,7 @@ fn stream_chat(
     let usage_field = move |u: Option<Usage>| include_usage.then_some(u);
     let opening = (0..run.num_choices())
         .map(|index| {
-            let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+            let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..ChatDelta::default() };
             let first = ChatChunkChoice { index, delta, logprobs: None, finish_reason: None, stop_reason: None };
             sse_event(&chunk(vec![first], usage_field(None)))
         })
@@ -683,15 +714,18 @@ fn stream_chat(
         let chunk = chunk.clone();
         move |usage| include_usage.then(|| sse_event(&chunk(vec![], Some(Some(usage)))))
     };
+    let mut calls =
+        ToolStream { mode, held: vec![String::new(); run.num_choices()], sent: vec![false; run.num_choices()] };
     let render = move |index: usize, out: &RequestOutput| {
-        if out.text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
+        let (content, tool_calls, finish) = calls.push(index, out);
+        if content.is_empty() && tool_calls.is_empty() && finish.is_none() && out.logprobs.is_empty() {
             return None;
         }
         let choice = ChatChunkChoice {
             index,
-            delta: ChatDelta { role: None, content: Some(out.text.clone()) },
+            delta: ChatDelta { role: None, content: Some(content), tool_calls },
             logprobs: logprobs.map(|_| chat_logprobs(&tok, &out.logprobs)),
-            finish_reason: finish_reason(out),
+            finish_reason: finish,
             stop_reason: stop_reason(out),
         };
         Some(sse_event(&chunk(vec![choice], usage_field(None))))
@@ -701,6 +735,58 @@ fn stream_chat(
     sse_response(rx)
 }
 
+/// The streamed choices of a chat with tools: what each holds back while it may be a call.
+struct ToolStream {
+    mode: ToolMode,
+    held: Vec<String>,
+    /// Whether the choice has sent text (a Llama 3 call is a whole output, so not after that).
+    sent: Vec<bool>,
+}
+
+impl ToolStream {
+    /// An output's text to send now, the calls to send, and the finish reason.
+    fn push(&mut self, index: usize, out: &RequestOutput) -> (String, Vec<ToolCallOut>, Option<&'static str>) {
+        if self.mode == ToolMode::None {
+            return (out.text.clone(), Vec::new(), finish_reason(out));
+        }
+        let held = &mut self.held[index];
+        held.push_str(&out.text);
+        if !out.finished() {
+            let keep_from = match self.mode {
+                ToolMode::Auto(ToolParser::Llama3Json) if self.sent[index] => None,
+                ToolMode::Auto(parser) => tools::call_start(parser, held),
+                _ => Some(0),
+            };
+            let send: String = held.drain(..keep_from.unwrap_or(held.len())).collect();
+            self.sent[index] |= !send.is_empty();
+            return (send, Vec::new(), None);
+        }
+        let text = std::mem::take(held);
+        let (content, calls) = if out.finish_reason == Some(FinishReason::Stop) {
+            tools::extract(&self.mode, &text)
+        } else {
+            (Some(text), Vec::new())
+        };
+        if calls.is_empty() {
+            return (content.unwrap_or_default(), Vec::new(), finish_reason(out));
+        }
+        (content.unwrap_or_default(), tool_calls_out(calls, true), Some("tool_calls"))
+    }
+}
+
+fn tool_calls_out(calls: Vec<ToolCall>, indexed: bool) -> Vec<ToolCallOut> {
+    calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ToolCallOut {
+            index: indexed.then_some(i),
+            id: c.id,
+            kind: "function",
+            function: FunctionCallOut { name: c.name, arguments: c.arguments },
+        })
+        .collect()
+}
+
 /// A chat completion answered in one JSON body once every choice has finished.
 async fn collect_chat(
     run: Submission,
@@ -708,12 +794,14 @@ async fn collect_chat(
     req: &ChatRequest,
     tok: Arc<Tokenizer>,
     logprobs: Option<u32>,
+    mode: &ToolMode,
 ) -> Result<ChatResponse, ApiError> {
     let ResponseMeta { id, model, created } = meta;
+    let mut texts = vec![String::new(); run.num_choices()];
     let mut choices: Vec<ChatChoice> = (0..run.num_choices())
         .map(|index| ChatChoice {
             index,
-            message: ChatMessageOut { role: "assistant", content: String::new() },
+            message: ChatMessageOut { role: "assistant", content: None, refusal: None, tool_calls: Vec::new() },
             logprobs: logprobs.map(|_| ChatLogprobs::default()),
             finish_reason: None,
             stop_reason: None,
@@ -721,7 +809,7 @@ async fn collect_chat(
         .collect();
     let usage = collect(run, req.sampling.user.as_deref(), |index, out| {
         let choice = &mut choices[index];
-        choice.message.content.push_str(&out.text);
+        texts[index].push_str(&out.text);
         if let Some(lp) = choice.logprobs.as_mut() {
             lp.content.extend(chat_logprobs(&tok, &out.logprobs).content);
         }
@@ -731,6 +819,15 @@ async fn collect_chat(
         }
     })
     .await?;
+    for (choice, text) in choices.iter_mut().zip(texts) {
+        let (content, calls) =
+            if choice.finish_reason == Some("stop") { tools::extract(mode, &text) } else { (Some(text), Vec::new()) };
+        if !calls.is_empty() {
+            choice.finish_reason = Some("tool_calls");
+        }
+        choice.message.content = content;
+        choice.message.tool_calls = tool_calls_out(calls, false);
+    }
     Ok(ChatResponse { id, object: "chat.completion", created, model, choices, usage })
 }
 
@@ -746,7 +843,7 @@ pub fn tokenize(state: &AppState, req: TokenizeRequest) -> Result<Response<Respo
                 messages,
                 req.add_generation_prompt.unwrap_or(true),
                 req.continue_final_message,
-                None,
+                req.tools.as_ref(),
                 req.chat_template_kwargs.as_ref(),
             )?;
             tok.encode(&text, req.add_special_tokens.unwrap_or(false))

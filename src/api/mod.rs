@@ -9,6 +9,7 @@
 mod error;
 mod generate;
 pub mod openai;
+pub mod tools;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -61,6 +62,8 @@ pub struct ServerConfig {
     /// Every streamed response ends with a usage chunk, asked for or not
     /// (`--enable-force-include-usage`).
     pub force_include_usage: bool,
+    /// How chat requests' tool calls are read (`--enable-auto-tool-choice`, `--tool-call-parser`).
+    pub tools: tools::ToolConfig,
 }
 
 /// Where the server is in its life; kept in an atomic as its `u8`.

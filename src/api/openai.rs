@@ -96,8 +96,6 @@ pub const UNSUPPORTED_FIELDS: &[UnsupportedField] = &[
     field("audio", null),
     field("modalities", || vec![Value::Null, Value::Array(vec![Value::from("text")])]),
     field("web_search_options", null),
-    UnsupportedField { name: "tool_choice", neutral: || vec![Value::Null, Value::from("none")], chat_only: true },
-    UnsupportedField { name: "parallel_tool_calls", neutral: || vec![Value::Null, Value::Bool(true)], chat_only: true },
     UnsupportedField { name: "functions", neutral: null, chat_only: true },
     UnsupportedField { name: "function_call", neutral: || vec![Value::Null, Value::from("none")], chat_only: true },
     UnsupportedField { name: "documents", neutral: null, chat_only: true },
@@ -113,9 +111,7 @@ pub fn unsupported_field(body: &Value, chat: bool) -> Option<(&'static str, Stri
             && !(f.neutral)().contains(value)
         {
             let why = match f.name {
-                "tool_choice" | "parallel_tool_calls" | "functions" | "function_call" => {
-                    "tool calls are not parsed yet: tools reach the chat template, and the output is text"
-                }
+                "functions" | "function_call" => "use tools and tool_choice, which replaced them",
                 _ => "Pagoda does not implement it yet",
             };
             return Some((f.name, format!("{} = {value} is not supported: {why}", f.name)));
@@ -313,7 +309,17 @@ impl ChatMessage {
             m.insert("name".into(), Value::String(name.clone()));
         }
         if let Some(calls) = &self.tool_calls {
-            m.insert("tool_calls".into(), calls.clone());
+            // As vLLM hands them to templates: each call's `arguments` JSON text as an object,
+            // so that templates can iterate it or `tojson` it once.
+            let mut calls = calls.clone();
+            for call in calls.as_array_mut().into_iter().flatten() {
+                if let Some(args) = call.pointer_mut("/function/arguments")
+                    && let Some(parsed) = args.as_str().and_then(|a| serde_json::from_str::<Value>(a).ok())
+                {
+                    *args = parsed;
+                }
+            }
+            m.insert("tool_calls".into(), calls);
         }
         if let Some(id) = &self.tool_call_id {
             m.insert("tool_call_id".into(), Value::String(id.clone()));
@@ -335,6 +341,8 @@ pub struct ChatRequest {
     pub logprobs: bool,
     pub top_logprobs: Option<u32>,
     pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     // vLLM's extensions.
     pub add_generation_prompt: Option<bool>,
     #[serde(default, deserialize_with = "null_is_false")]
@@ -358,6 +366,8 @@ pub struct TokenizeRequest {
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(default, deserialize_with = "null_is_false")]
     pub return_token_strs: bool,
+    /// Tools for the chat template, as in a chat request.
+    pub tools: Option<Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -441,7 +451,28 @@ pub struct ChatLogprobs {
 #[derive(Debug, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the message is only tool calls.
+    pub content: Option<String>,
+    /// Always `null`: Pagoda's models do not refuse through a separate channel.
+    pub refusal: Option<String>,
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// A tool call in a response; in a stream chunk, `index` orders the calls of one choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallOut,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCallOut {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -469,6 +500,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
 }
 
 #[derive(Debug, Serialize)]

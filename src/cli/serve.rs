@@ -89,6 +89,17 @@ pub struct ServeArgs {
     #[arg(long, env = "PAGODA_ENABLE_FORCE_INCLUDE_USAGE")]
     pub enable_force_include_usage: bool,
 
+    /// Let the model decide when to call tools (`tool_choice: auto`, the default with tools), its
+    /// calls read by --tool-call-parser. Without it, requests with tools must say none, required
+    /// or a function.
+    #[arg(long, env = "PAGODA_ENABLE_AUTO_TOOL_CHOICE", requires = "tool_call_parser")]
+    pub enable_auto_tool_choice: bool,
+
+    /// The format the model writes tool calls in: llama3_json (Llama 3.x), hermes (Hermes, Qwen2.5
+    /// and later), mistral.
+    #[arg(long, env = "PAGODA_TOOL_CALL_PARSER", value_enum)]
+    pub tool_call_parser: Option<crate::api::tools::ToolParser>,
+
     /// Folder with the DMI strings used to detect the cloud.
     #[arg(long, env = "PAGODA_DMI_DIR", default_value = cloud::DMI_DIR)]
     pub dmi_dir: PathBuf,
@@ -241,6 +252,10 @@ fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
         log_requests: !args.disable_log_requests,
         log_request_params: args.enable_log_requests,
         force_include_usage: args.enable_force_include_usage,
+        tools: crate::api::tools::ToolConfig {
+            auto_tool_choice: args.enable_auto_tool_choice,
+            parser: args.tool_call_parser,
+        },
     })
 }
 

@@ -36,9 +36,9 @@ fn every_unimplemented_field_is_refused_unless_it_asks_for_the_default() {
             }
         }
     }
-    // Asking for tool calls says why: they are not parsed yet.
-    let resp = post(server.port, "/v1/chat/completions", &body(true, "tool_choice", json!("auto")));
-    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("tool calls are not parsed"), "{}", resp.text());
+    // The functions API that tools replaced says so.
+    let resp = post(server.port, "/v1/chat/completions", &body(true, "functions", json!([{"name": "f"}])));
+    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("use tools and tool_choice"), "{}", resp.text());
 }
 
 #[test]

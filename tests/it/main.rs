@@ -18,4 +18,5 @@ mod server;
 mod structured;
 mod sync;
 mod tidy;
+mod tools;
 mod vllm_cli;
