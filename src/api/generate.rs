@@ -505,13 +505,13 @@ fn stream_completion(
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     let mut offsets = vec![0usize; run.num_choices()];
     let mut started_choice = vec![false; run.num_choices()];
-    let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
+    let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionChunk {
         id: id.clone(),
         object: "text_completion",
         created,
         model: model.clone(),
         choices,
-        usage,
+        usage: include_usage.then_some(usage),
     };
     let usage_chunk = {
         let chunk = chunk.clone();

@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub force_include_usage: bool,
     /// How chat requests' tool calls are read (`--enable-auto-tool-choice`, `--tool-call-parser`).
     pub tools: tools::ToolConfig,
+    /// Serve `/tokenizer_info`.
+    pub enable_tokenizer_info: bool,
 }
 
 /// Where the server is in its life; kept in an atomic as its `u8`.
@@ -323,7 +325,10 @@ impl WithSampling for openai::ChatRequest {
 }
 
 async fn read_request<T: WithSampling>(state: &AppState, req: Request<Incoming>) -> Result<T, ApiError> {
-    let value = read_body(state, req).await?;
+    parse_request(read_body(state, req).await?)
+}
+
+fn parse_request<T: WithSampling>(value: serde_json::Value) -> Result<T, ApiError> {
     if let Some((field, message)) = openai::unsupported_field(&value, T::CHAT) {
         return Err(ApiError::bad_request(message, Some(field)));
     }
@@ -382,16 +387,26 @@ enum Route {
     Metrics,
     Version,
     Models,
+    /// `/v1/models/{id}`.
+    Model(String),
     Completions,
     ChatCompletions,
     Tokenize,
     Detokenize,
+    /// SageMaker's contract: `POST /invocations` (a completion or a chat by its body) and
+    /// `GET /ping` (ready to serve).
+    Invocations,
+    Ping,
+    /// vLLM's `/tokenizer_info`, with `--enable-tokenizer-info-endpoint` (it shows the chat
+    /// template).
+    TokenizerInfo,
 }
 
 fn route(path: &str) -> Option<(Route, Method, bool)> {
     Some(match path {
         "/health" => (Route::Health, Method::GET, false),
         "/ready" => (Route::Ready, Method::GET, false),
+        "/ping" => (Route::Ping, Method::GET, false),
         "/metrics" => (Route::Metrics, Method::GET, false),
         "/version" => (Route::Version, Method::GET, false),
         "/v1/models" => (Route::Models, Method::GET, true),
@@ -399,8 +414,18 @@ fn route(path: &str) -> Option<(Route, Method, bool)> {
         "/v1/chat/completions" => (Route::ChatCompletions, Method::POST, true),
         "/tokenize" => (Route::Tokenize, Method::POST, true),
         "/detokenize" => (Route::Detokenize, Method::POST, true),
-        _ => return None,
+        "/invocations" => (Route::Invocations, Method::POST, true),
+        "/tokenizer_info" => (Route::TokenizerInfo, Method::GET, true),
+        _ => match path.strip_prefix("/v1/models/") {
+            Some(id) if !id.is_empty() => (Route::Model(percent_decode(id)), Method::GET, true),
+            _ => return None,
+        },
     })
+}
+
+/// A path segment with its `%XX` escapes decoded (model ids may hold `/`, sent as `%2F`).
+fn percent_decode(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned()
 }
 
 async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String) -> Response<ResponseBody> {
@@ -408,6 +433,8 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let origin = req.headers().get(header::ORIGIN).cloned();
     let cors_on = !state.config.allowed_origins.is_empty();
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
 
     let mut response = if method == Method::OPTIONS && cors_on && origin.is_some() {
         let mut r = Response::new(full(Bytes::new()));
@@ -417,13 +444,30 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String
     } else {
         let result = match route(&path) {
             None => Err(ApiError::NotFound(format!("route {method} {path} not found"))),
+            // SageMaker's /ping answers GET and POST alike.
+            Some((Route::Ping, _, _)) if method == Method::POST => {
+                dispatch(&state, Route::Ping, req, &request_id).await
+            }
             Some((_, expected, _)) if method != expected => {
                 Err(ApiError::MethodNotAllowed { allowed: if expected == Method::GET { "GET" } else { "POST" } })
             }
             Some((_, _, true)) if !authorized(&state, req.headers()) => Err(ApiError::Unauthorized),
             Some((r, _, _)) => dispatch(&state, r, req, &request_id).await,
         };
+        // An error before the body was read (or read whole) leaves bytes of it on the connection,
+        // which the next request would be read from: the connection closes after this response.
+        let body_left = has_body
+            && matches!(
+                result,
+                Err(ApiError::Unauthorized
+                    | ApiError::NotFound(_)
+                    | ApiError::MethodNotAllowed { .. }
+                    | ApiError::PayloadTooLarge { .. })
+            );
         let mut r = result.unwrap_or_else(|e| error_response(&e));
+        if body_left {
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         apply_cors(&state, origin.as_ref(), r.headers_mut(), false);
         r
     };
@@ -455,20 +499,32 @@ async fn dispatch(
         Route::Version => Ok(version(state)),
         Route::Models => {
             let loaded = state.ready()?;
-            let cards = state
-                .served_model_names
-                .iter()
-                .map(|name| ModelCard {
-                    id: name.clone(),
-                    object: "model",
-                    created: state.created,
-                    owned_by: "pagoda",
-                    root: loaded.model.origin.clone(),
-                    parent: None,
-                    max_model_len: loaded.model.max_model_len,
-                })
-                .collect();
+            let cards = state.served_model_names.iter().map(|name| model_card(state, loaded, name)).collect();
             Ok(json_response(StatusCode::OK, &ModelList { object: "list", data: cards }))
+        }
+        Route::Model(id) => {
+            let loaded = state.ready()?;
+            let name = state.check_model(Some(&id))?;
+            Ok(json_response(StatusCode::OK, &model_card(state, loaded, &name)))
+        }
+        Route::Ping => Ok(ping(state)),
+        Route::TokenizerInfo if !state.config.enable_tokenizer_info => Err(ApiError::NotFound(
+            "route GET /tokenizer_info is off; the server enables it with --enable-tokenizer-info-endpoint".into(),
+        )),
+        Route::TokenizerInfo => Ok(json_response(StatusCode::OK, &state.ready()?.tokenizer.info())),
+        Route::Invocations => {
+            let body = read_body(state, req).await?;
+            let is_chat = body.get("messages").is_some();
+            if is_chat {
+                generate::chat(state.clone(), parse_request(body)?, request_id).await
+            } else if body.get("prompt").is_some() {
+                generate::completions(state.clone(), parse_request(body)?, request_id).await
+            } else {
+                Err(ApiError::bad_request(
+                    "an /invocations body needs messages (a chat completion) or prompt (a completion)",
+                    None,
+                ))
+            }
         }
         Route::Completions => generate::completions(state.clone(), read_request(state, req).await?, request_id).await,
         Route::ChatCompletions => generate::chat(state.clone(), read_request(state, req).await?, request_id).await,
@@ -487,6 +543,30 @@ fn health(state: &AppState) -> Response<ResponseBody> {
         json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
     } else {
         error_response(&ApiError::Unavailable("the engine loop is not making progress".into()))
+    }
+}
+
+/// SageMaker's health check: 200 once the model serves and its engine loop turns, 503 before
+/// (while loading) and after (draining), so that no traffic is routed to it too early.
+fn ping(state: &AppState) -> Response<ResponseBody> {
+    let healthy = state.engine_status().is_some_and(|s| s.is_healthy(state.config.engine_stall_timeout));
+    match state.phase() {
+        Phase::Ready if healthy => Response::new(full(Bytes::new())),
+        Phase::Ready => error_response(&ApiError::Unavailable("the engine loop is not making progress".into())),
+        Phase::Loading => error_response(&ApiError::Unavailable("the model is still loading".into())),
+        Phase::Draining => error_response(&ApiError::Unavailable("the server is shutting down".into())),
+    }
+}
+
+fn model_card(state: &AppState, loaded: &LoadedModel, name: &str) -> ModelCard {
+    ModelCard {
+        id: name.to_string(),
+        object: "model",
+        created: state.created,
+        owned_by: "pagoda",
+        root: loaded.model.origin.clone(),
+        parent: None,
+        max_model_len: loaded.model.max_model_len,
     }
 }
 

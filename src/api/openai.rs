@@ -427,6 +427,19 @@ pub struct CompletionResponse {
     pub usage: Option<Usage>,
 }
 
+/// A streamed completion's chunk: `usage` is absent unless the stream asked for it, then `null`
+/// until the last chunk, as OpenAI sends it.
+#[derive(Debug, Serialize)]
+pub struct CompletionChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
 /// The chat logprobs format.
 #[derive(Debug, Serialize, Clone)]
 pub struct ChatTokenLogprob {

@@ -95,6 +95,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PAGODA_ENABLE_AUTO_TOOL_CHOICE", requires = "tool_call_parser")]
     pub enable_auto_tool_choice: bool,
 
+    /// Serve GET /tokenizer_info (the tokenizer's configuration and chat template), as vLLM's flag.
+    #[arg(long, env = "PAGODA_ENABLE_TOKENIZER_INFO_ENDPOINT")]
+    pub enable_tokenizer_info_endpoint: bool,
+
     /// The format the model writes tool calls in: llama3_json (Llama 3.x), hermes (Hermes, Qwen2.5
     /// and later), mistral.
     #[arg(long, env = "PAGODA_TOOL_CALL_PARSER", value_enum)]
@@ -256,6 +260,7 @@ fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
             auto_tool_choice: args.enable_auto_tool_choice,
             parser: args.tool_call_parser,
         },
+        enable_tokenizer_info: args.enable_tokenizer_info_endpoint,
     })
 }
 

@@ -22,6 +22,8 @@ pub struct TokenizerError {
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `tokenizer_config.json` as read (`null` without one).
+    config: Value,
     chat_template: Option<ChatTemplate>,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -105,7 +107,7 @@ impl Tokenizer {
             .map(|s| ChatTemplate::new(s, bos_token.clone(), eos_token.clone()))
             .transpose()
             .map_err(|e| err(template_file, e.to_string()))?;
-        Ok(Tokenizer { inner, chat_template, bos_token, eos_token })
+        Ok(Tokenizer { inner, config, chat_template, bos_token, eos_token })
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
@@ -140,6 +142,20 @@ impl Tokenizer {
     /// The tokenizer as `tokenizer.json` text (also for one built from a GGUF vocabulary).
     pub fn to_json(&self) -> String {
         self.inner.to_string(false).unwrap_or_default()
+    }
+
+    /// vLLM's `/tokenizer_info`: the tokenizer's configuration (`tokenizer_config.json` without
+    /// its file names), its class and its chat template.
+    pub fn info(&self) -> Value {
+        let mut info = self.config.as_object().cloned().unwrap_or_default();
+        info.remove("vocab_file");
+        info.remove("merges_file");
+        info.entry("tokenizer_class").or_insert_with(|| Value::from("PreTrainedTokenizerFast"));
+        match &self.chat_template {
+            Some(t) => info.insert("chat_template".into(), Value::from(t.source())),
+            None => info.remove("chat_template"),
+        };
+        Value::Object(info)
     }
 
     /// Replaces the model's chat template (`--chat-template`).

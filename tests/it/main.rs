@@ -14,6 +14,7 @@ mod load_errors;
 mod metadata;
 mod operations;
 mod reference;
+mod routes;
 mod server;
 mod structured;
 mod sync;
