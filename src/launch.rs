@@ -124,6 +124,9 @@ pub struct ModelInfo {
     pub max_model_len: usize,
     pub backend: &'static str,
     pub generation_defaults: GenerationDefaults,
+    /// The KV cache's blocks and tokens per block.
+    pub num_kv_blocks: usize,
+    pub block_size: usize,
 }
 
 /// The name clients use for the model: `--served-model-name`, else the `--model` value, else the
@@ -200,6 +203,8 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
         max_model_len: bound.max_model_len,
         backend: bound.executor.backend_name(),
         generation_defaults: config.generation_defaults.clone(),
+        num_kv_blocks: kv_cache.num_blocks,
+        block_size: kv_cache.block_size,
     };
     let eos = config.eos_token_ids.clone();
     let engine = Engine::new(engine_config, bound.executor, Arc::new(files.tokenizer), eos)?;

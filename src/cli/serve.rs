@@ -306,9 +306,11 @@ async fn load_in_background(
         let what = opts.served_model_name.clone().unwrap_or_default();
         opts.model = Some(fetched.with_context(|| format!("syncing {what}"))?);
     }
+    let cache_options = opts.clone();
     let loaded = tokio::task::spawn_blocking(move || load_engine(&opts))
         .await
         .map_err(|e| anyhow::anyhow!("model loading panicked: {e}"))??;
+    telemetry.set_cache_config(&cache_config(&cache_options, &loaded.info));
     let tokenizer = loaded.engine.tokenizer().clone();
     let limits = loaded.engine.limits();
     let info = loaded.info;
@@ -318,4 +320,22 @@ async fn load_in_background(
     state.set_loaded(LoadedModel { engine, model, tokenizer, limits, defaults });
     tracing::info!("ready");
     Ok(())
+}
+
+/// `vllm:cache_config_info`'s labels: vLLM's cache-config fields that mean something here, with
+/// its spelling of values (`True`, `None`).
+fn cache_config(opts: &EngineOptions, info: &crate::launch::ModelInfo) -> Vec<(&'static str, String)> {
+    let py = |b: bool| if b { "True" } else { "False" }.to_string();
+    let or_none = |v: Option<usize>| v.map_or("None".to_string(), |v| v.to_string());
+    vec![
+        ("block_size", info.block_size.to_string()),
+        ("cache_dtype", "auto".into()),
+        ("enable_prefix_caching", py(opts.enable_prefix_caching)),
+        ("gpu_memory_utilization", opts.gpu_memory_utilization.to_string()),
+        ("kv_cache_memory_bytes", or_none(opts.kv_cache_memory_bytes)),
+        ("num_cpu_blocks", "None".into()),
+        ("num_gpu_blocks", info.num_kv_blocks.to_string()),
+        ("num_gpu_blocks_override", or_none(opts.num_gpu_blocks_override)),
+        ("kv_cache_size_tokens", (info.num_kv_blocks * info.block_size).to_string()),
+    ]
 }

@@ -21,6 +21,8 @@ const IDLE_WAKE: Duration = Duration::from_millis(500);
 
 /// Sees every step, for metrics. Runs on the engine thread, so it must be quick.
 pub trait EngineObserver: Send + 'static {
+    /// A request reached the engine.
+    fn on_request(&mut self, _request: &ValidRequest) {}
     fn on_step(&mut self, stats: &EngineStats, outputs: &[RequestOutput]);
 }
 
@@ -213,7 +215,12 @@ fn run(
         let mut outputs = Vec::new();
         while let Some(command) = next.take() {
             match command {
-                Command::Add { request, outputs: tx } => add(&mut engine, status, &mut live, *request, tx),
+                Command::Add { request, outputs: tx } => {
+                    if let Some(observer) = observer.as_mut() {
+                        observer.on_request(&request);
+                    }
+                    add(&mut engine, status, &mut live, *request, tx)
+                }
                 Command::Abort(id) => {
                     outputs.extend(engine.abort_request(&id));
                     finish_request(status, &mut live, &id);

@@ -67,6 +67,10 @@ pub struct EngineStats {
     pub kv_cache_usage: f64,
     pub prefix_cache: PrefixCacheStats,
     pub num_preemptions: u64,
+    /// Steps run so far, and the tokens the last one computed (prompt tokens not found in the
+    /// prefix cache, and one per decoding sequence).
+    pub num_steps: u64,
+    pub last_step_tokens: usize,
 }
 
 /// Per-sequence state the engine keeps beside the scheduler's tokens.
@@ -82,6 +86,7 @@ struct SeqRuntime {
     detokenizer: IncrementalDetokenizer,
     stop_strings: StopStrings,
     num_cached_tokens: usize,
+    num_preemptions: usize,
     timings: SeqTimings,
     /// A structured output's place in its grammar.
     grammar: Option<Grammar>,
@@ -100,6 +105,8 @@ pub struct Engine {
     seqs: HashMap<SeqId, SeqRuntime>,
     requests: HashMap<RequestId, Vec<SeqId>>,
     next_seq: u64,
+    num_steps: u64,
+    last_step_tokens: usize,
 }
 
 impl Engine {
@@ -151,6 +158,8 @@ impl Engine {
             seqs: HashMap::new(),
             requests: HashMap::new(),
             next_seq: 0,
+            num_steps: 0,
+            last_step_tokens: 0,
         })
     }
 
@@ -206,6 +215,7 @@ impl Engine {
                     detokenizer: IncrementalDetokenizer::new(&request.prompt_token_ids, params.skip_special_tokens),
                     stop_strings: StopStrings::new(params.stop.clone(), params.include_stop_str_in_output),
                     num_cached_tokens: 0,
+                    num_preemptions: 0,
                     timings: SeqTimings {
                         arrival: request.arrival,
                         first_scheduled: None,
@@ -273,12 +283,19 @@ impl Engine {
             kv_cache_usage: self.scheduler.kv_cache_usage(),
             prefix_cache: self.scheduler.prefix_cache_stats(),
             num_preemptions: self.scheduler.num_preemptions(),
+            num_steps: self.num_steps,
+            last_step_tokens: self.last_step_tokens,
         }
     }
 
     /// Runs one step. Returns one output per sequence that produced a token or finished.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
         let plan = self.scheduler.schedule();
+        for seq in &plan.preempted {
+            if let Some(runtime) = self.seqs.get_mut(seq) {
+                runtime.num_preemptions += 1;
+            }
+        }
         if plan.scheduled.is_empty() {
             return Ok(Vec::new());
         }
@@ -325,6 +342,8 @@ impl Engine {
             }
         }
         let mut grammar_errors = self.apply_grammar_masks(&sampled, &mut rules);
+        self.num_steps += 1;
+        self.last_step_tokens = layout.token_ids.len();
         let picked = self.executor.execute_step(&layout, &logits_rows, &rules)?;
         if picked.len() != sampled.len() {
             return Err(
@@ -438,6 +457,7 @@ impl Engine {
             num_prompt_tokens: runtime.num_prompt_tokens,
             num_output_tokens,
             num_cached_tokens: runtime.num_cached_tokens,
+            num_preemptions: runtime.num_preemptions,
             timings: runtime.timings,
             error: None,
         }
@@ -483,6 +503,7 @@ fn aborted(runtime: &SeqRuntime, num_output_tokens: usize) -> RequestOutput {
         num_prompt_tokens: runtime.num_prompt_tokens,
         num_output_tokens,
         num_cached_tokens: runtime.num_cached_tokens,
+        num_preemptions: runtime.num_preemptions,
         timings: runtime.timings,
         error: None,
     }

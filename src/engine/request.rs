@@ -408,6 +408,8 @@ pub struct RequestOutput {
     pub num_output_tokens: usize,
     /// Prompt tokens found in the prefix cache.
     pub num_cached_tokens: usize,
+    /// Times the sequence was preempted (and its KV recomputed) so far.
+    pub num_preemptions: usize,
     pub timings: SeqTimings,
     /// Why the engine gave up on the sequence when a step failed (the output is then an `Abort`).
     pub error: Option<String>,
@@ -423,6 +425,7 @@ impl RequestOutput {
         self.num_prompt_tokens = later.num_prompt_tokens;
         self.num_output_tokens = later.num_output_tokens;
         self.num_cached_tokens = later.num_cached_tokens;
+        self.num_preemptions = later.num_preemptions;
         self.timings = later.timings;
         if later.finish_reason.is_some() {
             self.finish_reason = later.finish_reason;

@@ -15,7 +15,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::engine::driver::EngineObserver;
-use crate::engine::{EngineStats, FinishReason, RequestId, RequestOutput};
+use crate::engine::{EngineStats, FinishReason, RequestId, RequestOutput, ValidRequest};
 
 pub use cloud::CloudInfo;
 
@@ -33,11 +33,17 @@ const REQUEST_LATENCY_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
     1920.0, 7680.0,
 ];
-const LATENCY_HISTOGRAMS: [(&str, &str); 4] = [
+/// Tokens one engine step computes (vLLM's fixed list).
+const ITERATION_TOKEN_BUCKETS: &[f64] =
+    &[1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
+const PARAMS_N_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
+const PREEMPTION_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0];
+const LATENCY_HISTOGRAMS: [(&str, &str); 5] = [
     ("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds."),
     ("vllm:request_queue_time_seconds", "Time a request spent waiting before it was first scheduled, in seconds."),
     ("vllm:request_prefill_time_seconds", "Time from first scheduling to the first token, in seconds."),
     ("vllm:request_decode_time_seconds", "Time from the first to the last token, in seconds."),
+    ("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request."),
 ];
 
 /// 1, 2, 5, 10, 20, 50, ... up to `max`.
@@ -75,6 +81,12 @@ impl Telemetry {
             ("vllm:inter_token_latency_seconds", ITL_BUCKETS),
             ("vllm:request_prompt_tokens", &token_buckets),
             ("vllm:request_generation_tokens", &token_buckets),
+            ("vllm:request_time_per_output_token_seconds", ITL_BUCKETS),
+            ("vllm:request_max_num_generation_tokens", &token_buckets),
+            ("vllm:request_params_max_tokens", &token_buckets),
+            ("vllm:request_params_n", PARAMS_N_BUCKETS),
+            ("vllm:iteration_tokens_total", ITERATION_TOKEN_BUCKETS),
+            ("vllm:request_num_preemptions", PREEMPTION_BUCKETS),
         ];
         for (name, buckets) in
             histograms.into_iter().chain(LATENCY_HISTOGRAMS.iter().map(|(n, _)| (*n, REQUEST_LATENCY_BUCKETS)))
@@ -127,6 +139,33 @@ impl Telemetry {
         }
         r.describe_histogram(d("vllm:request_prompt_tokens"), None, text("Prompt tokens per finished request."));
         r.describe_histogram(d("vllm:request_generation_tokens"), None, text("Generated tokens per finished request."));
+        r.describe_histogram(
+            d("vllm:request_time_per_output_token_seconds"),
+            Some(Unit::Seconds),
+            text("Histogram of time_per_output_token_seconds per request."),
+        );
+        r.describe_histogram(
+            d("vllm:request_max_num_generation_tokens"),
+            None,
+            text("Histogram of maximum number of requested generation tokens."),
+        );
+        r.describe_histogram(d("vllm:request_params_n"), None, text("Histogram of the n request parameter."));
+        r.describe_histogram(
+            d("vllm:request_params_max_tokens"),
+            None,
+            text("Histogram of the max_tokens request parameter."),
+        );
+        r.describe_histogram(
+            d("vllm:iteration_tokens_total"),
+            None,
+            text("Histogram of number of tokens per engine_step."),
+        );
+        r.describe_histogram(
+            d("vllm:request_num_preemptions"),
+            None,
+            text("Histogram of the number of times a request was preempted."),
+        );
+        r.describe_gauge(d("vllm:cache_config_info"), None, text("Information of the LLMEngine CacheConfig"));
         r.describe_gauge(d("pagoda_build_info"), None, text("Pagoda's version and git commit."));
         r.describe_gauge(d("pagoda_cloud_info"), None, text("The cloud and instance type Pagoda detected from DMI."));
     }
@@ -177,8 +216,16 @@ impl Telemetry {
             decode: self.histogram("vllm:request_decode_time_seconds"),
             request_prompt_tokens: self.histogram("vllm:request_prompt_tokens"),
             request_generation_tokens: self.histogram("vllm:request_generation_tokens"),
+            time_per_output_token: self.histogram("vllm:request_time_per_output_token_seconds"),
+            inference_time: self.histogram("vllm:request_inference_time_seconds"),
+            max_generation_tokens: self.histogram("vllm:request_max_num_generation_tokens"),
+            params_n: self.histogram("vllm:request_params_n"),
+            params_max_tokens: self.histogram("vllm:request_params_max_tokens"),
+            iteration_tokens: self.histogram("vllm:iteration_tokens_total"),
+            request_preemptions: self.histogram("vllm:request_num_preemptions"),
             last: EngineStats::default(),
             last_token: HashMap::new(),
+            requests: HashMap::new(),
         };
         // Publish zeros right away so dashboards and autoscalers see the series before traffic.
         for c in [&m.prefix_queries, &m.prefix_hits, &m.preemptions, &m.prompt_tokens, &m.generation_tokens] {
@@ -191,6 +238,14 @@ impl Telemetry {
         m.waiting.set(0.0);
         m.kv_usage.set(0.0);
         m
+    }
+
+    /// vLLM's `vllm:cache_config_info`: the KV cache's configuration as labels of a gauge at 1
+    /// (labelled by `engine`, not by model, as vLLM's).
+    pub fn set_cache_config(&self, config: &[(&'static str, String)]) {
+        let mut labels: Vec<Label> = config.iter().map(|(k, v)| Label::new(*k, v.clone())).collect();
+        labels.push(Label::new("engine", "0"));
+        self.recorder.register_gauge(&Key::from_parts("vllm:cache_config_info", labels), &metadata()).set(1.0);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -220,13 +275,39 @@ pub struct EngineMetrics {
     decode: Histogram,
     request_prompt_tokens: Histogram,
     request_generation_tokens: Histogram,
+    time_per_output_token: Histogram,
+    inference_time: Histogram,
+    max_generation_tokens: Histogram,
+    params_n: Histogram,
+    params_max_tokens: Histogram,
+    iteration_tokens: Histogram,
+    request_preemptions: Histogram,
     last: EngineStats,
     /// When each live sequence produced its previous token.
     last_token: HashMap<(RequestId, usize), Instant>,
+    /// Each live request's `n` and `max_tokens`, its sequences still running, and the most tokens
+    /// one of its finished sequences generated.
+    requests: HashMap<RequestId, LiveRequest>,
+}
+
+struct LiveRequest {
+    n: usize,
+    max_tokens: usize,
+    unfinished: usize,
+    most_generated: usize,
 }
 
 impl EngineObserver for EngineMetrics {
+    fn on_request(&mut self, request: &ValidRequest) {
+        let n = request.params().n;
+        let live = LiveRequest { n, max_tokens: request.max_tokens(), unfinished: n, most_generated: 0 };
+        self.requests.insert(request.id().clone(), live);
+    }
+
     fn on_step(&mut self, stats: &EngineStats, outputs: &[RequestOutput]) {
+        if stats.num_steps > self.last.num_steps {
+            self.iteration_tokens.record(stats.last_step_tokens as f64);
+        }
         self.running.set(stats.num_running as f64);
         self.waiting.set(stats.num_waiting as f64);
         self.kv_usage.set(stats.kv_cache_usage);
@@ -269,6 +350,28 @@ impl EngineObserver for EngineMetrics {
             }
             self.request_prompt_tokens.record(out.num_prompt_tokens as f64);
             self.request_generation_tokens.record(out.num_output_tokens as f64);
+            self.request_preemptions.record(out.num_preemptions as f64);
+            if let (Some(first), Some(last)) = (t.first_token, t.last_token) {
+                let per_token = match out.num_output_tokens {
+                    0 | 1 => 0.0,
+                    n => last.duration_since(first).as_secs_f64() / (n - 1) as f64,
+                };
+                self.time_per_output_token.record(per_token);
+            }
+            if let Some(scheduled) = t.first_scheduled {
+                self.inference_time.record(end.duration_since(scheduled).as_secs_f64());
+            }
+            // A request's own metrics once its last sequence is done.
+            if let Some(live) = self.requests.get_mut(&out.request_id) {
+                live.unfinished = live.unfinished.saturating_sub(1);
+                live.most_generated = live.most_generated.max(out.num_output_tokens);
+                if live.unfinished == 0 {
+                    let live = self.requests.remove(&out.request_id).expect("present");
+                    self.max_generation_tokens.record(live.most_generated as f64);
+                    self.params_n.record(live.n as f64);
+                    self.params_max_tokens.record(live.max_tokens as f64);
+                }
+            }
         }
     }
 }

@@ -48,6 +48,8 @@ fn greedy_tokens_do_not_depend_on_batching_chunking_or_preemption() {
     let together = run(&mut engine, requests);
     let stats = engine.stats();
     assert!(stats.num_preemptions > 0, "the pool was meant to force preemption");
+    let per_request: usize = together.iter().map(|c| c.num_preemptions).sum();
+    assert_eq!(per_request as u64, stats.num_preemptions, "each preemption is counted on its sequence");
     assert_eq!(stats.kv_cache_usage, 0.0, "every block returns to the pool");
     assert_eq!((stats.num_running, stats.num_waiting), (0, 0));
     for (i, c) in together.iter().enumerate() {
