@@ -94,7 +94,58 @@ fn sampling_params(
         logprobs: logprobs.map(|k| k as usize),
         skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
         structured_output: structured_output(fields)?,
+        allowed_token_ids: match &fields.allowed_token_ids {
+            Some(ids) if ids.is_empty() => {
+                return Err(ApiError::bad_request(
+                    "allowed_token_ids must not be empty (leave it out to allow every token)",
+                    Some("allowed_token_ids"),
+                ));
+            }
+            ids => ids.clone().unwrap_or_default(),
+        },
+        bad_words: bad_words(&loaded.tokenizer, fields.bad_words.as_deref().unwrap_or_default())?,
     })
+}
+
+/// vLLM's `truncate_prompt_tokens`: keep each prompt's last `k` tokens (-1: as many as the
+/// context holds).
+fn truncate_prompts(prompts: &mut [Vec<u32>], k: Option<i64>, max_model_len: usize) -> Result<(), ApiError> {
+    let keep = match k {
+        None => return Ok(()),
+        Some(-1) => max_model_len,
+        Some(k) if k >= 1 && k as u64 <= max_model_len as u64 => k as usize,
+        Some(k) => {
+            return Err(ApiError::bad_request(
+                format!("truncate_prompt_tokens must be -1 or between 1 and max_model_len ({max_model_len}), got {k}"),
+                Some("truncate_prompt_tokens"),
+            ));
+        }
+    };
+    for prompt in prompts {
+        let cut = prompt.len().saturating_sub(keep);
+        prompt.drain(..cut);
+    }
+    Ok(())
+}
+
+/// vLLM's reading of `bad_words`: each word's tokens as written and with a leading space (when
+/// that is another token sequence of the same length).
+fn bad_words(tok: &Tokenizer, words: &[String]) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |text: &str| tok.encode(text, false).map_err(|e| ApiError::bad_request(e.message, Some("bad_words")));
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for word in words {
+        let word = word.trim_start();
+        if word.is_empty() {
+            return Err(ApiError::bad_request("bad_words must not hold an empty word", Some("bad_words")));
+        }
+        let plain = encode(word)?;
+        let spaced = encode(&format!(" {word}"))?;
+        if spaced.len() == plain.len() && spaced.first() != plain.first() {
+            out.push(spaced);
+        }
+        out.push(plain);
+    }
+    Ok(out)
 }
 
 /// vLLM's options for JSON constraints (`structured_outputs.disable_any_whitespace`, …), which
@@ -204,6 +255,8 @@ struct Submission {
     prompt_of: HashMap<RequestId, usize>,
     n: usize,
     prompt_lens: Vec<usize>,
+    /// Each prompt's ids, kept for `return_token_ids`.
+    prompt_ids: Vec<Vec<u32>>,
 }
 
 impl Submission {
@@ -220,6 +273,7 @@ impl Submission {
         // Engine ids are ours alone: a client's x-request-id may repeat.
         let base = uuid::Uuid::new_v4().simple().to_string();
         let prompt_lens = prompts.iter().map(Vec::len).collect();
+        let prompt_ids = prompts.clone();
         let mut requests = Vec::with_capacity(prompts.len());
         for (idx, prompt) in prompts.into_iter().enumerate() {
             let id = RequestId(format!("{base}-{idx}"));
@@ -249,7 +303,7 @@ impl Submission {
             prompt_of.insert(request.id().clone(), idx);
             loaded.engine.submit_to(request, tx.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
         }
-        Ok(Submission { rx, prompt_of, n: params.n, prompt_lens })
+        Ok(Submission { rx, prompt_of, n: params.n, prompt_lens, prompt_ids })
     }
 
     /// The next output and the choice index it belongs to (`prompt * n + sequence`).
@@ -366,13 +420,43 @@ fn stop_reason(out: &RequestOutput) -> Option<Value> {
     }
 }
 
-fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
-    tokenizer.decode(&[id], false)
+/// How logprobs name a token: its text, or `token_id:<id>` (`return_tokens_as_token_ids`).
+#[derive(Clone)]
+struct TokenNames {
+    tok: Arc<Tokenizer>,
+    as_ids: bool,
+}
+
+impl TokenNames {
+    fn new(tok: &Arc<Tokenizer>, fields: &SamplingFields) -> TokenNames {
+        TokenNames { tok: tok.clone(), as_ids: fields.return_tokens_as_token_ids.unwrap_or(false) }
+    }
+}
+
+fn token_text(names: &TokenNames, id: u32) -> String {
+    if names.as_ids { format!("token_id:{id}") } else { names.tok.decode(&[id], false) }
+}
+
+/// The usage so far of a stream with `continuous_usage_stats`, chunk by chunk.
+struct RunningUsage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl RunningUsage {
+    fn add(&mut self, out: &RequestOutput) -> Usage {
+        self.completion_tokens += out.token_ids.len();
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.prompt_tokens + self.completion_tokens,
+        }
+    }
 }
 
 /// Appends tokens to the legacy logprobs format; `offset` is the running character offset.
 fn extend_completion_logprobs(
-    tok: &Tokenizer,
+    tok: &TokenNames,
     target: &mut CompletionLogprobs,
     entries: &[TokenLogprobs],
     offset: &mut usize,
@@ -391,7 +475,7 @@ fn extend_completion_logprobs(
     }
 }
 
-fn chat_logprobs(tok: &Tokenizer, entries: &[TokenLogprobs]) -> ChatLogprobs {
+fn chat_logprobs(tok: &TokenNames, entries: &[TokenLogprobs]) -> ChatLogprobs {
     let entry = |id: u32, logprob: f32| {
         let token = token_text(tok, id);
         ChatTokenLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
@@ -462,6 +546,8 @@ pub async fn completions(
             .collect::<Result<_, _>>()?,
         Prompt::Tokens(lists) => lists.clone(),
     };
+    let mut prompts = prompts;
+    truncate_prompts(&mut prompts, req.sampling.truncate_prompt_tokens, loaded.model.max_model_len)?;
     let echo_texts: Vec<String> = match (&req.prompt, req.echo) {
         (_, false) => vec![String::new(); prompts.len()],
         (Prompt::Texts(texts), true) => texts.clone(),
@@ -502,6 +588,11 @@ fn stream_completion(
     let ResponseMeta { id, model, created } = meta;
     let (want_logprobs, n) = (req.logprobs.is_some(), run.n);
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let continuous = req.stream_options.as_ref().is_some_and(|o| o.continuous_usage_stats);
+    let token_ids = req.sampling.return_token_ids.unwrap_or(false);
+    let names = TokenNames::new(&tok, &req.sampling);
+    let prompt_ids = run.prompt_ids.clone();
+    let mut running = RunningUsage { prompt_tokens: run.prompt_lens.iter().sum(), completion_tokens: 0 };
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     let mut offsets = vec![0usize; run.num_choices()];
     let mut started_choice = vec![false; run.num_choices()];
@@ -518,19 +609,21 @@ fn stream_completion(
         move |usage| include_usage.then(|| sse_event(&chunk(vec![], Some(usage))))
     };
     let render = move |idx: usize, out: &RequestOutput| {
+        let usage = running.add(out);
         let mut text = String::new();
-        if !started_choice[idx] {
+        let first = !started_choice[idx];
+        if first {
             started_choice[idx] = true;
             text.push_str(&echo_texts[idx / n]);
             offsets[idx] = text.chars().count();
         }
         text.push_str(&out.text);
-        if text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() {
+        if text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() && out.token_ids.is_empty() {
             return None;
         }
         let logprobs = want_logprobs.then(|| {
             let mut lp = CompletionLogprobs::default();
-            extend_completion_logprobs(&tok, &mut lp, &out.logprobs, &mut offsets[idx]);
+            extend_completion_logprobs(&names, &mut lp, &out.logprobs, &mut offsets[idx]);
             lp
         });
         let choice = CompletionChoice {
@@ -539,8 +632,10 @@ fn stream_completion(
             logprobs,
             finish_reason: finish_reason(out),
             stop_reason: stop_reason(out),
+            prompt_token_ids: (token_ids && first).then(|| prompt_ids[idx / n].clone()),
+            token_ids: token_ids.then(|| out.token_ids.clone()),
         };
-        Some(sse_event(&chunk(vec![choice], None)))
+        Some(sse_event(&chunk(vec![choice], continuous.then_some(usage))))
     };
     let user = req.sampling.user.clone();
     tokio::spawn(stream(run, tx, Vec::new(), render, usage_chunk, user).instrument(tracing::Span::current()));
@@ -557,6 +652,8 @@ async fn collect_completion(
 ) -> Result<CompletionResponse, ApiError> {
     let ResponseMeta { id, model, created } = meta;
     let (want_logprobs, n) = (req.logprobs.is_some(), run.n);
+    let token_ids = req.sampling.return_token_ids.unwrap_or(false);
+    let names = TokenNames::new(&tok, &req.sampling);
     let mut choices: Vec<CompletionChoice> = (0..run.num_choices())
         .map(|idx| CompletionChoice {
             index: idx,
@@ -564,14 +661,19 @@ async fn collect_completion(
             logprobs: want_logprobs.then(CompletionLogprobs::default),
             finish_reason: None,
             stop_reason: None,
+            prompt_token_ids: token_ids.then(|| run.prompt_ids[idx / n].clone()),
+            token_ids: token_ids.then(Vec::new),
         })
         .collect();
     let mut offsets: Vec<usize> = choices.iter().map(|c| c.text.chars().count()).collect();
     let usage = collect(run, req.sampling.user.as_deref(), |idx, out| {
         let choice = &mut choices[idx];
         choice.text.push_str(&out.text);
+        if let Some(ids) = choice.token_ids.as_mut() {
+            ids.extend(&out.token_ids);
+        }
         if let Some(lp) = choice.logprobs.as_mut() {
-            extend_completion_logprobs(&tok, lp, &out.logprobs, &mut offsets[idx]);
+            extend_completion_logprobs(&names, lp, &out.logprobs, &mut offsets[idx]);
         }
         if out.finished() {
             choice.finish_reason = finish_reason(out);
@@ -670,7 +772,9 @@ pub async fn chat(
     )?;
     let tok = loaded.tokenizer.clone();
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad_request(e.message, Some("messages")))?;
-    let run = Submission::start(&state, loaded, vec![prompt], params)?;
+    let mut prompts = vec![prompt];
+    truncate_prompts(&mut prompts, req.sampling.truncate_prompt_tokens, loaded.model.max_model_len)?;
+    let run = Submission::start(&state, loaded, prompts, params)?;
     let guard = InFlight::new(&state);
     let meta = ResponseMeta { id: format!("chatcmpl-{request_id}"), model, created: unix_now() };
     if req.stream {
@@ -692,6 +796,10 @@ fn stream_chat(
 ) -> Response<ResponseBody> {
     let ResponseMeta { id, model, created } = meta;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let continuous = req.stream_options.as_ref().is_some_and(|o| o.continuous_usage_stats);
+    let token_ids = req.sampling.return_token_ids.unwrap_or(false);
+    let names = TokenNames::new(&tok, &req.sampling);
+    let mut running = RunningUsage { prompt_tokens: run.prompt_lens.iter().sum(), completion_tokens: 0 };
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>| ChatChunk {
         id: id.clone(),
@@ -700,14 +808,26 @@ fn stream_chat(
         model: model.clone(),
         choices,
         usage,
+        prompt_token_ids: None,
     };
     // Every choice opens with the assistant role.
     let usage_field = move |u: Option<Usage>| include_usage.then_some(u);
     let opening = (0..run.num_choices())
         .map(|index| {
             let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..ChatDelta::default() };
-            let first = ChatChunkChoice { index, delta, logprobs: None, finish_reason: None, stop_reason: None };
-            sse_event(&chunk(vec![first], usage_field(None)))
+            let first = ChatChunkChoice {
+                index,
+                delta,
+                logprobs: None,
+                finish_reason: None,
+                stop_reason: None,
+                token_ids: None,
+            };
+            let mut opening = chunk(vec![first], usage_field(None));
+            if token_ids && index == 0 {
+                opening.prompt_token_ids = Some(run.prompt_ids[0].clone());
+            }
+            sse_event(&opening)
         })
         .collect();
     let usage_chunk = {
@@ -717,18 +837,22 @@ fn stream_chat(
     let mut calls =
         ToolStream { mode, held: vec![String::new(); run.num_choices()], sent: vec![false; run.num_choices()] };
     let render = move |index: usize, out: &RequestOutput| {
+        let usage = running.add(out);
         let (content, tool_calls, finish) = calls.push(index, out);
-        if content.is_empty() && tool_calls.is_empty() && finish.is_none() && out.logprobs.is_empty() {
+        let new_ids = token_ids && !out.token_ids.is_empty();
+        if content.is_empty() && tool_calls.is_empty() && finish.is_none() && out.logprobs.is_empty() && !new_ids {
             return None;
         }
         let choice = ChatChunkChoice {
             index,
             delta: ChatDelta { role: None, content: Some(content), tool_calls },
-            logprobs: logprobs.map(|_| chat_logprobs(&tok, &out.logprobs)),
+            logprobs: logprobs.map(|_| chat_logprobs(&names, &out.logprobs)),
             finish_reason: finish,
             stop_reason: stop_reason(out),
+            token_ids: token_ids.then(|| out.token_ids.clone()),
         };
-        Some(sse_event(&chunk(vec![choice], usage_field(None))))
+        let usage = if continuous { usage_field(Some(usage)) } else { usage_field(None) };
+        Some(sse_event(&chunk(vec![choice], usage)))
     };
     let user = req.sampling.user.clone();
     tokio::spawn(stream(run, tx, opening, render, usage_chunk, user).instrument(tracing::Span::current()));
@@ -797,6 +921,9 @@ async fn collect_chat(
     mode: &ToolMode,
 ) -> Result<ChatResponse, ApiError> {
     let ResponseMeta { id, model, created } = meta;
+    let token_ids = req.sampling.return_token_ids.unwrap_or(false);
+    let names = TokenNames::new(&tok, &req.sampling);
+    let prompt_token_ids = token_ids.then(|| run.prompt_ids[0].clone());
     let mut texts = vec![String::new(); run.num_choices()];
     let mut choices: Vec<ChatChoice> = (0..run.num_choices())
         .map(|index| ChatChoice {
@@ -805,13 +932,17 @@ async fn collect_chat(
             logprobs: logprobs.map(|_| ChatLogprobs::default()),
             finish_reason: None,
             stop_reason: None,
+            token_ids: token_ids.then(Vec::new),
         })
         .collect();
     let usage = collect(run, req.sampling.user.as_deref(), |index, out| {
         let choice = &mut choices[index];
         texts[index].push_str(&out.text);
+        if let Some(ids) = choice.token_ids.as_mut() {
+            ids.extend(&out.token_ids);
+        }
         if let Some(lp) = choice.logprobs.as_mut() {
-            lp.content.extend(chat_logprobs(&tok, &out.logprobs).content);
+            lp.content.extend(chat_logprobs(&names, &out.logprobs).content);
         }
         if out.finished() {
             choice.finish_reason = finish_reason(out);
@@ -828,7 +959,7 @@ async fn collect_chat(
         choice.message.content = content;
         choice.message.tool_calls = tool_calls_out(calls, false);
     }
-    Ok(ChatResponse { id, object: "chat.completion", created, model, choices, usage })
+    Ok(ChatResponse { id, object: "chat.completion", created, model, choices, usage, prompt_token_ids })
 }
 
 pub fn tokenize(state: &AppState, req: TokenizeRequest) -> Result<Response<ResponseBody>, ApiError> {

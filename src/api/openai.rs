@@ -75,11 +75,6 @@ fn null_or_false() -> Vec<Value> {
 
 pub const UNSUPPORTED_FIELDS: &[UnsupportedField] = &[
     field("prompt_logprobs", null),
-    field("return_tokens_as_token_ids", null_or_false),
-    field("return_token_ids", null_or_false),
-    field("truncate_prompt_tokens", null),
-    field("allowed_token_ids", null),
-    field("bad_words", || vec![Value::Null, Value::Array(Vec::new())]),
     field("logits_processors", null),
     field("priority", || vec![Value::Null, Value::from(0)]),
     field("use_beam_search", null_or_false),
@@ -121,10 +116,11 @@ pub fn unsupported_field(body: &Value, chat: bool) -> Option<(&'static str, Stri
         if !object.get("stream").is_some_and(|s| s == true) {
             return Some(("stream_options", "stream_options is only allowed when stream is true".into()));
         }
-        if options.get("continuous_usage_stats").is_some_and(|v| v == true) {
+        let asks = |k: &str| options.get(k).is_some_and(|v| v == true);
+        if asks("continuous_usage_stats") && !asks("include_usage") {
             return Some((
                 "stream_options.continuous_usage_stats",
-                "stream_options.continuous_usage_stats is not supported: Pagoda does not implement it yet".into(),
+                "stream_options.continuous_usage_stats needs stream_options.include_usage".into(),
             ));
         }
     }
@@ -158,6 +154,9 @@ pub struct StreamOptions {
     /// `null` means false, as in vLLM.
     #[serde(default, deserialize_with = "null_is_false")]
     pub include_usage: bool,
+    /// vLLM: every chunk carries the usage so far (with `include_usage`).
+    #[serde(default, deserialize_with = "null_is_false")]
+    pub continuous_usage_stats: bool,
 }
 
 /// A boolean that may also be sent as `null` (meaning false), as clients do.
@@ -197,6 +196,14 @@ pub struct SamplingFields {
     pub guided_grammar: Option<String>,
     pub guided_whitespace_pattern: Option<String>,
     pub guided_decoding_backend: Option<String>,
+    pub allowed_token_ids: Option<Vec<u32>>,
+    pub bad_words: Option<Vec<String>>,
+    /// Keep only this many of the prompt's last tokens (-1: as many as the context holds).
+    pub truncate_prompt_tokens: Option<i64>,
+    /// Each choice carries `token_ids`, and the response the prompt's (`prompt_token_ids`).
+    pub return_token_ids: Option<bool>,
+    /// Logprobs name tokens as `token_id:<id>` instead of their text.
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 /// `response_format`: `text`, `json_object`, or `json_schema` with its schema.
@@ -415,6 +422,12 @@ pub struct CompletionChoice {
     pub finish_reason: Option<&'static str>,
     /// vLLM: the stop string or token id that ended the output.
     pub stop_reason: Option<Value>,
+    /// vLLM's `return_token_ids`: the prompt's ids (in a stream, on the choice's first chunk) and
+    /// the generated ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -495,6 +508,8 @@ pub struct ChatChoice {
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -505,6 +520,8 @@ pub struct ChatResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -524,6 +541,8 @@ pub struct ChatChunkChoice {
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -535,6 +554,9 @@ pub struct ChatChunk {
     pub choices: Vec<ChatChunkChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// With `return_token_ids`, on the first chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Serialize)]

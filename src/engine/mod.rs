@@ -336,6 +336,7 @@ impl Engine {
                         prompt_ids: &tokens[..runtime.num_prompt_tokens],
                         output_ids: &tokens[runtime.num_prompt_tokens..],
                         stop_token_ids: &runtime.stop_token_ids,
+                        vocab_size: self.vocab_size,
                     },
                     &mut runtime.rng,
                 ));
@@ -398,7 +399,11 @@ impl Engine {
         let mut errors = HashMap::new();
         for (row, mask) in masks {
             match mask {
-                Ok(mask) => rules[row].allowed = Some(mask),
+                // With allowed_token_ids too, a token must pass both.
+                Ok(mask) => match &mut rules[row].allowed {
+                    Some(allowed) => allowed.iter_mut().zip(&mask).for_each(|(a, m)| *a &= m),
+                    None => rules[row].allowed = Some(mask),
+                },
                 Err(e) => {
                     errors.insert(sampled[row], e);
                 }

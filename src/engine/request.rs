@@ -55,6 +55,11 @@ pub struct SamplingParams {
     pub skip_special_tokens: bool,
     /// Holds the output to a JSON schema, regex, choice or grammar.
     pub structured_output: Option<StructuredOutput>,
+    /// Only these tokens may be generated (vLLM's `allowed_token_ids`); empty: any.
+    pub allowed_token_ids: Vec<u32>,
+    /// Token sequences never generated (vLLM's `bad_words`, tokenized): the last token of each is
+    /// masked whenever the output ends with the ones before it.
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 impl Default for SamplingParams {
@@ -79,6 +84,8 @@ impl Default for SamplingParams {
             logprobs: None,
             skip_special_tokens: true,
             structured_output: None,
+            allowed_token_ids: Vec::new(),
+            bad_words: Vec::new(),
         }
     }
 }
@@ -193,6 +200,14 @@ impl SamplingParams {
         }
         if let Some(&t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return bad("stop_token_ids", format!("stop token id {t} is outside the vocabulary of {vocab_size}"));
+        }
+        for (param, list) in [("allowed_token_ids", &self.allowed_token_ids), ("bad_words", &self.bad_words.concat())] {
+            if list.len() > MAX_TOKEN_LIST {
+                return bad(param, format!("{param} is limited to {MAX_TOKEN_LIST} tokens, got {}", list.len()));
+            }
+            if let Some(&t) = list.iter().find(|&&t| t as usize >= vocab_size) {
+                return bad(param, format!("{param} token id {t} is outside the vocabulary of {vocab_size}"));
+            }
         }
         // The grammar decides where a structured output ends: with EOS, at once.
         if self.structured_output.is_some() {

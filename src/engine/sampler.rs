@@ -22,6 +22,8 @@ pub struct SamplingContext<'a> {
     /// Tokens that end generation (EOS unless ignored, and stop token ids): masked until
     /// `min_tokens` tokens have been generated.
     pub stop_token_ids: &'a [u32],
+    /// The width of the logits (for the `allowed_token_ids` mask).
+    pub vocab_size: usize,
 }
 
 /// The rule that picks this step's token for a sequence. A draw takes its uniform number from
@@ -34,7 +36,16 @@ pub fn row_rule(params: &SamplingParams, ctx: &SamplingContext, rng: &mut ChaCha
         top_p: params.top_p,
         uniform: uniform(rng),
     });
-    RowSampling { edits: edits(params, ctx), draw, logprobs: params.logprobs.map(|k| k as u32), allowed: None }
+    let allowed = (!params.allowed_token_ids.is_empty()).then(|| {
+        let mut mask = vec![0u32; ctx.vocab_size.div_ceil(32)];
+        for &t in &params.allowed_token_ids {
+            if let Some(w) = mask.get_mut(t as usize / 32) {
+                *w |= 1 << (t % 32);
+            }
+        }
+        mask
+    });
+    RowSampling { edits: edits(params, ctx), draw, logprobs: params.logprobs.map(|k| k as u32), allowed }
 }
 
 /// A backend's pick as the engine reports it.
@@ -56,6 +67,13 @@ fn edits(params: &SamplingParams, ctx: &SamplingContext) -> Vec<LogitEdit> {
     }
     for &(t, bias) in &params.logit_bias {
         at(&mut edits, t).add += bias;
+    }
+    for word in &params.bad_words {
+        if let Some((&last, prefix)) = word.split_last()
+            && ctx.output_ids.ends_with(prefix)
+        {
+            at(&mut edits, last).add = f32::NEG_INFINITY;
+        }
     }
     if params.repetition_penalty != 1.0 {
         for &t in ctx.prompt_ids.iter().chain(ctx.output_ids) {
@@ -98,7 +116,7 @@ mod tests {
     }
 
     fn ctx<'a>(prompt: &'a [u32], output: &'a [u32]) -> SamplingContext<'a> {
-        SamplingContext { prompt_ids: prompt, output_ids: output, stop_token_ids: &[] }
+        SamplingContext { prompt_ids: prompt, output_ids: output, stop_token_ids: &[], vocab_size: 64 }
     }
 
     fn rng(seed: u64) -> ChaCha8Rng {
@@ -133,9 +151,9 @@ mod tests {
     fn min_tokens_masks_stop_tokens_until_reached() {
         let params = SamplingParams { min_tokens: 2, ..SamplingParams::greedy() };
         let stops = [0u32];
-        let c = SamplingContext { prompt_ids: &[], output_ids: &[5], stop_token_ids: &stops };
+        let c = SamplingContext { prompt_ids: &[], output_ids: &[5], stop_token_ids: &stops, vocab_size: 2 };
         assert_eq!(sample(&mut [9.0, 1.0], &params, &c, &mut rng(0)).0, 1);
-        let c = SamplingContext { prompt_ids: &[], output_ids: &[5, 5], stop_token_ids: &stops };
+        let c = SamplingContext { prompt_ids: &[], output_ids: &[5, 5], stop_token_ids: &stops, vocab_size: 2 };
         assert_eq!(sample(&mut [9.0, 1.0], &params, &c, &mut rng(0)).0, 0);
     }
 
@@ -179,7 +197,8 @@ mod tests {
     #[test]
     fn rules_carry_the_processors_as_one_edit_per_token() {
         let stops = [0u32, 9];
-        let c = SamplingContext { prompt_ids: &[4, 7, 4], output_ids: &[7, 5, 7], stop_token_ids: &stops };
+        let c =
+            SamplingContext { prompt_ids: &[4, 7, 4], output_ids: &[7, 5, 7], stop_token_ids: &stops, vocab_size: 16 };
         let params = SamplingParams {
             min_tokens: 5,
             logit_bias: vec![(9, 2.0), (5, -1.0)],
@@ -209,6 +228,24 @@ mod tests {
                 .edits
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn bad_words_mask_their_last_token_after_their_prefix_and_allowed_ids_mask_the_rest() {
+        let params = SamplingParams { bad_words: vec![vec![3], vec![5, 6, 7]], ..SamplingParams::greedy() };
+        let banned = |output: &[u32]| {
+            let c = SamplingContext { prompt_ids: &[], output_ids: output, stop_token_ids: &[], vocab_size: 8 };
+            row_rule(&params, &c, &mut rng(0)).edits.iter().map(|e| e.token).collect::<Vec<_>>()
+        };
+        assert_eq!(banned(&[1, 5]), vec![3]);
+        assert_eq!(banned(&[5, 6]), vec![3, 7]);
+        assert_eq!(banned(&[5, 6, 1]), vec![3]);
+        let params = SamplingParams { allowed_token_ids: vec![2, 40], ..SamplingParams::greedy() };
+        let c = SamplingContext { prompt_ids: &[], output_ids: &[], stop_token_ids: &[], vocab_size: 41 };
+        assert_eq!(row_rule(&params, &c, &mut rng(0)).allowed, Some(vec![1 << 2, 1 << 8]));
+        let mut logits: Vec<f32> = (0..41).map(|t| t as f32 * -0.1).collect();
+        logits[9] = 50.0;
+        assert_eq!(sample(&mut logits, &params, &c, &mut rng(0)).0, 2);
     }
 
     #[test]

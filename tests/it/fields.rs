@@ -42,15 +42,14 @@ fn every_unimplemented_field_is_refused_unless_it_asks_for_the_default() {
 }
 
 #[test]
-fn stream_options_need_stream_and_continuous_usage_is_refused() {
+fn stream_options_need_stream_and_continuous_usage_needs_usage() {
     let server = tiny_llama_server(&[]);
     for chat in [false, true] {
         let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
         let resp = post(server.port, path, &body(chat, "stream_options", json!({"include_usage": true})));
         assert_eq!(resp.status, 400, "{}", resp.text());
         assert_eq!(resp.json()["error"]["param"], "stream_options");
-        let mut continuous =
-            body(chat, "stream_options", json!({"include_usage": true, "continuous_usage_stats": true}));
+        let mut continuous = body(chat, "stream_options", json!({"continuous_usage_stats": true}));
         continuous["stream"] = json!(true);
         let resp = post(server.port, path, &continuous);
         assert_eq!(resp.status, 400, "{}", resp.text());

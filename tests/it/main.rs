@@ -13,6 +13,7 @@ mod hub;
 mod load_errors;
 mod metadata;
 mod operations;
+mod params;
 mod reference;
 mod routes;
 mod server;
