@@ -496,7 +496,7 @@ async fn dispatch(
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
             Ok(r)
         }
-        Route::Version => Ok(version(state)),
+        Route::Version => Ok(version(state, authorized(state, req.headers()))),
         Route::Models => {
             let loaded = state.ready()?;
             let cards = state.served_model_names.iter().map(|name| model_card(state, loaded, name)).collect();
@@ -578,18 +578,21 @@ fn ready(state: &AppState) -> Response<ResponseBody> {
     }
 }
 
-fn version(state: &AppState) -> Response<ResponseBody> {
+/// `/version` answers without the API key (build and platform facts for probes and support), but
+/// names the model only to a caller with the key: a served name defaults to the model's path or
+/// Hub id, which may be private.
+fn version(state: &AppState, authorized: bool) -> Response<ResponseBody> {
     let loaded = state.loaded.get();
-    json_response(
-        StatusCode::OK,
-        &serde_json::json!({
-            "version": VERSION,
-            "git_commit": GIT_COMMIT,
-            "model": state.served_model_name(),
-            "backend": loaded.map(|l| l.model.backend),
-            "cloud": {"provider": state.cloud.provider, "instance_type": state.cloud.instance_type},
-        }),
-    )
+    let mut body = serde_json::json!({
+        "version": VERSION,
+        "git_commit": GIT_COMMIT,
+        "backend": loaded.map(|l| l.model.backend),
+        "cloud": {"provider": state.cloud.provider, "instance_type": state.cloud.instance_type},
+    });
+    if authorized {
+        body["model"] = serde_json::Value::from(state.served_model_name());
+    }
+    json_response(StatusCode::OK, &body)
 }
 
 /// A request id from `x-request-id` if the client sent a usable one, else a new one.

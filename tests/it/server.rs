@@ -558,6 +558,18 @@ fn the_bearer_scheme_is_case_insensitive() {
     }
 }
 
+/// `/version` answers anyone, but names the model (by default its path) only with the key.
+#[test]
+fn version_names_the_model_only_to_a_caller_with_the_key() {
+    let server = tiny_llama_server(&["--api-key", "k3y"]);
+    let open = get(server.port, "/version").json();
+    assert_eq!(open["version"], env!("CARGO_PKG_VERSION"));
+    assert!(open.get("model").is_none(), "{open}");
+    assert!(!open.to_string().contains("tiny-llama"), "the model's path leaked: {open}");
+    let keyed = request(server.port, "GET", "/version", &[("Authorization", "Bearer k3y")], b"").json();
+    assert!(keyed["model"].as_str().unwrap().ends_with("tiny-llama"), "{keyed}");
+}
+
 #[test]
 fn serve_help_documents_every_flag() {
     let out = Command::new(env!("CARGO_BIN_EXE_pagoda")).args(["serve", "--help"]).output().unwrap();
@@ -583,6 +595,17 @@ fn serve_help_documents_every_flag() {
         "--log-format",
         "--max-request-body-bytes",
         "--generation-config",
+        "--tensor-parallel-size",
+        "--seed",
+        "--max-logprobs",
+        "--chat-template",
+        "--trust-remote-code",
+        "--enable-log-requests",
+        "--enable-force-include-usage",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "--enable-tokenizer-info-endpoint",
+        "[MODEL]",
     ] {
         assert!(help.contains(flag), "serve --help lacks {flag}");
     }
