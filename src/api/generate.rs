@@ -107,6 +107,36 @@ fn sampling_params(
     })
 }
 
+/// A request's sampling parameters for `--enable-log-requests`: numbers and sizes, never the
+/// client's text (stop strings, schemas, choices, bad words).
+fn params_summary(p: &SamplingParams) -> String {
+    let constraint = match &p.structured_output {
+        None => "none",
+        Some(StructuredOutput::Json { .. }) => "json",
+        Some(StructuredOutput::Regex(_)) => "regex",
+        Some(StructuredOutput::Choice(_)) => "choice",
+        Some(StructuredOutput::Grammar(_)) => "grammar",
+    };
+    format!(
+        "n={} temperature={} top_p={} top_k={} min_p={} max_tokens={:?} min_tokens={} seed={:?} logprobs={:?} \
+         stop_strings={} stop_token_ids={} logit_bias={} bad_words={} allowed_token_ids={} structured_output={constraint}",
+        p.n,
+        p.temperature,
+        p.top_p,
+        p.top_k,
+        p.min_p,
+        p.max_tokens,
+        p.min_tokens,
+        p.seed,
+        p.logprobs,
+        p.stop.len(),
+        p.stop_token_ids.len(),
+        p.logit_bias.len(),
+        p.bad_words.len(),
+        p.allowed_token_ids.len(),
+    )
+}
+
 /// vLLM's `truncate_prompt_tokens`: keep each prompt's last `k` tokens (-1: as many as the
 /// context holds).
 fn truncate_prompts(prompts: &mut [Vec<u32>], k: Option<i64>, max_model_len: usize) -> Result<(), ApiError> {
@@ -282,7 +312,7 @@ impl Submission {
         }
         if state.config.log_request_params {
             let prompt_tokens: Vec<usize> = requests.iter().map(|r| r.prompt_token_ids().len()).collect();
-            tracing::info!(request = %base, ?prompt_tokens, ?params, "received request");
+            tracing::info!(request = %base, ?prompt_tokens, params = %params_summary(&params), "received request");
         }
         let num_seqs = requests.len() * params.n;
         if num_seqs > state.config.max_queue {
@@ -437,19 +467,26 @@ fn token_text(names: &TokenNames, id: u32) -> String {
     if names.as_ids { format!("token_id:{id}") } else { names.tok.decode(&[id], false) }
 }
 
-/// The usage so far of a stream with `continuous_usage_stats`, chunk by chunk.
+/// The usage so far of each choice of a stream with `continuous_usage_stats`, as vLLM reports it:
+/// the choice's prompt and the tokens that choice generated.
 struct RunningUsage {
-    prompt_tokens: usize,
-    completion_tokens: usize,
+    prompt_lens: Vec<usize>,
+    n: usize,
+    completion_tokens: Vec<usize>,
 }
 
 impl RunningUsage {
-    fn add(&mut self, out: &RequestOutput) -> Usage {
-        self.completion_tokens += out.token_ids.len();
+    fn new(run: &Submission) -> RunningUsage {
+        RunningUsage { prompt_lens: run.prompt_lens.clone(), n: run.n, completion_tokens: vec![0; run.num_choices()] }
+    }
+
+    fn add(&mut self, idx: usize, out: &RequestOutput) -> Usage {
+        self.completion_tokens[idx] += out.token_ids.len();
+        let prompt_tokens = self.prompt_lens[idx / self.n];
         Usage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            total_tokens: self.prompt_tokens + self.completion_tokens,
+            prompt_tokens,
+            completion_tokens: self.completion_tokens[idx],
+            total_tokens: prompt_tokens + self.completion_tokens[idx],
         }
     }
 }
@@ -550,6 +587,10 @@ pub async fn completions(
     truncate_prompts(&mut prompts, req.sampling.truncate_prompt_tokens, loaded.model.max_model_len)?;
     let echo_texts: Vec<String> = match (&req.prompt, req.echo) {
         (_, false) => vec![String::new(); prompts.len()],
+        // What the model saw: the truncated prompt.
+        (_, true) if req.sampling.truncate_prompt_tokens.is_some() => {
+            prompts.iter().map(|ids| tok.decode(ids, false)).collect()
+        }
         (Prompt::Texts(texts), true) => texts.clone(),
         (Prompt::Tokens(lists), true) => lists.iter().map(|ids| tok.decode(ids, false)).collect(),
     };
@@ -592,7 +633,7 @@ fn stream_completion(
     let token_ids = req.sampling.return_token_ids.unwrap_or(false);
     let names = TokenNames::new(&tok, &req.sampling);
     let prompt_ids = run.prompt_ids.clone();
-    let mut running = RunningUsage { prompt_tokens: run.prompt_lens.iter().sum(), completion_tokens: 0 };
+    let mut running = RunningUsage::new(&run);
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     let mut offsets = vec![0usize; run.num_choices()];
     let mut started_choice = vec![false; run.num_choices()];
@@ -609,7 +650,7 @@ fn stream_completion(
         move |usage| include_usage.then(|| sse_event(&chunk(vec![], Some(usage))))
     };
     let render = move |idx: usize, out: &RequestOutput| {
-        let usage = running.add(out);
+        let usage = running.add(idx, out);
         let mut text = String::new();
         let first = !started_choice[idx];
         if first {
@@ -758,8 +799,9 @@ pub async fn chat(
         }
         params.structured_output = Some(spec);
     }
-    if mode == ToolMode::Auto(ToolParser::Mistral) {
-        // Mistral marks calls with a special token, which the text must keep for the parser.
+    if matches!(mode, ToolMode::Auto(ToolParser::Mistral | ToolParser::Hermes)) {
+        // Mistral marks calls with a special token, as some Hermes checkpoints mark
+        // `<tool_call>`: the text must keep them for the parser (as vLLM's parsers ask).
         params.skip_special_tokens = false;
     }
     let text = render_chat(
@@ -799,7 +841,7 @@ fn stream_chat(
     let continuous = req.stream_options.as_ref().is_some_and(|o| o.continuous_usage_stats);
     let token_ids = req.sampling.return_token_ids.unwrap_or(false);
     let names = TokenNames::new(&tok, &req.sampling);
-    let mut running = RunningUsage { prompt_tokens: run.prompt_lens.iter().sum(), completion_tokens: 0 };
+    let mut running = RunningUsage::new(&run);
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>| ChatChunk {
         id: id.clone(),
@@ -837,7 +879,7 @@ fn stream_chat(
     let mut calls =
         ToolStream { mode, held: vec![String::new(); run.num_choices()], sent: vec![false; run.num_choices()] };
     let render = move |index: usize, out: &RequestOutput| {
-        let usage = running.add(out);
+        let usage = running.add(index, out);
         let (content, tool_calls, finish) = calls.push(index, out);
         let new_ids = token_ids && !out.token_ids.is_empty();
         if content.is_empty() && tool_calls.is_empty() && finish.is_none() && out.logprobs.is_empty() && !new_ids {

@@ -106,14 +106,29 @@ pub fn plan(
             ),
         },
         "required" => {
-            let calls: Vec<Value> = tools
-                .iter()
-                .map(|(name, parameters)| {
-                    json!({"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
-                           "required": ["name", "parameters"], "additionalProperties": false})
-                })
-                .collect();
+            // Each tool's `$defs` move to the root, where its `$ref`s (`#/$defs/…`) point.
+            let mut defs = serde_json::Map::new();
+            let mut calls = Vec::new();
+            for (name, parameters) in &tools {
+                let mut parameters = parameters.clone();
+                if let Some(Value::Object(own)) = parameters.as_object_mut().and_then(|p| p.remove("$defs")) {
+                    for (key, def) in own {
+                        if defs.get(&key).is_some_and(|d| *d != def) {
+                            return bad(
+                                format!("two tools define '$defs/{key}' differently; tool_choice required needs one"),
+                                "tools",
+                            );
+                        }
+                        defs.insert(key, def);
+                    }
+                }
+                calls.push(json!({"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
+                                  "required": ["name", "parameters"], "additionalProperties": false}));
+            }
             let mut schema = json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}});
+            if !defs.is_empty() {
+                schema["$defs"] = Value::Object(defs);
+            }
             if parallel_tool_calls == Some(false) {
                 schema["maxItems"] = json!(1);
             }
@@ -372,6 +387,21 @@ mod tests {
         assert_eq!(mode, ToolMode::Required);
         let Some(StructuredOutput::Json { schema, .. }) = spec else { panic!() };
         assert_eq!((schema["minItems"].clone(), schema["maxItems"].clone()), (json!(1), json!(1)));
+        // $defs move to the root that their $refs name; the same name defined twice is refused.
+        let with_defs = |def: Value| {
+            json!({"type": "function", "function": {"name": "g", "parameters": {"type": "object",
+                "properties": {"p": {"$ref": "#/$defs/Point"}}, "$defs": {"Point": def}}}})
+        };
+        let both = json!([with_defs(json!({"type": "integer"})), tools[0]]);
+        let (_, spec) =
+            plan(ToolConfig::default(), Some(&both), Some(&json!("required")), None, JsonOptions::default()).unwrap();
+        let Some(StructuredOutput::Json { schema, .. }) = spec else { panic!() };
+        assert_eq!(schema["$defs"]["Point"], json!({"type": "integer"}));
+        let mut clash = with_defs(json!({"type": "string"}));
+        clash["function"]["name"] = json!("h");
+        let clashing = json!([with_defs(json!({"type": "integer"})), clash]);
+        let err = plan(ToolConfig::default(), Some(&clashing), Some(&json!("required")), None, JsonOptions::default());
+        assert!(message(err.unwrap_err()).contains("differently"));
     }
 
     #[test]

@@ -399,9 +399,18 @@ impl Engine {
         let mut errors = HashMap::new();
         for (row, mask) in masks {
             match mask {
-                // With allowed_token_ids too, a token must pass both.
+                // With allowed_token_ids too, a token must pass both; if none does, the sequence
+                // ends with that said rather than with a token neither allows.
                 Ok(mask) => match &mut rules[row].allowed {
-                    Some(allowed) => allowed.iter_mut().zip(&mask).for_each(|(a, m)| *a &= m),
+                    Some(allowed) => {
+                        allowed.iter_mut().zip(&mask).for_each(|(a, m)| *a &= m);
+                        if allowed.iter().all(|&w| w == 0) {
+                            errors.insert(
+                                sampled[row],
+                                "allowed_token_ids and the structured output leave no token to generate".to_string(),
+                            );
+                        }
+                    }
                     None => rules[row].allowed = Some(mask),
                 },
                 Err(e) => {

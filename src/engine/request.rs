@@ -287,6 +287,20 @@ impl EngineRequest {
                 let grammar = grammars
                     .compile(spec)
                     .map_err(|message| RequestError::InvalidParam { param: "structured_outputs", message })?;
+                // A contradiction that shows at the first token is the client's to fix.
+                if !self.params.allowed_token_ids.is_empty() {
+                    let first = grammar
+                        .clone()
+                        .mask()
+                        .map_err(|message| RequestError::InvalidParam { param: "structured_outputs", message })?;
+                    let allowed = |t: u32| first.get(t as usize / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
+                    if !self.params.allowed_token_ids.iter().any(|&t| allowed(t)) {
+                        return Err(RequestError::InvalidParam {
+                            param: "allowed_token_ids",
+                            message: "none of allowed_token_ids can start the structured output".into(),
+                        });
+                    }
+                }
                 Some(grammar)
             }
         };

@@ -113,4 +113,18 @@ fn continuous_usage_counts_every_chunk() {
             .sum();
         assert_eq!(streamed, 5, "{path}");
     }
+    // With n = 2 each choice counts its own tokens, as vLLM reports them.
+    let body = json!({"prompt": "Hi", "max_tokens": 4, "n": 2, "ignore_eos": true, "stream": true,
+                      "stream_options": {"include_usage": true, "continuous_usage_stats": true}});
+    let mut last = [0u64; 2];
+    for e in EventStream::open(server.port, "/v1/completions", &body).collect() {
+        let Ok(chunk) = serde_json::from_str::<Value>(&e) else { continue };
+        if let Some(choice) = chunk["choices"].as_array().and_then(|a| a.first()) {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            let count = chunk["usage"]["completion_tokens"].as_u64().unwrap();
+            assert_eq!(count, last[i] + 1, "choice {i}: {e}");
+            last[i] = count;
+        }
+    }
+    assert_eq!(last, [4, 4]);
 }

@@ -63,6 +63,12 @@ fn every_bad_constraint_is_a_400_that_names_its_field() {
         (json!({"response_format": {"type": "json_object"}, "ignore_eos": true}), "ignore_eos", "ignore_eos"),
         (json!({"structured_outputs": {"json": schema}, "min_tokens": 3}), "min_tokens", "min_tokens"),
         (json!({"guided_json": schema, "guided_decoding_backend": "xgrammar"}), "guided_decoding_backend", "guidance"),
+        // Token 0 (<unk>) can start no choice: the two constraints contradict each other.
+        (
+            json!({"structured_outputs": {"choice": ["yes"]}, "allowed_token_ids": [0]}),
+            "allowed_token_ids",
+            "none of allowed_token_ids",
+        ),
     ];
     for (fields, param, words) in cases {
         for path in ["/v1/completions", "/v1/chat/completions"] {
