@@ -283,8 +283,8 @@ fn parse(parser: ToolParser, text: &str) -> Option<(Option<String>, Vec<ToolCall
 }
 
 /// Where a streamed auto-mode output may start a call: text from here on is held back until the
-/// output ends and is parsed then. `None` while the text is plain so far. `at_start` is whether
-/// `text` is the output's beginning (Llama 3 calls are the whole output).
+/// output ends and is parsed then. `None` while the text is plain so far. For Llama 3, whose
+/// calls are the whole output, the caller asks only while nothing has been sent.
 pub fn call_start(parser: ToolParser, text: &str) -> Option<usize> {
     let marker = match parser {
         ToolParser::Hermes => "<tool_call>",

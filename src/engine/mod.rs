@@ -461,19 +461,12 @@ impl Engine {
             }
         }
         RequestOutput {
-            request_id: runtime.request_id.clone(),
-            index: runtime.index,
             token_ids: vec![token],
             text,
             logprobs: logprobs.into_iter().collect(),
             finish_reason,
             stop_reason,
-            num_prompt_tokens: runtime.num_prompt_tokens,
-            num_output_tokens,
-            num_cached_tokens: runtime.num_cached_tokens,
-            num_preemptions: runtime.num_preemptions,
-            timings: runtime.timings,
-            error: None,
+            ..sequence_output(runtime, num_output_tokens)
         }
     }
 
@@ -504,15 +497,15 @@ impl Engine {
     }
 }
 
-/// The output that ends a cancelled sequence: no new token.
-fn aborted(runtime: &SeqRuntime, num_output_tokens: usize) -> RequestOutput {
+/// What a sequence's output says of the sequence itself, with no new token and no finish.
+fn sequence_output(runtime: &SeqRuntime, num_output_tokens: usize) -> RequestOutput {
     RequestOutput {
         request_id: runtime.request_id.clone(),
         index: runtime.index,
         token_ids: Vec::new(),
         text: String::new(),
         logprobs: Vec::new(),
-        finish_reason: Some(FinishReason::Abort),
+        finish_reason: None,
         stop_reason: None,
         num_prompt_tokens: runtime.num_prompt_tokens,
         num_output_tokens,
@@ -521,6 +514,11 @@ fn aborted(runtime: &SeqRuntime, num_output_tokens: usize) -> RequestOutput {
         timings: runtime.timings,
         error: None,
     }
+}
+
+/// The output that ends a cancelled sequence: no new token.
+fn aborted(runtime: &SeqRuntime, num_output_tokens: usize) -> RequestOutput {
+    RequestOutput { finish_reason: Some(FinishReason::Abort), ..sequence_output(runtime, num_output_tokens) }
 }
 
 /// The tokens that end a sequence: EOS (unless ignored) and the request's stop token ids.
