@@ -102,15 +102,19 @@ __device__ __forceinline__ float block_exclusive_scan(float v, float& incl, floa
   return (lane == 0 ? 0.f : before_in_warp) + offset;
 }
 
-// One row's draw parameters, as the host packs them (5 words, backend::Draw): temperature (0 for
-// greedy), min_p, top_p, uniform (f32 bits), top_k (0: none).
+// One row's rule, as the host packs it (6 words, backend::Draw): temperature (0 for greedy),
+// min_p, top_p, uniform (f32 bits), top_k (0: none), then the forced token (~0u: none; the row's
+// token is it, not a pick: backend::RowSampling::forced).
 struct Rule {
   float temperature, min_p, top_p, uniform;
-  unsigned top_k;
+  unsigned top_k, forced;
 };
 
+constexpr int RULE_WORDS = 6;
+constexpr unsigned NOT_FORCED = ~0u;
+
 __device__ __forceinline__ Rule load_rule(const unsigned* __restrict__ w) {
-  return Rule{__uint_as_float(w[0]), __uint_as_float(w[1]), __uint_as_float(w[2]), __uint_as_float(w[3]), w[4]};
+  return Rule{__uint_as_float(w[0]), __uint_as_float(w[1]), __uint_as_float(w[2]), __uint_as_float(w[3]), w[4], w[5]};
 }
 
 // A token's probability before the top-k/top-p cut, relative to the most likely token's (1):
@@ -255,13 +259,18 @@ __device__ int row_draw(const float* __restrict__ row, int vocab, const Rule& r)
   return token;
 }
 
-// tokens[r] = row r's token by its rule (rules: [rows, 5] words, load_rule), temperature 0
-// meaning greedy. grid (rows), block 256.
+// tokens[r] = row r's token by its rule (rules: [rows, RULE_WORDS] words, load_rule), temperature
+// 0 meaning greedy. grid (rows), block 256.
 //   logits [rows, vocab] f32;  tokens [rows]
 __device__ void sample(unsigned* __restrict__ tokens, const float* __restrict__ logits,
                        const unsigned* __restrict__ rules, int vocab) {
   const float* row = logits + (size_t)blockIdx.x * vocab;
-  const Rule r = load_rule(rules + 5 * blockIdx.x);
+  const Rule r = load_rule(rules + RULE_WORDS * blockIdx.x);
+  // The rule is the block's own, so every thread takes the same branch.
+  if (r.forced != NOT_FORCED) {
+    if (threadIdx.x == 0) tokens[blockIdx.x] = r.forced;
+    return;
+  }
   const int token = r.temperature == 0.f ? row_argmax(row, vocab) : row_draw(row, vocab, r);
   if (threadIdx.x == 0) tokens[blockIdx.x] = (unsigned)token;
 }
@@ -297,9 +306,9 @@ __device__ void token_mask(float* __restrict__ logits, const unsigned* __restric
 }
 
 // backend::sampling::row_logprobs of raw row r for the token tokens[token_rows[r]]: out row r is
-// [its logprob, then k pairs (token id as bits, logprob), most likely first, ties by lower index].
-// grid (rows), block 256.
-//   raw [rows, vocab] f32;  out [rows, 1 + 2k]
+// [its logprob, its rank (bits), then k pairs (token id as bits, logprob), most likely first, ties
+// by lower index]. grid (rows), block 256.
+//   raw [rows, vocab] f32;  out [rows, 2 + 2k]
 __device__ void logprobs(float* __restrict__ out, const float* __restrict__ raw, const unsigned* __restrict__ tokens,
                          const unsigned* __restrict__ token_rows, int k, int vocab) {
   __shared__ float s_scratch[32];
@@ -310,9 +319,17 @@ __device__ void logprobs(float* __restrict__ out, const float* __restrict__ raw,
   float s = 0.f;
   for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(row[j] - m);
   const float log_sum_exp = m + logf(block_sum(s, s_scratch));
-  float* o = out + (size_t)blockIdx.x * (1 + 2 * k);
+  float* o = out + (size_t)blockIdx.x * (2 + 2 * k);
   const unsigned token = tokens[token_rows[blockIdx.x]];
-  if (threadIdx.x == 0) o[0] = token < (unsigned)vocab ? row[token] - log_sum_exp : neg_inf();
+  const float chosen = token < (unsigned)vocab ? row[token] : neg_inf();
+  // The rank: how many logits are at least the chosen one's (a count below 2^24 is exact in f32).
+  float at_least = 0.f;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) at_least += row[j] >= chosen ? 1.f : 0.f;
+  at_least = block_sum(at_least, s_scratch);
+  if (threadIdx.x == 0) {
+    o[0] = chosen - log_sum_exp;
+    o[1] = __uint_as_float((unsigned)at_least);
+  }
   // The t-th most likely is the best of those after the (t-1)-th in the order.
   float prev_v = __int_as_float(0x7f800000);
   int prev_i = -1;
@@ -329,8 +346,8 @@ __device__ void logprobs(float* __restrict__ out, const float* __restrict__ raw,
     }
     block_best(v, idx);
     if (threadIdx.x == 0) {
-      o[1 + 2 * t] = __uint_as_float((unsigned)idx);
-      o[2 + 2 * t] = v - log_sum_exp;
+      o[2 + 2 * t] = __uint_as_float((unsigned)idx);
+      o[3 + 2 * t] = v - log_sum_exp;
     }
     prev_v = v;
     prev_i = idx;

@@ -11,7 +11,9 @@ use crate::backend::{Backend, BatchLayout, KvCacheShape, SeqLayout};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::model::config::GenerationDefaults;
 use crate::model::demo::{DEMO_MODEL_NAME, DemoSpec};
-use crate::model::{Architecture, Executor, LoadError, ModelConfig, ModelFiles, ModelRunner, Weights, graph_sizes};
+use crate::model::{
+    Architecture, Executor, LoadError, MAX_LOGITS_ROWS, ModelConfig, ModelFiles, ModelRunner, Weights, graph_sizes,
+};
 use crate::weights::DType;
 
 /// KV-cache memory on the CPU when nothing is said (vLLM's CPU default is 4 GiB as well). Pages
@@ -375,8 +377,9 @@ fn bind_cuda(opts: &EngineOptions, files: &ModelFiles, handle: DeviceHandle) -> 
     let profile_blocks = profile_tokens.div_ceil(opts.block_size);
     let mut runner = ModelRunner::new(backend, files, provisional_len, profile_blocks, opts.block_size)?;
     let layout = profile_layout(profile_tokens, profile_blocks);
+    // A step holds at most MAX_LOGITS_ROWS rows of logits (more are sampled in slices).
     let logits_rows: Vec<u32> =
-        (profile_tokens.saturating_sub(opts.max_num_seqs) as u32..profile_tokens as u32).collect();
+        (profile_tokens.saturating_sub(MAX_LOGITS_ROWS) as u32..profile_tokens as u32).collect();
     runner.execute(&layout, &logits_rows).map_err(LoadError::Backend)?;
     let (free, total) = handle.device().memory_info().map_err(|e| LaunchError::Invalid(e.to_string()))?;
     let num_blocks = kv_blocks_from_memory(

@@ -92,6 +92,17 @@ fn sampling_params(
         stop_token_ids: fields.stop_token_ids.clone().unwrap_or_default(),
         include_stop_str_in_output: fields.include_stop_str_in_output.unwrap_or(false),
         logprobs: logprobs.map(|k| k as usize),
+        prompt_logprobs: match fields.prompt_logprobs {
+            None => None,
+            Some(-1) => Some(loaded.limits.vocab_size),
+            Some(k) if k >= 0 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+            Some(k) => {
+                return Err(ApiError::bad_request(
+                    format!("prompt_logprobs must be -1 (the whole vocabulary) or at least 0, got {k}"),
+                    Some("prompt_logprobs"),
+                ));
+            }
+        },
         skip_special_tokens: fields.skip_special_tokens.unwrap_or(true),
         structured_output: structured_output(fields)?,
         allowed_token_ids: match &fields.allowed_token_ids {
@@ -491,11 +502,13 @@ impl RunningUsage {
     }
 }
 
-/// Appends tokens to the legacy logprobs format; `offset` is the running character offset.
+/// Appends tokens to the legacy logprobs format, each with at most `max_top` alternatives;
+/// `offset` is the running character offset.
 fn extend_completion_logprobs(
     tok: &TokenNames,
     target: &mut CompletionLogprobs,
     entries: &[TokenLogprobs],
+    max_top: usize,
     offset: &mut usize,
 ) {
     for lp in entries {
@@ -503,13 +516,52 @@ fn extend_completion_logprobs(
         target.text_offset.push(*offset);
         *offset += text.chars().count();
         target.tokens.push(text);
-        target.token_logprobs.push(Some(lp.logprob));
+        target.token_logprobs.push(Some(lp.logprob.max(MIN_LOGPROB)));
         let mut top = serde_json::Map::new();
-        for &(id, logprob) in &lp.top {
-            top.entry(token_text(tok, id)).or_insert(Value::from(logprob));
+        for &(id, logprob) in lp.top.iter().take(max_top) {
+            top.entry(token_text(tok, id)).or_insert(Value::from(logprob.max(MIN_LOGPROB)));
         }
         target.top_logprobs.push(Some(top));
     }
+}
+
+/// The logprob reported for a token of no probability (JSON has no -inf), as vLLM reports it.
+const MIN_LOGPROB: f32 = -9999.0;
+
+/// An echoed prompt's tokens in the legacy logprobs format: the first with `null` (nothing
+/// predicts it), then each with its logprob and `top` alternatives (`entries`, one per token
+/// after the first).
+fn extend_echo_logprobs(
+    tok: &TokenNames,
+    target: &mut CompletionLogprobs,
+    prompt: &[u32],
+    entries: &[TokenLogprobs],
+    top: usize,
+    offset: &mut usize,
+) {
+    if let Some(&first) = prompt.first() {
+        let text = token_text(tok, first);
+        target.text_offset.push(*offset);
+        *offset += text.chars().count();
+        target.tokens.push(text);
+        target.token_logprobs.push(None);
+        target.top_logprobs.push(None);
+    }
+    extend_completion_logprobs(tok, target, entries, top, offset);
+}
+
+/// vLLM's `prompt_logprobs` field from a sequence's prompt logprobs, with `top` alternatives each.
+fn prompt_logprobs_json(tok: &TokenNames, entries: &[TokenLogprobs], top: usize) -> PromptLogprobs {
+    let entry = |id: u32, logprob: f32, rank: u32| serde_json::json!({ "logprob": logprob.max(MIN_LOGPROB), "rank": rank, "decoded_token": token_text(tok, id) });
+    let positions = entries.iter().map(|lp| {
+        let mut m = serde_json::Map::new();
+        m.insert(lp.token_id.to_string(), entry(lp.token_id, lp.logprob, lp.rank));
+        for (i, &(id, logprob)) in lp.top.iter().take(top).enumerate() {
+            m.entry(id.to_string()).or_insert_with(|| entry(id, logprob, i as u32 + 1));
+        }
+        Some(m)
+    });
+    std::iter::once(None).chain(positions).collect()
 }
 
 fn chat_logprobs(tok: &TokenNames, entries: &[TokenLogprobs]) -> ChatLogprobs {
@@ -567,13 +619,17 @@ pub async fn completions(
     if req.best_of.is_some_and(|b| b != req.sampling.n.unwrap_or(1)) {
         return Err(ApiError::bad_request("best_of other than n is not supported", Some("best_of")));
     }
-    if req.echo && req.logprobs.is_some() {
-        return Err(ApiError::bad_request(
-            "echo together with logprobs (prompt logprobs) is not supported",
-            Some("echo"),
-        ));
+    no_streamed_prompt_logprobs(req.stream, &req.sampling)?;
+    // `echo` with `max_tokens: 0` returns the prompt alone (with its logprobs: what evaluation
+    // harnesses ask for); as in vLLM one token is generated and not returned.
+    let echo_only = req.echo && req.max_tokens == Some(0);
+    let max_tokens = if echo_only { Some(1) } else { req.max_tokens };
+    let mut params = sampling_params(&state, loaded, Endpoint::Completions, &req.sampling, max_tokens, req.logprobs)?;
+    let prompt_top = params.prompt_logprobs;
+    if req.echo && params.logprobs.is_some() {
+        // The echoed prompt's tokens have logprobs too.
+        params.prompt_logprobs = params.prompt_logprobs.max(params.logprobs);
     }
-    let params = sampling_params(&state, loaded, Endpoint::Completions, &req.sampling, req.max_tokens, req.logprobs)?;
     let tok = loaded.tokenizer.clone();
     let add_special = req.add_special_tokens.unwrap_or(true);
     let prompts: Vec<Vec<u32>> = match &req.prompt {
@@ -585,7 +641,7 @@ pub async fn completions(
     };
     let mut prompts = prompts;
     truncate_prompts(&mut prompts, req.sampling.truncate_prompt_tokens, loaded.model.max_model_len)?;
-    let echo_texts: Vec<String> = match (&req.prompt, req.echo) {
+    let texts: Vec<String> = match (&req.prompt, req.echo) {
         (_, false) => vec![String::new(); prompts.len()],
         // What the model saw: the truncated prompt.
         (_, true) if req.sampling.truncate_prompt_tokens.is_some() => {
@@ -594,14 +650,44 @@ pub async fn completions(
         (Prompt::Texts(texts), true) => texts.clone(),
         (Prompt::Tokens(lists), true) => lists.iter().map(|ids| tok.decode(ids, false)).collect(),
     };
+    let echo = Echo { texts, only: echo_only, prompt_top };
     let run = Submission::start(&state, loaded, prompts, params)?;
     let guard = InFlight::new(&state);
     let meta = ResponseMeta { id: format!("cmpl-{request_id}"), model, created: unix_now() };
     if req.stream {
-        return Ok(with_guard(stream_completion(run, meta, &req, tok, echo_texts), guard));
+        return Ok(with_guard(stream_completion(run, meta, &req, tok, echo), guard));
     }
-    let response = collect_completion(run, meta, &req, tok, echo_texts).await?;
+    let response = collect_completion(run, meta, &req, tok, echo).await?;
     Ok(with_guard(json_response(StatusCode::OK, &response), guard))
+}
+
+/// vLLM answers `prompt_logprobs` only in whole responses.
+fn no_streamed_prompt_logprobs(stream: bool, fields: &SamplingFields) -> Result<(), ApiError> {
+    if stream && fields.prompt_logprobs.is_some() {
+        return Err(ApiError::bad_request(
+            "prompt_logprobs are not available when stream is true",
+            Some("prompt_logprobs"),
+        ));
+    }
+    Ok(())
+}
+
+/// What a completion adds to its choices besides the generated text: the prompt's text when it
+/// is echoed (its logprobs too, when logprobs are asked for), and `prompt_logprobs`.
+struct Echo {
+    /// Each prompt's text, or empty strings without `echo`.
+    texts: Vec<String>,
+    /// `echo` with `max_tokens: 0`: the prompt alone, without the token generated.
+    only: bool,
+    /// `prompt_logprobs`' top count, when the request asked for them.
+    prompt_top: Option<usize>,
+}
+
+impl Echo {
+    /// `out` without what it generated, for a response that echoes the prompt alone.
+    fn generated<'a>(&self, out: &'a RequestOutput) -> (&'a str, &'a [u32], &'a [TokenLogprobs]) {
+        if self.only { ("", &[], &[]) } else { (&out.text, &out.token_ids, &out.logprobs) }
+    }
 }
 
 /// `--enable-force-include-usage`: a stream ends with its usage whether or not it asked.
@@ -624,15 +710,17 @@ fn stream_completion(
     meta: ResponseMeta,
     req: &CompletionRequest,
     tok: Arc<Tokenizer>,
-    echo_texts: Vec<String>,
+    echo: Echo,
 ) -> Response<ResponseBody> {
     let ResponseMeta { id, model, created } = meta;
     let (want_logprobs, n) = (req.logprobs.is_some(), run.n);
+    let echo_logprobs = req.echo && want_logprobs;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let continuous = req.stream_options.as_ref().is_some_and(|o| o.continuous_usage_stats);
     let token_ids = req.sampling.return_token_ids.unwrap_or(false);
     let names = TokenNames::new(&tok, &req.sampling);
     let prompt_ids = run.prompt_ids.clone();
+    let top = req.logprobs.unwrap_or(0) as usize;
     let mut running = RunningUsage::new(&run);
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     let mut offsets = vec![0usize; run.num_choices()];
@@ -651,22 +739,26 @@ fn stream_completion(
     };
     let render = move |idx: usize, out: &RequestOutput| {
         let usage = running.add(idx, out);
+        let (generated, generated_ids, generated_logprobs) = echo.generated(out);
         let mut text = String::new();
         let first = !started_choice[idx];
+        let mut logprobs = want_logprobs.then(CompletionLogprobs::default);
         if first {
             started_choice[idx] = true;
-            text.push_str(&echo_texts[idx / n]);
+            text.push_str(&echo.texts[idx / n]);
             offsets[idx] = text.chars().count();
+            if let (true, Some(lp), Some(entries)) = (echo_logprobs, logprobs.as_mut(), &out.prompt_logprobs) {
+                offsets[idx] = 0;
+                extend_echo_logprobs(&names, lp, &prompt_ids[idx / n], entries, top, &mut offsets[idx]);
+            }
         }
-        text.push_str(&out.text);
-        if text.is_empty() && out.finish_reason.is_none() && out.logprobs.is_empty() && out.token_ids.is_empty() {
+        text.push_str(generated);
+        if text.is_empty() && out.finish_reason.is_none() && generated_logprobs.is_empty() && generated_ids.is_empty() {
             return None;
         }
-        let logprobs = want_logprobs.then(|| {
-            let mut lp = CompletionLogprobs::default();
-            extend_completion_logprobs(&names, &mut lp, &out.logprobs, &mut offsets[idx]);
-            lp
-        });
+        if let Some(lp) = logprobs.as_mut() {
+            extend_completion_logprobs(&names, lp, generated_logprobs, usize::MAX, &mut offsets[idx]);
+        }
         let choice = CompletionChoice {
             index: idx,
             text,
@@ -674,7 +766,8 @@ fn stream_completion(
             finish_reason: finish_reason(out),
             stop_reason: stop_reason(out),
             prompt_token_ids: (token_ids && first).then(|| prompt_ids[idx / n].clone()),
-            token_ids: token_ids.then(|| out.token_ids.clone()),
+            token_ids: token_ids.then(|| generated_ids.to_vec()),
+            prompt_logprobs: None,
         };
         Some(sse_event(&chunk(vec![choice], continuous.then_some(usage))))
     };
@@ -689,32 +782,44 @@ async fn collect_completion(
     meta: ResponseMeta,
     req: &CompletionRequest,
     tok: Arc<Tokenizer>,
-    echo_texts: Vec<String>,
+    echo: Echo,
 ) -> Result<CompletionResponse, ApiError> {
     let ResponseMeta { id, model, created } = meta;
     let (want_logprobs, n) = (req.logprobs.is_some(), run.n);
+    let echo_logprobs = req.echo && want_logprobs;
+    let top = req.logprobs.unwrap_or(0) as usize;
     let token_ids = req.sampling.return_token_ids.unwrap_or(false);
     let names = TokenNames::new(&tok, &req.sampling);
+    let prompt_ids = run.prompt_ids.clone();
     let mut choices: Vec<CompletionChoice> = (0..run.num_choices())
         .map(|idx| CompletionChoice {
             index: idx,
-            text: echo_texts[idx / n].clone(),
+            text: echo.texts[idx / n].clone(),
             logprobs: want_logprobs.then(CompletionLogprobs::default),
             finish_reason: None,
             stop_reason: None,
             prompt_token_ids: token_ids.then(|| run.prompt_ids[idx / n].clone()),
             token_ids: token_ids.then(Vec::new),
+            prompt_logprobs: None,
         })
         .collect();
     let mut offsets: Vec<usize> = choices.iter().map(|c| c.text.chars().count()).collect();
     let usage = collect(run, req.sampling.user.as_deref(), |idx, out| {
         let choice = &mut choices[idx];
-        choice.text.push_str(&out.text);
+        let (generated, generated_ids, generated_logprobs) = echo.generated(out);
+        if let Some(entries) = &out.prompt_logprobs {
+            if let (true, Some(lp)) = (echo_logprobs, choice.logprobs.as_mut()) {
+                offsets[idx] = 0;
+                extend_echo_logprobs(&names, lp, &prompt_ids[idx / n], entries, top, &mut offsets[idx]);
+            }
+            choice.prompt_logprobs = echo.prompt_top.map(|k| prompt_logprobs_json(&names, entries, k));
+        }
+        choice.text.push_str(generated);
         if let Some(ids) = choice.token_ids.as_mut() {
-            ids.extend(&out.token_ids);
+            ids.extend(generated_ids);
         }
         if let Some(lp) = choice.logprobs.as_mut() {
-            extend_completion_logprobs(&names, lp, &out.logprobs, &mut offsets[idx]);
+            extend_completion_logprobs(&names, lp, generated_logprobs, usize::MAX, &mut offsets[idx]);
         }
         if out.finished() {
             choice.finish_reason = finish_reason(out);
@@ -779,6 +884,7 @@ pub async fn chat(
     if req.top_logprobs.is_some() && !req.logprobs {
         return Err(ApiError::bad_request("top_logprobs needs logprobs set to true", Some("top_logprobs")));
     }
+    no_streamed_prompt_logprobs(req.stream, &req.sampling)?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
     let mut params = sampling_params(&state, loaded, Endpoint::Chat, &req.sampling, max_tokens, logprobs)?;
@@ -816,13 +922,14 @@ pub async fn chat(
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad_request(e.message, Some("messages")))?;
     let mut prompts = vec![prompt];
     truncate_prompts(&mut prompts, req.sampling.truncate_prompt_tokens, loaded.model.max_model_len)?;
+    let prompt_top = params.prompt_logprobs;
     let run = Submission::start(&state, loaded, prompts, params)?;
     let guard = InFlight::new(&state);
     let meta = ResponseMeta { id: format!("chatcmpl-{request_id}"), model, created: unix_now() };
     if req.stream {
         return Ok(with_guard(stream_chat(run, meta, &req, tok, logprobs, mode), guard));
     }
-    let response = collect_chat(run, meta, &req, tok, logprobs, &mode).await?;
+    let response = collect_chat(run, meta, &req, tok, logprobs, prompt_top, &mode).await?;
     Ok(with_guard(json_response(StatusCode::OK, &response), guard))
 }
 
@@ -960,12 +1067,15 @@ async fn collect_chat(
     req: &ChatRequest,
     tok: Arc<Tokenizer>,
     logprobs: Option<u32>,
+    prompt_top: Option<usize>,
     mode: &ToolMode,
 ) -> Result<ChatResponse, ApiError> {
     let ResponseMeta { id, model, created } = meta;
     let token_ids = req.sampling.return_token_ids.unwrap_or(false);
     let names = TokenNames::new(&tok, &req.sampling);
     let prompt_token_ids = token_ids.then(|| run.prompt_ids[0].clone());
+    // Every choice computed them; they are the same, and the response has one field.
+    let mut prompt_logprobs = None;
     let mut texts = vec![String::new(); run.num_choices()];
     let mut choices: Vec<ChatChoice> = (0..run.num_choices())
         .map(|index| ChatChoice {
@@ -979,6 +1089,9 @@ async fn collect_chat(
         .collect();
     let usage = collect(run, req.sampling.user.as_deref(), |index, out| {
         let choice = &mut choices[index];
+        if let (0, Some(top), Some(entries)) = (index, prompt_top, &out.prompt_logprobs) {
+            prompt_logprobs = Some(prompt_logprobs_json(&names, entries, top));
+        }
         texts[index].push_str(&out.text);
         if let Some(ids) = choice.token_ids.as_mut() {
             ids.extend(&out.token_ids);
@@ -1001,7 +1114,16 @@ async fn collect_chat(
         choice.message.content = content;
         choice.message.tool_calls = tool_calls_out(calls, false);
     }
-    Ok(ChatResponse { id, object: "chat.completion", created, model, choices, usage, prompt_token_ids })
+    Ok(ChatResponse {
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices,
+        usage,
+        prompt_token_ids,
+        prompt_logprobs,
+    })
 }
 
 pub fn tokenize(state: &AppState, req: TokenizeRequest) -> Result<Response<ResponseBody>, ApiError> {

@@ -74,7 +74,6 @@ fn null_or_false() -> Vec<Value> {
 }
 
 pub const UNSUPPORTED_FIELDS: &[UnsupportedField] = &[
-    field("prompt_logprobs", null),
     field("logits_processors", null),
     field("priority", || vec![Value::Null, Value::from(0)]),
     field("use_beam_search", null_or_false),
@@ -204,6 +203,9 @@ pub struct SamplingFields {
     pub return_token_ids: Option<bool>,
     /// Logprobs name tokens as `token_id:<id>` instead of their text.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM's logprobs of the prompt's tokens, with this many top alternatives (-1: the whole
+    /// vocabulary, within `--max-logprobs`).
+    pub prompt_logprobs: Option<i64>,
 }
 
 /// `response_format`: `text`, `json_object`, or `json_schema` with its schema.
@@ -428,7 +430,15 @@ pub struct CompletionChoice {
     pub prompt_token_ids: Option<Vec<u32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
+    /// vLLM's `prompt_logprobs`, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
+
+/// vLLM's `prompt_logprobs` format: `null` for the first prompt token (nothing predicts it), then
+/// for each later one an object keyed by token id (the prompt's token first, then the most likely
+/// ones) of `{"logprob", "rank", "decoded_token"}`.
+pub type PromptLogprobs = Vec<Option<serde_json::Map<String, Value>>>;
 
 #[derive(Debug, Serialize)]
 pub struct CompletionResponse {
@@ -522,6 +532,9 @@ pub struct ChatResponse {
     pub usage: Usage,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM's `prompt_logprobs` of the rendered chat, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 #[derive(Debug, Serialize, Default)]

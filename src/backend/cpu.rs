@@ -534,7 +534,7 @@ impl Backend for CpuBackend {
             return Err(BackendError::Batch(format!("{} sampling rules for {} rows", sampling.len(), x.rows)));
         }
         Ok(x.data
-            .chunks_exact(x.cols.max(1))
+            .par_chunks_exact(x.cols.max(1))
             .zip(sampling)
             .map(|(row, rule)| super::sampling::sample_row(&mut row.to_vec(), rule))
             .collect())

@@ -51,6 +51,9 @@ pub struct RowSampling {
     /// The tokens a structured output allows, as a bitmask over the vocabulary (bit `t % 32` of
     /// word `t / 32`); the others are set to -inf after the edits.
     pub allowed: Option<Vec<u32>>,
+    /// The row's token is this one, not a pick: a prompt position whose logprobs are asked for
+    /// (its next prompt token). The edits, the mask and the draw are then not used.
+    pub forced: Option<u32>,
 }
 
 impl RowSampling {
@@ -61,6 +64,11 @@ impl RowSampling {
     pub fn draw(draw: Draw) -> RowSampling {
         RowSampling { draw: Some(draw), ..RowSampling::default() }
     }
+
+    /// The logprobs of `token` at this row, with the `top` most likely tokens': no pick.
+    pub fn forced(token: u32, top: u32) -> RowSampling {
+        RowSampling { forced: Some(token), logprobs: Some(top), ..RowSampling::default() }
+    }
 }
 
 /// One row's pick.
@@ -70,16 +78,23 @@ pub struct SampledRow {
     pub logprobs: Option<RowLogprobs>,
 }
 
-/// The chosen token's log-probability, and the most likely tokens with theirs, most likely first
-/// (ties by lower index).
+/// The chosen token's log-probability and rank, and the most likely tokens with theirs, most
+/// likely first (ties by lower index).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowLogprobs {
     pub logprob: f32,
+    /// vLLM's rank: how many tokens are at least as likely as the chosen one (itself included),
+    /// so the most likely token has rank 1.
+    pub rank: u32,
     pub top: Vec<(u32, f32)>,
 }
 
 /// Picks `row`'s token by `rule`, as every backend must. `row` is used up (the edits change it).
 pub fn sample_row(row: &mut [f32], rule: &RowSampling) -> SampledRow {
+    if let Some(token) = rule.forced {
+        let logprobs = row_logprobs(row, token, rule.logprobs.unwrap_or(0) as usize);
+        return SampledRow { token, logprobs: rule.logprobs.is_some().then_some(logprobs) };
+    }
     let raw = rule.logprobs.map(|_| row.to_vec());
     for edit in &rule.edits {
         if let Some(l) = row.get_mut(edit.token as usize) {
@@ -160,14 +175,15 @@ pub fn draw(logits: &[f32], d: &Draw) -> u32 {
     probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
 }
 
-/// The log-softmax of `logits` at `token`, and the `k` most likely tokens with theirs.
+/// The log-softmax of `logits` at `token` and its rank, and the `k` most likely tokens with theirs.
 pub fn row_logprobs(logits: &[f32], token: u32, k: usize) -> RowLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
     let log_sum_exp = max + sum.ln() as f32;
     let top = top_k_indices(logits, k).into_iter().map(|i| (i, logits[i as usize] - log_sum_exp)).collect();
-    let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - log_sum_exp);
-    RowLogprobs { logprob, top }
+    let chosen = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    let rank = logits.iter().filter(|&&l| l >= chosen).count() as u32;
+    RowLogprobs { logprob: chosen - log_sum_exp, rank, top }
 }
 
 /// Indices of the `k` largest values, largest first, ties broken by lower index.
@@ -267,6 +283,7 @@ mod tests {
             draw: None,
             logprobs: Some(2),
             allowed: None,
+            forced: None,
         };
         let picked = sample_row(&mut row, &rule);
         assert_eq!(picked.token, 0);
@@ -274,6 +291,29 @@ mod tests {
         let lse = (1f64.exp() + 3f64.exp() + 2f64.exp()).ln() as f32;
         assert!((lp.logprob - (1.0 - lse)).abs() < 1e-6);
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        // Token 0 is the least likely of the raw logits.
+        assert_eq!(lp.rank, 3);
+    }
+
+    #[test]
+    fn a_forced_row_reports_its_token_whatever_the_rules_say() {
+        let logits = vec![1.0, 3.0, 2.0, 3.0];
+        let rule = RowSampling {
+            edits: vec![LogitEdit { token: 2, add: f32::NEG_INFINITY, repetition: 1.0, subtract: 0.0 }],
+            allowed: Some(vec![0b1]),
+            ..RowSampling::forced(2, 1)
+        };
+        let picked = sample_row(&mut logits.clone(), &rule);
+        assert_eq!(picked.token, 2);
+        let lp = picked.logprobs.unwrap();
+        let lse = (1f64.exp() + 2.0 * 3f64.exp() + 2f64.exp()).ln() as f32;
+        assert!((lp.logprob - (2.0 - lse)).abs() < 1e-6);
+        assert_eq!((lp.rank, lp.top.len(), lp.top[0].0), (3, 1, 1));
+        // Ties share the worse rank, as vLLM counts them.
+        assert_eq!(sample_row(&mut logits.clone(), &RowSampling::forced(1, 0)).logprobs.unwrap().rank, 2);
+        // An id past the vocabulary has no probability.
+        let far = sample_row(&mut logits.clone(), &RowSampling::forced(9, 0)).logprobs.unwrap();
+        assert_eq!((far.logprob, far.rank), (f32::NEG_INFINITY, 4));
     }
 
     #[test]

@@ -90,6 +90,10 @@ struct SeqRuntime {
     timings: SeqTimings,
     /// A structured output's place in its grammar.
     grammar: Option<Grammar>,
+    /// With `prompt_logprobs`, until the first token's output carries them: those of the prompt
+    /// positions computed so far (entry `p` is for prompt token `p + 1`, predicted at position
+    /// `p`), so that a prefill recomputed after a preemption does not repeat them.
+    prompt_logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 pub struct Engine {
@@ -223,9 +227,17 @@ impl Engine {
                         last_token: None,
                     },
                     grammar: grammar.clone(),
+                    prompt_logprobs: params
+                        .prompt_logprobs
+                        .map(|_| Vec::with_capacity(request.prompt_token_ids.len() - 1)),
                 },
             );
-            self.scheduler.add(seq, request.prompt_token_ids.clone());
+            // Every prompt position's logits are needed: a prefix-cache hit would skip some.
+            if params.prompt_logprobs.is_some() {
+                self.scheduler.add_without_prefix_cache(seq, request.prompt_token_ids.clone());
+            } else {
+                self.scheduler.add(seq, request.prompt_token_ids.clone());
+            }
             ids.push(seq);
         }
         self.requests.insert(request.id, ids);
@@ -306,6 +318,9 @@ impl Engine {
         let mut sampled = Vec::new();
         // Every row is sampled where its logits are, by the rule its parameters give.
         let mut rules = Vec::new();
+        // Prompt positions whose logprobs are asked for: their rows follow the sampled ones.
+        let mut prompt_rows: Vec<(u32, RowSampling)> = Vec::new();
+        let mut prompt_seqs = Vec::new();
         for s in &plan.scheduled {
             let runtime = self.seqs.get_mut(&s.seq).expect("scheduled sequences have runtime state");
             if runtime.timings.first_scheduled.is_none() {
@@ -326,6 +341,19 @@ impl Engine {
                 context_len: s.num_computed_tokens + s.num_new_tokens,
                 block_table,
             });
+            if let (Some(done), Some(top)) = (&runtime.prompt_logprobs, runtime.params.prompt_logprobs) {
+                // Position `p`'s logits give prompt token `p + 1`'s logprob; the last prompt
+                // position's give the first sampled token instead.
+                let tokens = self.scheduler.tokens(s.seq);
+                let first = s.num_computed_tokens.max(done.len());
+                let end = (s.num_computed_tokens + s.num_new_tokens).min(runtime.num_prompt_tokens - 1);
+                debug_assert!(s.num_computed_tokens <= done.len(), "prompt positions are computed in order");
+                for pos in first..end {
+                    let row = (query_start + pos - s.num_computed_tokens) as u32;
+                    prompt_rows.push((row, RowSampling::forced(tokens[pos + 1], top as u32)));
+                    prompt_seqs.push(s.seq);
+                }
+            }
             if self.scheduler.needs_sample(s) {
                 logits_rows.push((query_start + s.num_new_tokens - 1) as u32);
                 sampled.push(s.seq);
@@ -343,15 +371,26 @@ impl Engine {
             }
         }
         let mut grammar_errors = self.apply_grammar_masks(&sampled, &mut rules);
+        for (row, rule) in prompt_rows {
+            logits_rows.push(row);
+            rules.push(rule);
+        }
         self.num_steps += 1;
         self.last_step_tokens = layout.token_ids.len();
-        let picked = self.executor.execute_step(&layout, &logits_rows, &rules)?;
-        if picked.len() != sampled.len() {
+        let mut picked = self.executor.execute_step(&layout, &logits_rows, &rules)?;
+        if picked.len() != rules.len() {
             return Err(
                 BackendError::Batch("the executor returned another number of rows than were sampled".into()).into()
             );
         }
         self.scheduler.complete_step(&plan);
+        for (seq, row) in prompt_seqs.into_iter().zip(picked.split_off(sampled.len())) {
+            let runtime = self.seqs.get_mut(&seq).expect("scheduled sequences have runtime state");
+            if let (Some(done), (_, Some(logprobs))) = (&mut runtime.prompt_logprobs, sampler::token_and_logprobs(row))
+            {
+                done.push(logprobs);
+            }
+        }
 
         let now = Instant::now();
         let mut outputs = Vec::with_capacity(sampled.len());
@@ -464,6 +503,7 @@ impl Engine {
             token_ids: vec![token],
             text,
             logprobs: logprobs.into_iter().collect(),
+            prompt_logprobs: runtime.prompt_logprobs.take(),
             finish_reason,
             stop_reason,
             ..sequence_output(runtime, num_output_tokens)
@@ -505,6 +545,7 @@ fn sequence_output(runtime: &SeqRuntime, num_output_tokens: usize) -> RequestOut
         token_ids: Vec::new(),
         text: String::new(),
         logprobs: Vec::new(),
+        prompt_logprobs: None,
         finish_reason: None,
         stop_reason: None,
         num_prompt_tokens: runtime.num_prompt_tokens,

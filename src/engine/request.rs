@@ -52,6 +52,9 @@ pub struct SamplingParams {
     pub include_stop_str_in_output: bool,
     /// Return this many top alternatives with each token's logprob (`Some(0)`: the token's only).
     pub logprobs: Option<usize>,
+    /// The same for each prompt token after the first (vLLM's `prompt_logprobs`), computed by
+    /// every sequence of the request in its prefill, which then skips the prefix cache.
+    pub prompt_logprobs: Option<usize>,
     pub skip_special_tokens: bool,
     /// Holds the output to a JSON schema, regex, choice or grammar.
     pub structured_output: Option<StructuredOutput>,
@@ -82,6 +85,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             include_stop_str_in_output: false,
             logprobs: None,
+            prompt_logprobs: None,
             skip_special_tokens: true,
             structured_output: None,
             allowed_token_ids: Vec::new(),
@@ -163,13 +167,15 @@ impl SamplingParams {
         {
             return bad("min_tokens", format!("min_tokens ({}) must not exceed max_tokens ({max})", self.min_tokens));
         }
-        if let Some(k) = self.logprobs
-            && k > max_logprobs
-        {
-            return bad(
-                "logprobs",
-                format!("at most {max_logprobs} logprobs can be requested (--max-logprobs), got {k}"),
-            );
+        for (param, k) in [("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)] {
+            if let Some(k) = k
+                && k > max_logprobs
+            {
+                return bad(
+                    param,
+                    format!("at most {max_logprobs} logprobs can be requested (--max-logprobs), got {k}"),
+                );
+            }
         }
         if self.stop.len() > MAX_STOP_STRINGS {
             return bad(
@@ -400,11 +406,14 @@ pub enum StopReason {
     Text(String),
 }
 
-/// The logprob of a chosen token and the top alternatives at its position, most likely first.
+/// The logprob of a chosen (or prompt) token and the top alternatives at its position, most
+/// likely first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenLogprobs {
     pub token_id: u32,
     pub logprob: f32,
+    /// How many tokens were at least as likely (itself included): 1 for the most likely.
+    pub rank: u32,
     pub top: Vec<(u32, f32)>,
 }
 
@@ -430,6 +439,9 @@ pub struct RequestOutput {
     pub text: String,
     /// One entry per token of `token_ids` when logprobs were requested.
     pub logprobs: Vec<TokenLogprobs>,
+    /// With `prompt_logprobs`, on the output of the sequence's first token: one entry per prompt
+    /// token after the first (the first has no logprob).
+    pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
     pub finish_reason: Option<FinishReason>,
     pub stop_reason: Option<StopReason>,
     pub num_prompt_tokens: usize,
@@ -451,6 +463,9 @@ impl RequestOutput {
         self.token_ids.extend(later.token_ids);
         self.text.push_str(&later.text);
         self.logprobs.extend(later.logprobs);
+        if later.prompt_logprobs.is_some() {
+            self.prompt_logprobs = later.prompt_logprobs;
+        }
         self.num_prompt_tokens = later.num_prompt_tokens;
         self.num_output_tokens = later.num_output_tokens;
         self.num_cached_tokens = later.num_cached_tokens;

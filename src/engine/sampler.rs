@@ -45,12 +45,13 @@ pub fn row_rule(params: &SamplingParams, ctx: &SamplingContext, rng: &mut ChaCha
         }
         mask
     });
-    RowSampling { edits: edits(params, ctx), draw, logprobs: params.logprobs.map(|k| k as u32), allowed }
+    RowSampling { edits: edits(params, ctx), draw, logprobs: params.logprobs.map(|k| k as u32), allowed, forced: None }
 }
 
 /// A backend's pick as the engine reports it.
 pub fn token_and_logprobs(row: SampledRow) -> (u32, Option<TokenLogprobs>) {
-    let logprobs = row.logprobs.map(|l| TokenLogprobs { token_id: row.token, logprob: l.logprob, top: l.top });
+    let logprobs =
+        row.logprobs.map(|l| TokenLogprobs { token_id: row.token, logprob: l.logprob, rank: l.rank, top: l.top });
     (row.token, logprobs)
 }
 

@@ -36,6 +36,9 @@ struct SeqState {
     tokens: Vec<u32>,
     num_computed_tokens: usize,
     status: Status,
+    /// Whether an admission may start from a prefix-cache hit (not when every prompt position
+    /// must be computed, for its logprobs).
+    read_prefix_cache: bool,
 }
 
 /// One sequence's share of a step.
@@ -82,9 +85,19 @@ impl Scheduler {
 
     /// Queues a new sequence with its prompt.
     pub fn add(&mut self, seq: SeqId, prompt: Vec<u32>) {
+        self.add_seq(seq, prompt, true);
+    }
+
+    /// Queues a new sequence whose every prompt position is computed, whatever the prefix cache
+    /// holds (its blocks are still registered for others).
+    pub fn add_without_prefix_cache(&mut self, seq: SeqId, prompt: Vec<u32>) {
+        self.add_seq(seq, prompt, false);
+    }
+
+    fn add_seq(&mut self, seq: SeqId, prompt: Vec<u32>, read_prefix_cache: bool) {
         assert!(!prompt.is_empty(), "a sequence needs at least one token");
-        let previous =
-            self.seqs.insert(seq, SeqState { tokens: prompt, num_computed_tokens: 0, status: Status::Waiting });
+        let state = SeqState { tokens: prompt, num_computed_tokens: 0, status: Status::Waiting, read_prefix_cache };
+        let previous = self.seqs.insert(seq, state);
         assert!(previous.is_none(), "sequence {seq:?} added twice");
         self.waiting.push_back(seq);
     }
@@ -133,8 +146,13 @@ impl Scheduler {
                 if budget == 0 || self.running.len() >= self.config.max_num_seqs {
                     break;
                 }
-                let tokens = &self.seqs[&seq].tokens;
-                let computed = self.kv.get_computed_blocks(seq, tokens);
+                let state = &self.seqs[&seq];
+                let tokens = &state.tokens;
+                let computed = if state.read_prefix_cache {
+                    self.kv.get_computed_blocks(seq, tokens)
+                } else {
+                    ComputedBlocks::default()
+                };
                 let remaining = tokens.len() - computed.num_tokens;
                 if !self.config.enable_chunked_prefill && remaining > budget {
                     break;
@@ -402,6 +420,25 @@ mod tests {
         assert_eq!(summary(&out), vec![(2, 8, 1)]);
         assert_eq!(out.scheduled[0].num_cached_tokens, 8);
         assert!(s.prefix_cache_stats().hits >= 8);
+    }
+
+    #[test]
+    fn a_sequence_added_without_the_prefix_cache_computes_its_whole_prompt() {
+        let mut s = scheduler(8, 4, 8, 100);
+        let lens = HashMap::from([(0, 9), (1, 9), (2, 9)]);
+        s.add(SeqId(0), vec![5; 9]);
+        let out = s.schedule();
+        run_step(&mut s, &out, &lens, 100);
+        s.finish(SeqId(0));
+        s.add_without_prefix_cache(SeqId(1), vec![5; 9]);
+        let out = s.schedule();
+        assert_eq!(summary(&out), vec![(1, 0, 9)]);
+        assert_eq!(out.scheduled[0].num_cached_tokens, 0);
+        // Its blocks are registered all the same: the next one hits them.
+        run_step(&mut s, &out, &lens, 100);
+        s.add(SeqId(2), vec![5; 9]);
+        let out = s.schedule();
+        assert_eq!(summary(&out), vec![(1, 9, 1), (2, 8, 1)]);
     }
 
     #[test]

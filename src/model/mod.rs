@@ -185,6 +185,11 @@ struct DecodeGraph<B: Backend> {
 /// The largest decode step captured, as vLLM's default: beyond it, steps run eagerly.
 pub const MAX_GRAPH_SIZE: usize = 256;
 
+/// The most rows of logits a step holds at once (`[rows, vocab]` f32): a step that samples more
+/// (prompt logprobs, or more sequences) computes and samples them this many at a time. The
+/// profiling pass that sizes the KV cache measures this many.
+pub const MAX_LOGITS_ROWS: usize = 256;
+
 /// The decode batch sizes graphs are captured for: powers of two below `max_num_seqs` (capped at
 /// [`MAX_GRAPH_SIZE`]), and that cap itself, so a step pads at most to twice its size.
 pub fn graph_sizes(max_num_seqs: usize) -> Vec<usize> {
@@ -294,6 +299,30 @@ impl<B: Backend> ModelRunner<B> {
     }
 }
 
+impl<B: Backend> ModelRunner<B> {
+    /// [`Executor::execute_step`] for more rows than [`MAX_LOGITS_ROWS`] (a step with prompt
+    /// logprobs): the final hidden states of all of them, then their logits and picks a slice at
+    /// a time, so the logits never take more memory than the profiling pass measured.
+    fn execute_in_slices(
+        &mut self,
+        layout: &BatchLayout,
+        logits_rows: &[u32],
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledRow>, BackendError> {
+        layout.validate(&self.cache_shape)?;
+        let batch = self.backend.prepare_batch(layout)?;
+        let hidden = self.model.final_hidden(&self.backend, &batch, &mut self.cache, Some(logits_rows))?;
+        let mut picked = Vec::with_capacity(sampling.len());
+        for (i, rules) in sampling.chunks(MAX_LOGITS_ROWS).enumerate() {
+            let start = (i * MAX_LOGITS_ROWS) as u32;
+            let rows: Vec<u32> = (start..start + rules.len() as u32).collect();
+            let logits = self.model.logits(&self.backend, &self.backend.gather_rows(&hidden, &rows)?)?;
+            picked.extend(self.backend.sample_rows(&logits, rules)?);
+        }
+        Ok(picked)
+    }
+}
+
 /// `layout` (one token per sequence) padded to `size` sequences, every block table padded with
 /// zeros to `table_width`. A padding token is token 0 at position 0 writing no cache slot
 /// ([`NO_SLOT`]), in a sequence of its own with a context of `pad_context` (the longest context,
@@ -333,6 +362,9 @@ impl<B: Backend> Executor for ModelRunner<B> {
     ) -> Result<Vec<SampledRow>, BackendError> {
         if sampling.len() != logits_rows.len() {
             return Err(BackendError::Batch("one sampling rule per sampled row is needed".into()));
+        }
+        if logits_rows.len() > MAX_LOGITS_ROWS {
+            return self.execute_in_slices(layout, logits_rows, sampling);
         }
         let (logits, _) = self.forward(layout, logits_rows)?;
         let padded_rows = self.backend.rows(&logits);

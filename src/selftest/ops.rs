@@ -251,7 +251,8 @@ pub fn argmax(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
 
 /// Every sampling rule on the device picks what `backend::sampling::sample_row` picks on the host
 /// from the same logits (greedy and draws; temperature, min-p, top-k, top-p; the logit edits;
-/// logprobs within rounding; token masks), with rows of ties where top-k must break them by index.
+/// logprobs within rounding and ranks; token masks; forced tokens), with rows of ties where top-k
+/// must break them by index.
 pub fn sampling(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
     let rows = 64;
     // Small weights: flat distributions, where a wrong walk or a wrong cut picks another token.
@@ -278,6 +279,7 @@ pub fn sampling(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
             (None, None) => {}
             (Some(a), Some(b)) => {
                 logprob_error = logprob_error.max((a.logprob - b.logprob).abs());
+                wrong_top += usize::from(a.rank != b.rank);
                 for (x, y) in a.top.iter().zip(&b.top) {
                     logprob_error = logprob_error.max((x.1 - y.1).abs());
                 }
@@ -293,7 +295,12 @@ pub fn sampling(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
             error: wrong_tokens as f32,
             tolerance: rig.tolerances.sampled_mismatches,
         },
-        Check { name: "top logprob tokens".into(), dtype: rig.dtype(), error: wrong_top as f32, tolerance: 0.0 },
+        Check {
+            name: "top logprob tokens and ranks".into(),
+            dtype: rig.dtype(),
+            error: wrong_top as f32,
+            tolerance: 0.0,
+        },
         Check { name: "logprobs (absolute)".into(), dtype: rig.dtype(), error: logprob_error, tolerance: 1e-4 },
     ])
 }
@@ -335,6 +342,12 @@ fn sampling_rule(r: usize, rows: usize) -> RowSampling {
             mask[t / 32] |= 1 << (t % 32);
         }
         rule.allowed = Some(mask);
+    }
+    // A prompt position's logprobs (its token forced, whatever else the rule says) on every
+    // eleventh row, one of them past the vocabulary.
+    if r % 11 == 2 {
+        rule.forced = Some(if r == 13 { 1000 } else { (r * 37 % 1000) as u32 });
+        rule.logprobs = Some((r % 4) as u32);
     }
     rule
 }

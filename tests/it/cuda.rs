@@ -291,6 +291,24 @@ mod emulated {
             };
             assert_eq!(top(a), top(b));
         }
+        // Prompt logprobs (forced-token rows, their ranks) on the device equal the host's.
+        let body = serde_json::json!({"model": model.to_str().unwrap(), "prompt": "Once upon a time there was",
+                                      "max_tokens": 2, "prompt_logprobs": 4, "echo": true, "logprobs": 2,
+                                      "temperature": 0});
+        let (a, b) = (post(cuda.port, "/v1/completions", &body), post(cpu.port, "/v1/completions", &body));
+        assert_eq!((a.status, b.status), (200, 200), "{}\n{}", a.text(), b.text());
+        let (a, b) = (&a.json()["choices"][0], &b.json()["choices"][0]);
+        let (pa, pb) = (a["prompt_logprobs"].as_array().unwrap(), b["prompt_logprobs"].as_array().unwrap());
+        assert_eq!(pa.len(), pb.len());
+        for (x, y) in pa.iter().zip(pb).skip(1) {
+            let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+            assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+            for (u, v) in x.values().zip(y.values()) {
+                assert_eq!((&u["rank"], &u["decoded_token"]), (&v["rank"], &v["decoded_token"]));
+                assert!((u["logprob"].as_f64().unwrap() - v["logprob"].as_f64().unwrap()).abs() < 1e-3, "{u} {v}");
+            }
+        }
+        assert_eq!(a["logprobs"]["tokens"], b["logprobs"]["tokens"]);
     }
 
     /// Without an explicit size the KV cache gets what the weights and a profiling pass at the full

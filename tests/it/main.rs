@@ -14,6 +14,7 @@ mod load_errors;
 mod metadata;
 mod operations;
 mod params;
+mod prompt_logprobs;
 mod reference;
 mod routes;
 mod server;

@@ -179,3 +179,95 @@ fn detokenization_never_emits_half_a_character() {
     assert_eq!(pieces.concat(), text);
     assert!(pieces.iter().any(|p| p.is_empty()), "some tokens are partial characters and must wait");
 }
+
+/// The log-softmax of `row` at `token`, and how many entries are within `tol` of at least it
+/// (the bounds of its rank).
+fn reference_logprob(row: &[f32], token: u32, tol: f32) -> (f32, std::ops::RangeInclusive<u32>) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let t = row[token as usize];
+    let rank = |at_least: f32| row.iter().filter(|&&x| x >= at_least).count() as u32;
+    (t - lse, rank(t + tol)..=rank(t - tol))
+}
+
+#[test]
+fn prompt_logprobs_are_transformers_through_chunks_preemption_and_a_warm_prefix_cache() {
+    for model in MODELS {
+        let refs = reference(model);
+        // Each prompt followed by its greedy continuation: the reference logits cover all of it.
+        let prompts: Vec<Vec<u32>> =
+            refs.prompts.iter().map(|p| p.prompt_ids.iter().chain(&p.greedy_ids).copied().collect()).collect();
+        // A 16-token step budget chunks every prompt, and 40 blocks of 4 tokens cannot hold the
+        // ten sequences' 40 tokens of output each: preemptions recompute some prefills.
+        let mut engine = engine(model, |o| {
+            o.max_model_len = Some(128);
+            o.block_size = 4;
+            o.num_gpu_blocks_override = Some(40);
+            o.max_num_batched_tokens = 16;
+        });
+        // The same prompts first, without prompt logprobs, so that the prefix cache holds them.
+        let warm = prompts.iter().enumerate().map(|(i, p)| request(&format!("warm{i}"), p.clone(), greedy(1)));
+        run(&mut engine, warm.collect());
+        let params = SamplingParams { prompt_logprobs: Some(5), n: 2, ..greedy(40) };
+        let asked = prompts.iter().enumerate().map(|(i, p)| request(&format!("p{i}"), p.clone(), params.clone()));
+        let outputs = run(&mut engine, asked.collect());
+        assert!(engine.stats().num_preemptions > 0, "{model}: the pool was meant to force preemption");
+        for out in &outputs {
+            let i: usize = out.request_id.0[1..].parse().unwrap();
+            assert_eq!(out.num_cached_tokens, 0, "{model} prompt {i}: no position may come from the cache");
+            let logprobs = out.prompt_logprobs.as_ref().expect("prompt logprobs are returned");
+            assert_eq!(logprobs.len(), prompts[i].len() - 1, "{model} prompt {i}: one per token after the first");
+            let expected = reference_logits(model, i, prompts[i].len());
+            for (pos, lp) in logprobs.iter().enumerate() {
+                let row = &expected[pos * 1024..(pos + 1) * 1024];
+                let token = prompts[i][pos + 1];
+                assert_eq!(lp.token_id, token);
+                let (want, ranks) = reference_logprob(row, token, LOGITS_TOLERANCE);
+                assert!(
+                    (lp.logprob - want).abs() < 2.0 * LOGITS_TOLERANCE,
+                    "{model} {i}@{pos}: {} vs {want}",
+                    lp.logprob
+                );
+                assert!(ranks.contains(&lp.rank), "{model} {i}@{pos}: rank {} outside {ranks:?}", lp.rank);
+                assert_eq!(lp.top.len(), 5);
+                let mut sorted: Vec<f32> = row.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                for (&(id, logprob), &logit) in lp.top.iter().zip(&sorted) {
+                    let (want, _) = reference_logprob(row, id, 0.0);
+                    assert!((logprob - want).abs() < 2.0 * LOGITS_TOLERANCE, "{model} {i}@{pos}: top {id}");
+                    assert!((row[id as usize] - logit).abs() < 2.0 * LOGITS_TOLERANCE, "{model} {i}@{pos}: top order");
+                }
+            }
+        }
+        // Both sequences of a request computed the same numbers, whatever they were batched with.
+        for pair in outputs.chunks(2) {
+            assert_eq!(pair[0].request_id, pair[1].request_id);
+            assert_eq!(pair[0].prompt_logprobs, pair[1].prompt_logprobs);
+        }
+    }
+}
+
+#[test]
+fn a_prompt_longer_than_a_steps_logits_rows_gets_the_same_prompt_logprobs_in_one_step_or_in_chunks() {
+    // 300 prompt positions in one step: more rows than the model runner holds logits for at once
+    // (`MAX_LOGITS_ROWS`), so they are computed and picked in slices.
+    let prompt: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 1000).collect();
+    assert!(prompt.len() > pagoda::model::MAX_LOGITS_ROWS);
+    let params = SamplingParams { prompt_logprobs: Some(3), ..greedy(2) };
+    let mut outputs = Vec::new();
+    for budget in [512, 16] {
+        let mut engine = engine("tiny-llama", |o| {
+            o.max_model_len = Some(512);
+            o.max_num_batched_tokens = budget;
+        });
+        outputs.push(run(&mut engine, vec![request("long", prompt.clone(), params.clone())]).remove(0));
+    }
+    let (whole, chunked) = (outputs[0].prompt_logprobs.as_ref().unwrap(), outputs[1].prompt_logprobs.as_ref().unwrap());
+    assert_eq!(whole.len(), 299);
+    assert_eq!(outputs[0].token_ids, outputs[1].token_ids);
+    for (pos, (a, b)) in whole.iter().zip(chunked).enumerate() {
+        assert_eq!((a.token_id, a.rank), (b.token_id, b.rank), "position {pos}");
+        assert!((a.logprob - b.logprob).abs() < 1e-5, "position {pos}: {} vs {}", a.logprob, b.logprob);
+        assert_eq!(a.top.iter().map(|t| t.0).collect::<Vec<_>>(), b.top.iter().map(|t| t.0).collect::<Vec<_>>());
+    }
+}

@@ -34,6 +34,22 @@ many = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, n=3
                                  extra_body={"ignore_eos": True})
 assert sorted(c.index for c in many.choices) == [0, 1, 2], many
 
+# A loglikelihood as lm-evaluation-harness asks for it: the prompt echoed with its logprobs, nothing
+# generated; and the same numbers from vLLM's prompt_logprobs.
+ll = client.completions.create(model="tiny", prompt="The licensor grants you a license", max_tokens=0, echo=True,
+                               logprobs=1, temperature=0)
+lp = ll.choices[0].logprobs
+assert ll.choices[0].text == "The licensor grants you a license", ll
+assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+assert len(lp.tokens) == ll.usage.prompt_tokens and all(x < 0 for x in lp.token_logprobs[1:]), lp
+plp = client.completions.create(model="tiny", prompt="The licensor grants you a license", max_tokens=1,
+                                extra_body={"prompt_logprobs": 1})
+positions = plp.choices[0].model_extra["prompt_logprobs"]
+assert positions[0] is None and len(positions) == len(lp.tokens), positions
+for k in range(1, len(positions)):
+    ours = [v for v in positions[k].values()][0]
+    assert abs(ours["logprob"] - lp.token_logprobs[k]) < 1e-5, (k, ours, lp.token_logprobs[k])
+
 # Chat, plain and streamed, with logprobs.
 chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What does this license allow?"}],
                                       max_tokens=10, temperature=0, logprobs=True, top_logprobs=3,

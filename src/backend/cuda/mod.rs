@@ -404,9 +404,14 @@ fn check_vector(w: &CudaWeight, len: usize, op: &str) -> Result<(), BackendError
 }
 
 /// The sampling rules of a step as `kernels/sampling.cu` reads them, packed into one upload of
-/// 32-bit words: per row a rule (temperature (0: greedy), min_p, top_p, uniform, top_k), then the
-/// edits (row, token, add, repetition, subtract), then the rows whose logprobs are asked for. Empty
-/// when every row is a plain greedy pick (the argmax kernel needs no rules).
+/// 32-bit words: per row a rule of [`RULE_WORDS`] (temperature (0: greedy), min_p, top_p, uniform,
+/// top_k, the forced token or [`NOT_FORCED`]), then the edits (row, token, add, repetition,
+/// subtract), then the rows whose logprobs are asked for. Empty when every row is a plain greedy
+/// pick (the argmax kernel needs no rules).
+/// Words of one row's rule in the upload, and the forced-token word of a row that picks.
+const RULE_WORDS: usize = 6;
+const NOT_FORCED: u32 = u32::MAX;
+
 struct SamplingUpload {
     words: Vec<u32>,
     edits_at: usize,
@@ -428,7 +433,9 @@ impl SamplingUpload {
             (0..sampling.len() as u32).filter(|&r| sampling[r as usize].logprobs.is_some()).collect();
         let max_logprobs = sampling.iter().filter_map(|r| r.logprobs).max().unwrap_or(0).min(vocab as u32) as usize;
         let mask_words = vocab.div_ceil(32);
-        let plain = sampling.iter().all(|r| r.draw.is_none() && r.edits.is_empty() && r.allowed.is_none())
+        let plain = sampling
+            .iter()
+            .all(|r| r.draw.is_none() && r.edits.is_empty() && r.allowed.is_none() && r.forced.is_none())
             && logprob_rows.is_empty();
         if plain {
             return SamplingUpload {
@@ -443,14 +450,16 @@ impl SamplingUpload {
                 mask_words,
             };
         }
-        let mut words = Vec::with_capacity(5 * sampling.len() + logprob_rows.len());
+        let mut words = Vec::with_capacity(RULE_WORDS * sampling.len() + logprob_rows.len());
         for rule in sampling {
-            words.extend(match rule.draw {
+            let draw = match rule.draw {
                 None => [0; 5],
                 Some(d) => {
                     [d.temperature.to_bits(), d.min_p.to_bits(), d.top_p.to_bits(), d.uniform.to_bits(), d.top_k]
                 }
-            });
+            };
+            words.extend(draw);
+            words.push(rule.forced.unwrap_or(NOT_FORCED));
         }
         let edits_at = words.len();
         for (row, rule) in sampling.iter().enumerate() {
@@ -482,9 +491,9 @@ impl SamplingUpload {
         }
     }
 
-    /// Words per logprobs row of the output: the token's logprob, then (id, logprob) pairs.
+    /// Words per logprobs row of the output: the token's logprob and rank, then (id, logprob) pairs.
     fn logprob_width(&self) -> usize {
-        1 + 2 * self.max_logprobs
+        2 + 2 * self.max_logprobs
     }
 
     fn unpack(&self, sampling: &[RowSampling], tokens: &[u32], logprobs: &[u32]) -> Vec<SampledRow> {
@@ -496,8 +505,10 @@ impl SamplingUpload {
                 token,
                 logprobs: rule.logprobs.map(|k| {
                     let row = rows.next().unwrap_or_default();
-                    let top = row[1..].chunks_exact(2).take(k as usize).map(|p| (p[0], f32::from_bits(p[1]))).collect();
-                    RowLogprobs { logprob: f32::from_bits(row.first().copied().unwrap_or(0)), top }
+                    let word = |i: usize| row.get(i).copied().unwrap_or(0);
+                    let top = row.get(2..).unwrap_or_default().chunks_exact(2).take(k as usize);
+                    let top = top.map(|p| (p[0], f32::from_bits(p[1]))).collect();
+                    RowLogprobs { logprob: f32::from_bits(word(0)), rank: word(1), top }
                 }),
             })
             .collect()
