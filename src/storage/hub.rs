@@ -252,8 +252,8 @@ pub async fn ensure(model: &HubModel, hub: &HubOptions, opts: &SyncOptions) -> R
     let keep = file_filter(opts)?;
     let mut files = Vec::new();
     for s in info.siblings.iter().filter(|s| keep(&s.rfilename)) {
-        if !super::is_safe_name(&s.rfilename) {
-            return Err(SyncError::UnsafeName { uri: model.display(), name: s.rfilename.clone() });
+        if let Some(reason) = super::name_problem(&s.rfilename) {
+            return Err(SyncError::BadName { uri: model.display(), name: s.rfilename.clone(), reason });
         }
         let (digest, size) = match (&s.lfs, &s.blob_id, s.size) {
             (Some(lfs), _, _) => (ContentDigest::Sha256(lfs.sha256.to_ascii_lowercase()), lfs.size),

@@ -15,6 +15,11 @@ use super::SyncError;
 
 pub const STATE_DIR: &str = ".pagoda-sync";
 
+/// The longest flattened name a partial file is named by; a longer one is named by its hash. With
+/// the endings and `write_json`'s temporary one it stays far below the 255 bytes a file name can
+/// have.
+const MAX_FLAT_NAME: usize = 100;
+
 /// What was synced: one record per file, from the store's listing and our own hash.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
@@ -78,11 +83,37 @@ impl StatePaths {
         self.dir.join("lock")
     }
 
-    /// The partial file for `name` and its part map. Names may contain `/`; they are flattened.
+    pub fn partial_dir(&self) -> PathBuf {
+        self.dir.join("partial")
+    }
+
+    /// The partial file for `name` and its part map. A short name is flattened into one file name
+    /// (`%` and `/` escaped), so it reads as the file it becomes; a longer one (a long file name,
+    /// deep folders) is named by its hash, as one file name cannot hold it. A hashed name holds
+    /// `%x`, which no flattened one does (they have `%` only in `%25` and `%2F`), and the two
+    /// endings differ, so no two names share a file.
     pub fn partial(&self, name: &str) -> (PathBuf, PathBuf) {
         let flat = name.replace('%', "%25").replace('/', "%2F");
-        let dir = self.dir.join("partial");
-        (dir.join(&flat), dir.join(format!("{flat}.parts.json")))
+        let stem = if flat.len() <= MAX_FLAT_NAME {
+            flat
+        } else {
+            format!("%xxh3-{:032x}", xxhash_rust::xxh3::xxh3_128(name.as_bytes()))
+        };
+        let dir = self.partial_dir();
+        (dir.join(format!("{stem}.partial")), dir.join(format!("{stem}.parts.json")))
+    }
+
+    /// Empties the partial folder. Called under the lock once every file of a sync is in place, so
+    /// what is left belongs to no download: an older version of a file, a file the source no
+    /// longer has, or what a failed run started.
+    pub fn remove_partials(&self) {
+        let dir = self.partial_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for path in entries.flatten().map(|entry| entry.path()) {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), %e, "cannot remove a leftover partial download");
+            }
+        }
     }
 }
 

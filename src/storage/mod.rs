@@ -23,7 +23,7 @@ use futures::StreamExt;
 
 pub use self::manifest::ContentDigest;
 use self::manifest::{Completion, FileRecord, Lock, Manifest, PartMap, StatePaths};
-pub use self::source::{RemoteFile, Scheme, Source, StoreOptions};
+pub use self::source::{Listing, RemoteFile, Scheme, Source, StoreOptions};
 
 /// Files a model needs, kept unless `--exclude`d; `--include` adds more.
 pub const DEFAULT_INCLUDE: [&str; 6] = ["*.safetensors", "*.json", "tokenizer*", "*.jinja", "*.model", "*.txt"];
@@ -54,8 +54,10 @@ pub enum SyncError {
     Corrupt { name: String, expected: String, got: String },
     #[error("{name}: received {got} bytes where {expected} were expected")]
     Truncated { name: String, expected: u64, got: u64 },
-    #[error("{uri} lists an unsafe file name '{name}': names must stay inside the model folder")]
-    UnsafeName { uri: String, name: String },
+    #[error("{uri} lists '{name}', which cannot be a file in the model folder: {reason}")]
+    BadName { uri: String, name: String, reason: String },
+    #[error("{path} is a symbolic link, and a sync never writes through one: remove it, or sync into its target")]
+    Symlink { path: PathBuf },
     #[error("downloading {name} failed: {source}")]
     Download { name: String, source: Box<object_store::Error> },
     #[error("not enough disk space in {dest}: the sync needs {needed} more bytes and {available} are free")]
@@ -167,13 +169,58 @@ fn file_filter(opts: &SyncOptions) -> Result<impl Fn(&str) -> bool + use<>, Sync
     })
 }
 
-/// Whether a listed name stays inside the destination: relative, no `.`/`..`/empty components,
-/// no backslashes.
-fn is_safe_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('/')
-        && !name.contains('\\')
-        && name.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+/// The most bytes a file or folder name can have (NAME_MAX on Linux's filesystems).
+const MAX_NAME_BYTES: usize = 255;
+
+/// Why a listed name cannot be written as a file inside the model folder, or `None` when it can:
+/// a relative path of non-empty parts, none `.` or `..` nor longer than a file name can be, with
+/// no backslash (a separator elsewhere) and no control character.
+fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("the name is empty".into());
+    }
+    if name.starts_with('/') {
+        return Some("it starts with '/' (an absolute path, or an empty folder name)".into());
+    }
+    if name.contains('\\') {
+        return Some("it holds a backslash".into());
+    }
+    if name.bytes().any(|b| b.is_ascii_control()) {
+        return Some("it holds a control character".into());
+    }
+    name.split('/').find_map(|part| match part {
+        "" => Some("it has an empty folder name ('//')".to_string()),
+        "." | ".." => Some(format!("it has a '{part}' part, and names must stay inside the model folder")),
+        _ if part.len() > MAX_NAME_BYTES => Some(format!(
+            "a part of it is {} bytes long, and a file or folder name can have at most {MAX_NAME_BYTES}",
+            part.len()
+        )),
+        _ => None,
+    })
+}
+
+/// Refuses `path` if it is a symbolic link (`symlink_metadata` looks at the link itself), so
+/// nothing is written through it to somewhere outside the destination.
+fn refuse_link(path: &Path) -> Result<(), SyncError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(SyncError::Symlink { path: path.to_path_buf() }),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SyncError::io(path, e)),
+    }
+}
+
+/// Refuses a symbolic link among the folders between `dest` and the file `name`, which would put
+/// the file outside. The file's own path may be a link: the rename that places the file replaces
+/// the link itself (rename never follows its target's last part), so a link there is replaced,
+/// never written through. A folder that does not exist yet is made by the sync, as a folder.
+fn refuse_linked_folders(dest: &Path, name: &str) -> Result<(), SyncError> {
+    let mut path = dest.to_path_buf();
+    for part in name.rsplit_once('/').map_or("", |(folders, _)| folders).split('/').filter(|p| !p.is_empty()) {
+        path.push(part);
+        refuse_link(&path)?;
+    }
+    Ok(())
 }
 
 /// Free bytes on the filesystem holding `path`.
@@ -192,8 +239,10 @@ fn up_to_date(dest: &Path, file: &RemoteFile, record: Option<&FileRecord>, verif
         return false;
     }
     let path = dest.join(&file.name);
-    let Ok(meta) = std::fs::metadata(&path) else { return false };
-    if meta.len() != file.size {
+    // The link itself, not what it points to: a link at a model path is never up to date, so the
+    // sync replaces it with the file.
+    let Ok(meta) = std::fs::symlink_metadata(&path) else { return false };
+    if !meta.is_file() || meta.len() != file.size {
         return false;
     }
     if !verify && manifest::mtime_ns(&meta) == record.mtime_ns {
@@ -237,12 +286,19 @@ fn start_transfer(state: &StatePaths, file: &RemoteFile, part_size: u64) -> Resu
             && m.last_modified == fresh.last_modified
             && m.part_size == part_size
             && m.done.len() == fresh.done.len()
-            && std::fs::metadata(&partial).is_ok_and(|meta| meta.len() == file.size)
+            && std::fs::symlink_metadata(&partial).is_ok_and(|meta| meta.is_file() && meta.len() == file.size)
     });
     let map = match resumed {
         Some(map) => map,
         None => {
-            let f = std::fs::File::create(&partial).map_err(|e| SyncError::io(&partial, e))?;
+            // Whatever is there (a stale partial file, or a link) goes, and the file is made anew,
+            // so nothing is written through a link.
+            if let Err(e) = std::fs::remove_file(&partial)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(SyncError::io(&partial, e));
+            }
+            let f = std::fs::File::create_new(&partial).map_err(|e| SyncError::io(&partial, e))?;
             f.set_len(file.size).map_err(|e| SyncError::io(&partial, e))?;
             manifest::write_json(&parts_path, &fresh)?;
             fresh
@@ -357,6 +413,7 @@ fn finish_transfer(dest: &Path, t: &Transfer) -> Result<FileRecord, SyncError> {
     }
     t.handle.sync_all().map_err(|e| SyncError::io(&t.partial, e))?;
     let target = dest.join(&t.file.name);
+    refuse_linked_folders(dest, &t.file.name)?;
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(|e| SyncError::io(parent, e))?;
     }
@@ -414,14 +471,21 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
     let started = Instant::now();
     let source = Source::parse(uri, &opts.store)?;
     let keep = file_filter(opts)?;
-    let files: Vec<RemoteFile> = source.list().await?;
-    if files.is_empty() {
+    let Listing { files, unreadable } = source.list().await?;
+    if files.is_empty() && unreadable.is_empty() {
         return Err(SyncError::Empty { uri: uri.to_string() });
     }
-    if let Some(bad) = files.iter().find(|f| !is_safe_name(&f.name)) {
-        return Err(SyncError::UnsafeName { uri: uri.to_string(), name: bad.name.clone() });
+    // Only what the sync keeps must make a file name: the rest is never written, and a bucket may
+    // hold anything beside a model. Checked before anything is downloaded.
+    let bad_name = |name: &str, reason: String| SyncError::BadName { uri: uri.to_string(), name: name.into(), reason };
+    if let Some(name) = unreadable.iter().find(|n| keep(n.as_str())) {
+        let reason = name_problem(name).unwrap_or_else(|| "the store client cannot request it".into());
+        return Err(bad_name(name, reason));
     }
     let files: Vec<RemoteFile> = files.into_iter().filter(|f| keep(&f.name)).collect();
+    if let Some((file, reason)) = files.iter().find_map(|f| name_problem(&f.name).map(|r| (f, r))) {
+        return Err(bad_name(&file.name, reason));
+    }
     check_model_files(uri, files.iter().map(|f| f.name.as_str()))?;
     transfer(source, uri, dest, files, opts, Stale::Remove, started).await
 }
@@ -459,7 +523,12 @@ async fn transfer(
 ) -> Result<SyncSummary, SyncError> {
     let uri = id;
     let state = StatePaths::new(dest);
-    std::fs::create_dir_all(state.dir.join("partial")).map_err(|e| SyncError::io(&state.dir, e))?;
+    // The destination, the state folder and the partial folder are refused, not replaced, when
+    // they are links: they may be someone's data, and the sync would write through them.
+    for path in [dest.to_path_buf(), state.dir.clone(), state.partial_dir()] {
+        refuse_link(&path)?;
+    }
+    std::fs::create_dir_all(state.partial_dir()).map_err(|e| SyncError::io(&state.dir, e))?;
     let lock_path = state.lock();
     // Shared with the tasks that finish files, so the lock outlives any still running after an error.
     let lock = Arc::new(
@@ -489,6 +558,10 @@ async fn transfer(
         };
         tracing::info!(files = summary.num_files, bytes = num_bytes, "model already in sync; nothing downloaded");
         return Ok(summary);
+    }
+    // Refused before anything is downloaded (and checked again as each file is placed).
+    for file in &needed {
+        refuse_linked_folders(dest, &file.name)?;
     }
     // The folder is about to change: it is no longer a complete copy until the marker is back.
     let _ = std::fs::remove_file(state.complete());
@@ -640,6 +713,8 @@ fn finish(
     }
     for name in stale {
         let path = dest.join(&name);
+        // Removing through a linked folder would delete a file outside the destination.
+        refuse_linked_folders(dest, &name)?;
         match std::fs::remove_file(&path) {
             Ok(()) => tracing::info!(file = %name, "removed: no longer in the source"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -647,6 +722,7 @@ fn finish(
         }
         manifest.files.remove(&name);
     }
+    state.remove_partials();
     manifest::write_json(&state.manifest(), manifest)?;
     let completion = Completion {
         source: manifest.source.clone(),
@@ -788,13 +864,35 @@ mod tests {
     }
 
     #[test]
-    fn names_that_would_leave_the_folder_are_unsafe() {
-        for ok in ["config.json", "sub/model.safetensors", "a.b/c..d"] {
-            assert!(is_safe_name(ok), "{ok}");
+    fn names_that_would_leave_the_folder_or_cannot_be_files_are_refused() {
+        let longest = "n".repeat(MAX_NAME_BYTES);
+        let deep = ("d".repeat(60) + "/").repeat(6) + "config.json";
+        for ok in ["config.json", "sub/model.safetensors", "a.b/c..d", longest.as_str(), deep.as_str()] {
+            assert_eq!(name_problem(ok), None, "{ok}");
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./x", "a\\b"] {
-            assert!(!is_safe_name(bad), "{bad}");
+        let too_long = format!("sub/{longest}x/config.json");
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./x", "a\\b", "a\nb", "sub/", too_long.as_str()] {
+            assert!(name_problem(bad).is_some(), "{bad}");
         }
+        assert_eq!(
+            name_problem(&too_long).unwrap(),
+            "a part of it is 256 bytes long, and a file or folder name can have at most 255"
+        );
+    }
+
+    #[test]
+    fn partial_names_are_short_and_distinct_whatever_the_name() {
+        let state = StatePaths::new(Path::new("/m"));
+        let (partial, parts) = state.partial("sub/model.safetensors");
+        assert_eq!(partial, Path::new("/m/.pagoda-sync/partial/sub%2Fmodel.safetensors.partial"));
+        assert_eq!(parts, Path::new("/m/.pagoda-sync/partial/sub%2Fmodel.safetensors.parts.json"));
+        let long = ("d".repeat(60) + "/").repeat(6) + "config.json";
+        let (partial, parts) = state.partial(&long);
+        let file_name = |p: &Path| p.file_name().unwrap().len();
+        assert!(file_name(partial.as_path()) < 64 && file_name(parts.as_path()) < 64, "{partial:?}");
+        assert_ne!(state.partial(&(long.clone() + "x")).0, partial);
+        // A part map is never another name's partial file.
+        assert_ne!(state.partial("a.parts.json").0, state.partial("a").1);
     }
 
     #[test]

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
-use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::azure::{AzureConfigKey, MicrosoftAzure, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorage, GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::http::HttpBuilder;
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as StorePath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use object_store::{ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, RetryConfig};
 
 use super::SyncError;
 use super::manifest::ContentDigest;
@@ -62,10 +63,22 @@ impl RemoteFile {
     }
 }
 
+/// What a listing found under the prefix.
+#[derive(Debug)]
+pub struct Listing {
+    pub files: Vec<RemoteFile>,
+    /// Names (relative to the prefix) of keys the store client cannot make a path of, and so
+    /// cannot fetch: an empty, `.` or `..` part, a control character. They are only an error for a
+    /// sync that would keep them.
+    pub unreadable: Vec<String>,
+}
+
 pub struct Source {
     pub uri: String,
     pub scheme: Scheme,
     store: Arc<dyn ObjectStore>,
+    /// The same client as `store`, listing page by page (S3, GCS and Azure); `None` for HTTP.
+    lister: Option<Arc<dyn PaginatedListStore>>,
     prefix: StorePath,
     /// Which credentials the client will try, for error messages.
     pub credentials: String,
@@ -128,7 +141,7 @@ fn retry_config() -> RetryConfig {
     RetryConfig { max_retries: 5, retry_timeout: Duration::from_secs(60), ..RetryConfig::default() }
 }
 
-fn s3_store(bucket: String, opts: &StoreOptions, allow_http: bool) -> object_store::Result<Arc<dyn ObjectStore>> {
+fn s3_store(bucket: String, opts: &StoreOptions, allow_http: bool) -> object_store::Result<AmazonS3> {
     let mut b = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .with_client_options(client_options(allow_http))
@@ -136,10 +149,10 @@ fn s3_store(bucket: String, opts: &StoreOptions, allow_http: bool) -> object_sto
     if let Some(endpoint) = &opts.endpoint {
         b = b.with_endpoint(endpoint);
     }
-    Ok(Arc::new(b.build()?))
+    b.build()
 }
 
-fn gcs_store(bucket: String, opts: &StoreOptions, allow_http: bool) -> object_store::Result<Arc<dyn ObjectStore>> {
+fn gcs_store(bucket: String, opts: &StoreOptions, allow_http: bool) -> object_store::Result<GoogleCloudStorage> {
     let mut b = GoogleCloudStorageBuilder::from_env()
         .with_bucket_name(bucket)
         .with_client_options(client_options(allow_http))
@@ -147,7 +160,7 @@ fn gcs_store(bucket: String, opts: &StoreOptions, allow_http: bool) -> object_st
     if let Some(endpoint) = &opts.endpoint {
         b = b.with_config(GoogleConfigKey::BaseUrl, endpoint);
     }
-    Ok(Arc::new(b.build()?))
+    b.build()
 }
 
 /// An Azure Blob container; `account` when the URL names it (else from the environment).
@@ -156,7 +169,7 @@ fn azure_store(
     container: String,
     opts: &StoreOptions,
     allow_http: bool,
-) -> object_store::Result<Arc<dyn ObjectStore>> {
+) -> object_store::Result<MicrosoftAzure> {
     let mut b = MicrosoftAzureBuilder::from_env()
         .with_container_name(container)
         .with_client_options(client_options(allow_http))
@@ -167,7 +180,72 @@ fn azure_store(
     if let Some(endpoint) = &opts.endpoint {
         b = b.with_config(AzureConfigKey::Endpoint, endpoint);
     }
-    Ok(Arc::new(b.build()?))
+    b.build()
+}
+
+/// A cloud store's client, as the store that fetches and the lister that pages.
+type Clients = (Arc<dyn ObjectStore>, Option<Arc<dyn PaginatedListStore>>);
+
+fn clients<T: ObjectStore + PaginatedListStore>(store: T) -> Clients {
+    let store = Arc::new(store);
+    let lister: Arc<dyn PaginatedListStore> = store.clone();
+    let store: Arc<dyn ObjectStore> = store;
+    (store, Some(lister))
+}
+
+/// The most keys S3 and GCS return on one page (Azure returns up to 5,000).
+const MAX_PAGE_KEYS: usize = 1000;
+
+/// The raw key in an error the client gives for a listed key it cannot make a path of.
+fn unparseable_key(e: &object_store::Error) -> Option<&str> {
+    use object_store::path::Error as PathError;
+    match e {
+        object_store::Error::InvalidPath {
+            source: PathError::EmptySegment { path } | PathError::BadSegment { path, .. },
+        } => Some(path.as_str()),
+        _ => None,
+    }
+}
+
+/// Every object under `prefix`, page by page, and the raw keys the client cannot make a path of.
+/// Such a key fails its whole page, good keys included, so the listing goes on from where the
+/// last good page ended with pages half as long, down to one key: the bad key alone on its page is
+/// noted and the listing goes on after it (keys come in order, and `offset` is where it starts
+/// again, S3's `start-after`). Each good page doubles the page length again, so a lone bad key
+/// costs about twenty requests and a run of them about two each.
+async fn list_pages(
+    lister: &dyn PaginatedListStore,
+    prefix: Option<&str>,
+) -> object_store::Result<(Vec<ObjectMeta>, Vec<String>)> {
+    let (mut objects, mut unparseable) = (Vec::new(), Vec::<String>::new());
+    let mut opts = PaginatedListOptions::default();
+    loop {
+        match lister.list_paginated(prefix, opts.clone()).await {
+            Ok(page) => {
+                objects.extend(page.result.objects);
+                let Some(token) = page.page_token else { return Ok((objects, unparseable)) };
+                opts.page_token = Some(token);
+                opts.offset = None;
+                opts.max_keys = opts.max_keys.map(|n| n * 2).filter(|&n| n < MAX_PAGE_KEYS);
+            }
+            Err(e) => {
+                let Some(key) = unparseable_key(&e) else { return Err(e) };
+                match opts.max_keys {
+                    Some(1) => {
+                        // A store that ignores where the listing starts (Azurite) would list the
+                        // same key again: stop rather than loop.
+                        if unparseable.iter().any(|k| k.as_str() == key) {
+                            return Err(e);
+                        }
+                        unparseable.push(key.to_string());
+                        opts.offset = Some(key.to_string());
+                        opts.page_token = None;
+                    }
+                    n => opts.max_keys = Some(n.map_or(MAX_PAGE_KEYS / 2, |n| n / 2).max(1)),
+                }
+            }
+        }
+    }
 }
 
 /// Splits `scheme://bucket/prefix` into bucket and prefix.
@@ -186,19 +264,21 @@ impl Source {
             source: Box::new(e),
         };
         let allow_http = opts.allow_http || env_set("AWS_ALLOW_HTTP");
-        let (scheme, store, prefix): (Scheme, Arc<dyn ObjectStore>, String) = match url.scheme() {
+        let (scheme, (store, lister), prefix): (Scheme, Clients, String) = match url.scheme() {
             "s3" | "s3a" => {
                 let (bucket, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
-                (Scheme::S3, s3_store(bucket, opts, allow_http).map_err(|e| store_err(Scheme::S3, e))?, prefix)
+                let store = s3_store(bucket, opts, allow_http).map_err(|e| store_err(Scheme::S3, e))?;
+                (Scheme::S3, clients(store), prefix)
             }
             "gs" => {
                 let (bucket, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
-                (Scheme::Gcs, gcs_store(bucket, opts, allow_http).map_err(|e| store_err(Scheme::Gcs, e))?, prefix)
+                let store = gcs_store(bucket, opts, allow_http).map_err(|e| store_err(Scheme::Gcs, e))?;
+                (Scheme::Gcs, clients(store), prefix)
             }
             "az" | "azure" => {
                 let (container, prefix) = bucket_and_prefix(&url).map_err(|r| invalid(&r))?;
                 let store = azure_store(None, container, opts, allow_http).map_err(|e| store_err(Scheme::Azure, e))?;
-                (Scheme::Azure, store, prefix)
+                (Scheme::Azure, clients(store), prefix)
             }
             "https" | "http" if url.host_str().is_some_and(|h| h.ends_with(".blob.core.windows.net")) => {
                 // https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX
@@ -210,7 +290,7 @@ impl Source {
                 let no_endpoint = StoreOptions { endpoint: None, ..opts.clone() };
                 let store = azure_store(Some(account), container.to_string(), &no_endpoint, allow_http)
                     .map_err(|e| store_err(Scheme::Azure, e))?;
-                (Scheme::Azure, store, prefix)
+                (Scheme::Azure, clients(store), prefix)
             }
             "https" | "http" => {
                 if url.scheme() == "http" && !opts.allow_http {
@@ -231,14 +311,15 @@ impl Source {
                     .with_url(origin.as_str())
                     .with_client_options(client_options(allow_http))
                     .with_retry(retry_config());
-                (Scheme::Http, Arc::new(b.build().map_err(|e| store_err(Scheme::Http, e))?), prefix)
+                let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(|e| store_err(Scheme::Http, e))?);
+                (Scheme::Http, (store, None), prefix)
             }
             other => {
                 return Err(SyncError::UnknownScheme { uri: uri.to_string(), scheme: other.to_string() });
             }
         };
         let prefix = StorePath::parse(&prefix).map_err(|e| invalid(&e.to_string()))?;
-        Ok(Source { uri: uri.to_string(), scheme, store, prefix, credentials: credential_hint(scheme) })
+        Ok(Source { uri: uri.to_string(), scheme, store, lister, prefix, credentials: credential_hint(scheme) })
     }
 
     /// The files of one commit on the Hub, `base` being `{endpoint}/{repo}/resolve/{commit}`. Files
@@ -274,6 +355,7 @@ impl Source {
             uri: base.to_string(),
             scheme: Scheme::Hub,
             store: Arc::new(store),
+            lister: None,
             prefix: StorePath::default(),
             credentials: credential_hint(Scheme::Hub),
         })
@@ -285,18 +367,41 @@ impl Source {
 
     /// Every object under the prefix, paging through listings of any length. An HTTP server that
     /// cannot list (no WebDAV) is asked for the files a Hugging Face model folder holds instead.
-    pub async fn list(&self) -> Result<Vec<RemoteFile>, SyncError> {
+    /// Folder markers (keys ending in `/`, which S3 consoles create) are not files: they are left out.
+    pub async fn list(&self) -> Result<Listing, SyncError> {
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let listed: Result<Vec<_>, _> = self.store.list(prefix).try_collect().await;
-        let metas = match listed {
-            Ok(metas) => metas,
-            Err(e) if self.scheme == Scheme::Http => {
-                tracing::debug!(%e, "the HTTP server cannot list; probing for model files");
-                return self.probe_http().await;
+        let listed = match &self.lister {
+            Some(lister) => {
+                // The lister takes the prefix as given, so it is made a folder, as `list` does.
+                let folder = prefix.map(|p| format!("{}/", p.as_ref()));
+                list_pages(lister.as_ref(), folder.as_deref()).await
             }
-            Err(e) => return Err(self.store_error(e)),
+            None => self.store.list(prefix).try_collect::<Vec<ObjectMeta>>().await.map(|metas| (metas, Vec::new())),
         };
         let prefix_len = if self.prefix.as_ref().is_empty() { 0 } else { self.prefix.as_ref().len() + 1 };
+        // Listed keys all start with the prefix and its `/`.
+        let relative = |key: &str| key.get(prefix_len..).unwrap_or(key).to_string();
+        let (metas, unparseable) = match listed {
+            Ok(listed) => listed,
+            Err(e) if self.scheme == Scheme::Http => {
+                tracing::debug!(%e, "the HTTP server cannot list; probing for model files");
+                return Ok(Listing { files: self.probe_http().await?, unreadable: Vec::new() });
+            }
+            // A key the client cannot parse is the listing's content, not a refusal: it gets
+            // its own message, never the credentials'.
+            Err(e) => match unparseable_key(&e) {
+                Some(key) => {
+                    return Err(SyncError::BadName {
+                        uri: self.uri.clone(),
+                        name: relative(key),
+                        reason: "the store client cannot read it, and the store does not list past it".into(),
+                    });
+                }
+                None => return Err(self.store_error(e)),
+            },
+        };
+        let unreadable =
+            unparseable.iter().filter(|key| !key.ends_with('/')).map(|key| relative(key.as_str())).collect();
         let mut files: Vec<RemoteFile> = metas
             .into_iter()
             .filter(|m| m.location.as_ref().len() > prefix_len)
@@ -309,9 +414,16 @@ impl Source {
                 location: m.location,
             })
             .collect();
+        // The client strips a folder marker's final `/`, so a marker reads as an empty file named
+        // like its folder. One with files under it cannot be a file beside them: it is dropped. (A
+        // marker with nothing under it still reads as an empty file, kept only if the filters
+        // keep its name.)
+        let folders: std::collections::HashSet<String> =
+            files.iter().flat_map(|f| f.name.match_indices('/').map(|(idx, _)| f.name[..idx].to_string())).collect();
+        files.retain(|f| f.size > 0 || !folders.contains(&f.name));
         files.sort_by(|a, b| a.name.cmp(&b.name));
         tracing::debug!(uri = %self.uri, names = ?files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), "listed");
-        Ok(files)
+        Ok(Listing { files, unreadable })
     }
 
     /// Asks a plain HTTP server for the files of a model folder by name: the configs, the

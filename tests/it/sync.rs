@@ -105,6 +105,14 @@ impl Moto {
         runtime.block_on(client.put(&object_store::path::Path::from(key), bytes.into())).unwrap();
     }
 
+    /// Puts `bytes` at the key `url_path` names, sent as it is and unsigned (moto does not check):
+    /// keys the object_store client would change (a final `/`; an empty, `.` or `..` part) reach
+    /// the store unchanged. Percent escapes in `url_path` are decoded by moto.
+    fn put_raw(&self, url_path: &str, bytes: &[u8]) {
+        let resp = crate::http::request(self.port, "PUT", &format!("/{BUCKET}/{url_path}"), &[], bytes);
+        assert_eq!(resp.status, 200, "putting {url_path}: {}", resp.text());
+    }
+
     /// Uploads the files of `dir` under `prefix`.
     fn upload_dir(&self, dir: &Path, prefix: &str) {
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -582,4 +590,158 @@ fn https_sources_sync_with_and_without_listing() {
         assert_same_files(&src, &dest);
         assert_eq!(sync_ok(&format!("http://{addr}/tiny-llama"), &dest, &["--allow-http"], &[])["downloaded_bytes"], 0);
     }
+}
+
+/// Issue 15: a partial file was named by its flattened key, so a 250-byte file name or six nested
+/// 60-byte folders failed with "File name too long", and the partial files of a failed run stayed.
+#[test]
+fn long_file_names_and_deep_folders_sync_and_leave_no_partial_files() {
+    let Some(moto) = Moto::start() else { return };
+    let src = copy_fixture("tiny-llama", "sync-long-src");
+    moto.upload_dir(&src, "long");
+    let long_name = "n".repeat(245) + ".json";
+    let deep_name = ("d".repeat(60) + "/").repeat(6) + "config.json";
+    moto.put(&format!("long/{long_name}"), b"long".to_vec());
+    moto.put(&format!("long/{deep_name}"), b"deep".to_vec());
+    let uri = format!("s3://{BUCKET}/long");
+    let dest = scratch_dir("sync-long").join("model");
+    // What a failed run left in the partial folder goes once a sync has everything in place.
+    let partial = dest.join(".pagoda-sync/partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("gone.safetensors"), b"half").unwrap();
+    std::fs::write(partial.join("gone.safetensors.parts.json"), b"{}").unwrap();
+    let summary = sync_ok(&uri, &dest, &[], &moto.env());
+    assert_eq!(summary["downloaded_files"], 7);
+    assert_same_files(&src, &dest);
+    assert_eq!(std::fs::read(dest.join(&long_name)).unwrap(), b"long");
+    assert_eq!(std::fs::read(dest.join(&deep_name)).unwrap(), b"deep");
+    let left: Vec<_> = std::fs::read_dir(&partial).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "partial files left behind: {left:?}");
+    assert_eq!(sync_ok(&uri, &dest, &[], &moto.env())["downloaded_files"], 0);
+}
+
+/// A name one byte longer than a file name can be fails, naming it, before anything is fetched.
+#[test]
+fn a_name_too_long_for_a_file_is_refused_before_downloading() {
+    let Some(moto) = Moto::start() else { return };
+    let src = copy_fixture("tiny-llama", "sync-too-long-src");
+    moto.upload_dir(&src, "too-long");
+    let too_long = "n".repeat(251) + ".json";
+    moto.put(&format!("too-long/{too_long}"), b"x".to_vec());
+    let dest = scratch_dir("sync-too-long").join("model");
+    assert_eq!(
+        sync_err(&format!("s3://{BUCKET}/too-long"), &dest, &[], &moto.env()),
+        format!(
+            "error: s3://{BUCKET}/too-long lists '{too_long}', which cannot be a file in the model folder: a part of \
+             it is 256 bytes long, and a file or folder name can have at most 255"
+        )
+    );
+    assert!(!dest.exists(), "nothing was written");
+}
+
+/// Issue 15: one key the object_store client cannot parse, anywhere under the prefix, failed the
+/// whole listing with a message blaming the credentials, even when the sync would not keep it.
+#[test]
+fn a_key_that_cannot_be_a_file_name_only_fails_a_sync_that_keeps_it() {
+    let Some(moto) = Moto::start() else { return };
+    let src = copy_fixture("tiny-llama", "sync-odd-src");
+    moto.upload_dir(&src, "odd");
+    // Keys with a `..`, `.` or empty part (the client refuses each one's listing page) and one with
+    // a backslash (no file name here), none of them a model file.
+    for url_path in ["odd/../escape.md", "odd/./dot.bin", "odd/notes//readme.md", "odd/back%5Cslash.md"] {
+        moto.put_raw(url_path, b"x");
+    }
+    let uri = format!("s3://{BUCKET}/odd");
+    let dest = scratch_dir("sync-odd").join("model");
+    let summary = sync_ok(&uri, &dest, &[], &moto.env());
+    assert_eq!((summary["files"].clone(), summary["downloaded_files"].clone()), (json!(5), json!(5)));
+    assert_same_files(&src, &dest);
+    assert!(!dest.parent().unwrap().join("escape.md").exists());
+
+    // Kept, the key is an error that names it and says why, and nothing is fetched.
+    let dest = scratch_dir("sync-odd-kept").join("model");
+    let err = sync_err(&uri, &dest, &["--include", "*.md"], &moto.env());
+    assert_eq!(
+        err,
+        format!(
+            "error: s3://{BUCKET}/odd lists '../escape.md', which cannot be a file in the model folder: it has a \
+             '..' part, and names must stay inside the model folder"
+        )
+    );
+    assert!(!err.contains("credentials"), "{err}");
+    assert!(!dest.exists(), "nothing was written");
+}
+
+/// Issue 15: the zero-byte `subdir/` key the S3 console writes for a folder read as a file named
+/// `subdir`, and the sync failed with "File exists" on the files inside it.
+#[test]
+fn s3_console_folder_markers_are_not_files() {
+    let Some(moto) = Moto::start() else { return };
+    let src = copy_fixture("tiny-llama", "sync-marker-src");
+    moto.upload_dir(&src, "marker");
+    moto.put_raw("marker/", b"");
+    moto.put_raw("marker/subdir/", b"");
+    moto.put("marker/subdir/file", b"inside".to_vec());
+    let dest = scratch_dir("sync-marker").join("model");
+    let summary = sync_ok(&format!("s3://{BUCKET}/marker"), &dest, &["--include", "*"], &moto.env());
+    assert_eq!(summary["files"], 6);
+    assert_same_files(&src, &dest);
+    assert_eq!(std::fs::read(dest.join("subdir/file")).unwrap(), b"inside");
+}
+
+/// Issue 15: a sync followed links already in the destination, writing outside it.
+#[test]
+fn a_sync_never_writes_through_a_symlink_in_the_destination() {
+    let Some(moto) = Moto::start() else { return };
+    let src = copy_fixture("tiny-llama", "sync-links-src");
+    moto.upload_dir(&src, "links");
+    moto.put("links/extra/notes.txt", b"notes".to_vec());
+    let uri = format!("s3://{BUCKET}/links");
+    let outside = scratch_dir("sync-links-outside");
+    let is_file = |path: &Path| std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+
+    // A link where a model file goes is replaced by the file; what it pointed to is untouched.
+    let dest = scratch_dir("sync-links").join("model");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::write(outside.join("config.json"), b"not the model's").unwrap();
+    std::os::unix::fs::symlink(outside.join("config.json"), dest.join("config.json")).unwrap();
+    sync_ok(&uri, &dest, &[], &moto.env());
+    assert_eq!(std::fs::read(outside.join("config.json")).unwrap(), b"not the model's");
+    assert!(is_file(&dest.join("config.json")));
+    assert_same_files(&src, &dest);
+    // Also when the link's target has the synced content: a link is never taken as the file.
+    let same = outside.join("same-config.json");
+    std::fs::copy(src.join("config.json"), &same).unwrap();
+    std::fs::remove_file(dest.join("config.json")).unwrap();
+    std::os::unix::fs::symlink(&same, dest.join("config.json")).unwrap();
+    assert_eq!(sync_ok(&uri, &dest, &[], &moto.env())["downloaded_files"], 1);
+    assert!(is_file(&dest.join("config.json")), "the link was replaced");
+    assert_eq!(std::fs::read(&same).unwrap(), std::fs::read(src.join("config.json")).unwrap());
+
+    // A folder on a file's way that is a link is refused: nothing lands where it points.
+    let dest = scratch_dir("sync-links-folder").join("model");
+    std::fs::create_dir_all(&dest).unwrap();
+    let elsewhere = scratch_dir("sync-links-elsewhere");
+    std::os::unix::fs::symlink(&elsewhere, dest.join("extra")).unwrap();
+    assert_eq!(
+        sync_err(&uri, &dest, &[], &moto.env()),
+        format!(
+            "error: {} is a symbolic link, and a sync never writes through one: remove it, or sync into its target",
+            dest.join("extra").display()
+        )
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "nothing written through the link");
+
+    // So are the state folder and the destination itself, before anything is written.
+    let dest = scratch_dir("sync-links-state").join("model");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dest.join(".pagoda-sync")).unwrap();
+    let err = sync_err(&uri, &dest, &[], &moto.env());
+    assert!(err.starts_with(&format!("error: {} is a symbolic link", dest.join(".pagoda-sync").display())), "{err}");
+    let linked = scratch_dir("sync-links-root").join("model");
+    std::os::unix::fs::symlink(&elsewhere, &linked).unwrap();
+    let err = sync_err(&uri, &linked, &[], &moto.env());
+    assert!(err.starts_with(&format!("error: {} is a symbolic link", linked.display())), "{err}");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "nothing written through the links");
+    assert!(!dest.join("config.json").exists());
 }
