@@ -340,6 +340,9 @@ in
         # SIGTERM drains: in-flight requests finish before the process exits.
         KillSignal = "SIGTERM";
         TimeoutStopSec = "90s";
+        # A file descriptor per connection: systemd's default soft limit (1024) is below what
+        # `--max-connections` allows by default (the server also raises its soft limit itself).
+        LimitNOFILE = 65536;
       };
     };
   };

@@ -22,6 +22,10 @@ pub enum ApiError {
     PayloadTooLarge {
         limit: usize,
     },
+    /// The body did not arrive within `--request-read-timeout`.
+    RequestTimeout {
+        seconds: u64,
+    },
     /// The waiting queue is full; retry after this many seconds.
     QueueFull {
         retry_after_secs: u64,
@@ -44,6 +48,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFoundError"),
             ApiError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowedError"),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeError"),
+            ApiError::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutError"),
             ApiError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "RateLimitError"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
@@ -57,6 +62,9 @@ impl ApiError {
             ApiError::NotFound(what) => what.clone(),
             ApiError::MethodNotAllowed { allowed } => format!("method not allowed; this route accepts {allowed}"),
             ApiError::PayloadTooLarge { limit } => format!("request body is larger than the limit of {limit} bytes"),
+            ApiError::RequestTimeout { seconds } => {
+                format!("the request body did not arrive within {seconds} s (--request-read-timeout)")
+            }
             ApiError::QueueFull { retry_after_secs } => {
                 format!("the server's request queue is full; retry in {retry_after_secs} s")
             }

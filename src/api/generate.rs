@@ -14,8 +14,10 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use super::openai::*;
 use super::tools::{self, ToolCall, ToolMode, ToolParser};
 use super::{
-    ApiError, AppState, InFlight, LoadedModel, ResponseBody, json_response, sse_response, unix_now, with_guard,
+    ApiError, AppState, InFlight, LoadedModel, ResponseBody, json_response, off_runtime, sse_response, unix_now,
+    with_guard,
 };
+use crate::engine::driver::SubmitError;
 use crate::engine::structured::{JsonOptions, StructuredOutput, any_object};
 use crate::engine::{
     EngineRequest, FinishReason, MaxTokens, RequestId, RequestOutput, SamplingParams, StopReason, TokenLogprobs,
@@ -169,6 +171,43 @@ fn truncate_prompts(prompts: &mut [Vec<u32>], k: Option<i64>, max_model_len: usi
     Ok(())
 }
 
+/// What a prompt's tokenization is checked against: a prompt with more tokens than the context is
+/// refused without tokenizing all of it, unless it is to be truncated.
+#[derive(Clone, Copy)]
+struct PromptContext {
+    max_model_len: usize,
+    /// `truncate_prompt_tokens` is set: every token is needed to keep the last ones.
+    truncating: bool,
+}
+
+impl PromptContext {
+    fn of(loaded: &LoadedModel, fields: &SamplingFields) -> PromptContext {
+        PromptContext { max_model_len: loaded.model.max_model_len, truncating: fields.truncate_prompt_tokens.is_some() }
+    }
+
+    fn encode(
+        &self,
+        tok: &Tokenizer,
+        text: &str,
+        add_special: bool,
+        param: &'static str,
+    ) -> Result<Vec<u32>, ApiError> {
+        let limit = if self.truncating { usize::MAX } else { self.max_model_len };
+        match tok.encode_within(text, add_special, limit) {
+            Ok(Ok(ids)) => Ok(ids),
+            Ok(Err(at_least)) => Err(ApiError::bad_request(
+                format!(
+                    "the prompt has at least {at_least} tokens, more than this model's maximum context length of {} \
+                     (truncate_prompt_tokens keeps its last ones)",
+                    self.max_model_len
+                ),
+                Some(param),
+            )),
+            Err(e) => Err(ApiError::bad_request(e.message, Some(param))),
+        }
+    }
+}
+
 /// vLLM's reading of `bad_words`: each word's tokens as written and with a leading space (when
 /// that is another token sequence of the same length).
 fn bad_words(tok: &Tokenizer, words: &[String]) -> Result<Vec<Vec<u32>>, ApiError> {
@@ -301,26 +340,33 @@ struct Submission {
 }
 
 impl Submission {
-    /// Checks every prompt (once, by [`EngineRequest::validate`]) and the queue, then submits one
-    /// engine request per prompt.
-    fn start(
-        state: &AppState,
-        loaded: &LoadedModel,
+    /// Checks every prompt (once, by [`EngineRequest::validate`], off the async threads: it
+    /// compiles a structured output's grammar) and the queue, then submits one engine request per
+    /// prompt.
+    async fn start(
+        state: &Arc<AppState>,
         prompts: Vec<Vec<u32>>,
         params: SamplingParams,
     ) -> Result<Submission, ApiError> {
-        let limits = &loaded.limits;
+        let loaded = state.ready()?;
         let arrival = Instant::now();
         // Engine ids are ours alone: a client's x-request-id may repeat.
         let base = uuid::Uuid::new_v4().simple().to_string();
         let prompt_lens = prompts.iter().map(Vec::len).collect();
         let prompt_ids = prompts.clone();
-        let mut requests = Vec::with_capacity(prompts.len());
-        for (idx, prompt) in prompts.into_iter().enumerate() {
-            let id = RequestId(format!("{base}-{idx}"));
-            let request = EngineRequest { id, prompt_token_ids: prompt, params: params.clone(), arrival };
-            requests.push(request.validate(limits)?);
-        }
+        let work = (state.clone(), base.clone(), params.clone());
+        let requests = off_runtime(state, move || {
+            let (state, base, params) = work;
+            let limits = &state.ready()?.limits;
+            let mut requests = Vec::with_capacity(prompts.len());
+            for (idx, prompt) in prompts.into_iter().enumerate() {
+                let id = RequestId(format!("{base}-{idx}"));
+                let request = EngineRequest { id, prompt_token_ids: prompt, params: params.clone(), arrival };
+                requests.push(request.validate(limits)?);
+            }
+            Ok::<_, ApiError>(requests)
+        })
+        .await??;
         if state.config.log_request_params {
             let prompt_tokens: Vec<usize> = requests.iter().map(|r| r.prompt_token_ids().len()).collect();
             tracing::info!(request = %base, ?prompt_tokens, params = %params_summary(&params), "received request");
@@ -335,14 +381,12 @@ impl Submission {
                 Some("n"),
             ));
         }
-        if loaded.engine.status().num_waiting() + num_seqs > state.config.max_queue {
-            return Err(ApiError::QueueFull { retry_after_secs: 1 });
-        }
         let (tx, rx) = unbounded_channel();
-        let mut prompt_of = HashMap::new();
-        for (idx, request) in requests.into_iter().enumerate() {
-            prompt_of.insert(request.id().clone(), idx);
-            loaded.engine.submit_to(request, tx.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let prompt_of = requests.iter().enumerate().map(|(idx, r)| (r.id().clone(), idx)).collect();
+        match loaded.engine.submit_all(requests, tx, state.config.max_queue) {
+            Ok(()) => {}
+            Err(SubmitError::QueueFull) => return Err(ApiError::QueueFull { retry_after_secs: 1 }),
+            Err(e @ SubmitError::Stopped(_)) => return Err(ApiError::Internal(e.to_string())),
         }
         Ok(Submission { rx, prompt_of, n: params.n, prompt_lens, prompt_ids })
     }
@@ -632,14 +676,17 @@ pub async fn completions(
     }
     let tok = loaded.tokenizer.clone();
     let add_special = req.add_special_tokens.unwrap_or(true);
-    let prompts: Vec<Vec<u32>> = match &req.prompt {
-        Prompt::Texts(texts) => texts
-            .iter()
-            .map(|t| tok.encode(t, add_special).map_err(|e| ApiError::bad_request(e.message, Some("prompt"))))
-            .collect::<Result<_, _>>()?,
+    let context = PromptContext::of(loaded, &req.sampling);
+    let mut prompts: Vec<Vec<u32>> = match &req.prompt {
+        Prompt::Texts(texts) => {
+            let (texts, tok) = (texts.clone(), tok.clone());
+            off_runtime(&state, move || {
+                texts.iter().map(|t| context.encode(&tok, t, add_special, "prompt")).collect::<Result<_, _>>()
+            })
+            .await??
+        }
         Prompt::Tokens(lists) => lists.clone(),
     };
-    let mut prompts = prompts;
     truncate_prompts(&mut prompts, req.sampling.truncate_prompt_tokens, loaded.model.max_model_len)?;
     let texts: Vec<String> = match (&req.prompt, req.echo) {
         (_, false) => vec![String::new(); prompts.len()],
@@ -651,7 +698,7 @@ pub async fn completions(
         (Prompt::Tokens(lists), true) => lists.iter().map(|ids| tok.decode(ids, false)).collect(),
     };
     let echo = Echo { texts, only: echo_only, prompt_top };
-    let run = Submission::start(&state, loaded, prompts, params)?;
+    let run = Submission::start(&state, prompts, params).await?;
     let guard = InFlight::new(&state);
     let meta = ResponseMeta { id: format!("cmpl-{request_id}"), model, created: unix_now() };
     if req.stream {
@@ -910,20 +957,23 @@ pub async fn chat(
         // `<tool_call>`: the text must keep them for the parser (as vLLM's parsers ask).
         params.skip_special_tokens = false;
     }
-    let text = render_chat(
-        loaded,
-        &req.messages,
-        req.add_generation_prompt.unwrap_or(true),
-        req.continue_final_message,
-        req.tools.as_ref(),
-        req.chat_template_kwargs.as_ref(),
-    )?;
     let tok = loaded.tokenizer.clone();
-    let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad_request(e.message, Some("messages")))?;
+    let context = PromptContext::of(loaded, &req.sampling);
+    let work = (state.clone(), req.messages.clone(), req.tools.clone(), req.chat_template_kwargs.clone());
+    let (add_generation_prompt, continue_final) =
+        (req.add_generation_prompt.unwrap_or(true), req.continue_final_message);
+    let prompt = off_runtime(&state, move || {
+        let (state, messages, tools, kwargs) = work;
+        let loaded = state.ready()?;
+        let text =
+            render_chat(loaded, &messages, add_generation_prompt, continue_final, tools.as_ref(), kwargs.as_ref())?;
+        context.encode(&loaded.tokenizer, &text, false, "messages")
+    })
+    .await??;
     let mut prompts = vec![prompt];
     truncate_prompts(&mut prompts, req.sampling.truncate_prompt_tokens, loaded.model.max_model_len)?;
     let prompt_top = params.prompt_logprobs;
-    let run = Submission::start(&state, loaded, prompts, params)?;
+    let run = Submission::start(&state, prompts, params).await?;
     let guard = InFlight::new(&state);
     let meta = ResponseMeta { id: format!("chatcmpl-{request_id}"), model, created: unix_now() };
     if req.stream {
@@ -1126,26 +1176,35 @@ async fn collect_chat(
     })
 }
 
-pub fn tokenize(state: &AppState, req: TokenizeRequest) -> Result<Response<ResponseBody>, ApiError> {
+/// vLLM's `/tokenize`. A text with more tokens than the model's context is refused (found without
+/// tokenizing all of it): no request could use it.
+pub async fn tokenize(state: &Arc<AppState>, req: TokenizeRequest) -> Result<Response<ResponseBody>, ApiError> {
     let loaded = state.ready()?;
     state.check_model(req.model.as_deref())?;
+    let context = PromptContext { max_model_len: loaded.model.max_model_len, truncating: false };
+    let work = state.clone();
+    let (req, tokens) = off_runtime(state, move || {
+        let loaded = work.ready()?;
+        let tok = &loaded.tokenizer;
+        let tokens = match (&req.prompt, &req.messages) {
+            (Some(prompt), None) => context.encode(tok, prompt, req.add_special_tokens.unwrap_or(true), "prompt")?,
+            (None, Some(messages)) => {
+                let text = render_chat(
+                    loaded,
+                    messages,
+                    req.add_generation_prompt.unwrap_or(true),
+                    req.continue_final_message,
+                    req.tools.as_ref(),
+                    req.chat_template_kwargs.as_ref(),
+                )?;
+                context.encode(tok, &text, req.add_special_tokens.unwrap_or(false), "messages")?
+            }
+            _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
+        };
+        Ok((req, tokens))
+    })
+    .await??;
     let tok = &loaded.tokenizer;
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(prompt), None) => tok.encode(prompt, req.add_special_tokens.unwrap_or(true)),
-        (None, Some(messages)) => {
-            let text = render_chat(
-                loaded,
-                messages,
-                req.add_generation_prompt.unwrap_or(true),
-                req.continue_final_message,
-                req.tools.as_ref(),
-                req.chat_template_kwargs.as_ref(),
-            )?;
-            tok.encode(&text, req.add_special_tokens.unwrap_or(false))
-        }
-        _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
-    }
-    .map_err(|e| ApiError::bad_request(e.message, Some("prompt")))?;
     let token_strs =
         req.return_token_strs.then(|| tokens.iter().map(|&t| tok.id_to_token(t).unwrap_or_default()).collect());
     let response =

@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub allowed_methods: Vec<String>,
     pub allowed_headers: Vec<String>,
     pub max_request_body_bytes: usize,
+    /// Most connections open at once; one beyond gets 503 and is closed.
+    pub max_connections: usize,
+    /// Time a client gets to send a request's headers, and again its body.
+    pub request_read_timeout: Duration,
     /// `/health` turns 503 when the engine loop has not turned for this long.
     pub engine_stall_timeout: Duration,
     /// Use the model's `generation_config.json` sampling values as request defaults.
@@ -118,6 +122,8 @@ pub struct AppState {
     /// Generation requests being answered (a streaming one until its last byte).
     in_flight: AtomicUsize,
     created: u64,
+    /// Permits for a request's CPU-heavy work off the async threads ([`off_runtime`]).
+    cpu_work: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -137,6 +143,10 @@ impl AppState {
             cloud,
             in_flight: AtomicUsize::new(0),
             created: unix_now(),
+            // Half the cores: the engine keeps the rest (and on a GPU, the CPU is idle anyway).
+            cpu_work: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            ),
         }
     }
 
@@ -194,6 +204,17 @@ impl AppState {
     fn served_model_name(&self) -> &str {
         &self.served_model_names[0]
     }
+}
+
+/// Runs a request's CPU-heavy work (chat rendering, tokenization, structured-output compilation)
+/// on tokio's blocking threads, a few at a time, so that the async threads stay free: `/health`,
+/// `/ready`, `/metrics` and streams answer while a large prompt is tokenized.
+async fn off_runtime<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let _permit = state.cpu_work.acquire().await.map_err(|_| ApiError::Unavailable("the server is stopping".into()))?;
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::Internal(format!("the request's work failed: {e}")))
 }
 
 /// Counts a generation request as in flight until dropped.
@@ -281,13 +302,73 @@ async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<serde_jso
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let bytes = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ApiError::PayloadTooLarge { limit }),
-        Err(e) => return Err(ApiError::bad_request(format!("could not read the request body: {e}"), None)),
+    let timeout = state.config.request_read_timeout;
+    let bytes = match tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect()).await {
+        Err(_) => return Err(ApiError::RequestTimeout { seconds: timeout.as_secs() }),
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(ApiError::PayloadTooLarge { limit }),
+        Ok(Err(e)) => return Err(ApiError::bad_request(format!("could not read the request body: {e}"), None)),
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}"), None))
+    // A large body is parsed off the async threads.
+    let value = if bytes.len() > LARGE_BODY_BYTES {
+        off_runtime(state, move || parse_json(&bytes)).await??
+    } else {
+        parse_json(&bytes)?
+    };
+    if !value.is_object() {
+        return Err(ApiError::bad_request("the request body must be a JSON object", None));
+    }
+    Ok(value)
+}
+
+/// Bodies parsed off the async threads.
+const LARGE_BODY_BYTES: usize = 1 << 20;
+
+/// The body as JSON. A lone UTF-16 surrogate escape (`"\ud800"`), which Python's JSON (and so
+/// vLLM) accepts, becomes U+FFFD instead of failing the request.
+fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let invalid = |e: serde_json::Error| ApiError::bad_request(format!("request body is not valid JSON: {e}"), None);
+    serde_json::from_slice(bytes).or_else(|e| match replace_lone_surrogates(bytes) {
+        Some(repaired) => serde_json::from_slice(&repaired).map_err(invalid),
+        None => Err(invalid(e)),
+    })
+}
+
+/// `bytes` with every `\uXXXX` escape of a UTF-16 surrogate that is not half of a pair replaced by
+/// `\ufffd`, or `None` if there is none. In valid JSON a backslash only occurs in strings, as an
+/// escape, so walking the escapes needs no other parsing.
+fn replace_lone_surrogates(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut replaced = false;
+    let escape_at = |i: usize| -> Option<u16> {
+        let hex = bytes.get(i..i + 6)?.strip_prefix(b"\\u")?;
+        u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        match escape_at(i) {
+            Some(0xD800..=0xDBFF) if escape_at(i + 6).is_some_and(|low| (0xDC00..=0xDFFF).contains(&low)) => {
+                out.extend_from_slice(&bytes[i..i + 12]);
+                i += 12;
+            }
+            Some(0xD800..=0xDFFF) => {
+                out.extend_from_slice(b"\\ufffd");
+                replaced = true;
+                i += 6;
+            }
+            // Any other escape, kept whole (so that `\\` never starts one).
+            _ => {
+                out.extend_from_slice(&bytes[i..(i + 2).min(bytes.len())]);
+                i += 2;
+            }
+        }
+    }
+    replaced.then_some(out)
 }
 
 /// Deserializes a request type, naming the field at fault.
@@ -448,7 +529,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String
             Some((Route::Ping, _, _)) if method == Method::POST => {
                 dispatch(&state, Route::Ping, req, &request_id).await
             }
-            Some((_, expected, _)) if method != expected => {
+            Some((_, expected, _)) if method != expected && !(method == Method::HEAD && expected == Method::GET) => {
                 Err(ApiError::MethodNotAllowed { allowed: if expected == Method::GET { "GET" } else { "POST" } })
             }
             Some((_, _, true)) if !authorized(&state, req.headers()) => Err(ApiError::Unauthorized),
@@ -462,7 +543,8 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String
                 Err(ApiError::Unauthorized
                     | ApiError::NotFound(_)
                     | ApiError::MethodNotAllowed { .. }
-                    | ApiError::PayloadTooLarge { .. })
+                    | ApiError::PayloadTooLarge { .. }
+                    | ApiError::RequestTimeout { .. })
             );
         let mut r = result.unwrap_or_else(|e| error_response(&e));
         if body_left {
@@ -528,7 +610,7 @@ async fn dispatch(
         }
         Route::Completions => generate::completions(state.clone(), read_request(state, req).await?, request_id).await,
         Route::ChatCompletions => generate::chat(state.clone(), read_request(state, req).await?, request_id).await,
-        Route::Tokenize => generate::tokenize(state, parse(&read_body(state, req).await?)?),
+        Route::Tokenize => generate::tokenize(state, parse(&read_body(state, req).await?)?).await,
         Route::Detokenize => generate::detokenize(state, parse(&read_body(state, req).await?)?),
     }
 }
@@ -650,6 +732,7 @@ pub async fn serve(
 }
 
 async fn accept_loop(state: Arc<AppState>, listener: TcpListener) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -661,8 +744,14 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener) {
             }
         };
         let _ = stream.set_nodelay(true);
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _held_while_the_connection_lives = permit;
+            let read_timeout = state.config.request_read_timeout;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 let id = request_id(req.headers());
@@ -671,12 +760,35 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener) {
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(read_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(%e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// Answers a connection beyond `--max-connections` with 503 and closes it, reading what the
+/// client sent meanwhile (for at most a second) so that the answer is not lost to a reset.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let error = ApiError::Unavailable("the server has as many connections open as it takes; retry later".into());
+    let body = serde_json::to_vec(&error.body()).expect("API types serialize");
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    };
+    if tokio::time::timeout(Duration::from_secs(1), write).await.is_ok() {
+        let mut sink = [0u8; 4096];
+        let drain = async { while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {} };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
     }
 }
 

@@ -282,6 +282,11 @@ impl Backend for CpuBackend {
         Ok(CpuWeight { rows: shape[0], cols: shape[1], data: WeightData::Owned(data) })
     }
 
+    fn kv_cache_commits_on_write(&self) -> bool {
+        // Zeroed allocations are mapped lazily: a page takes memory when first written.
+        true
+    }
+
     fn kv_cache_dtype(&self) -> DType {
         DType::F32
     }

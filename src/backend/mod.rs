@@ -197,6 +197,11 @@ pub trait Backend: Send + Sync + 'static {
     fn weight_from_f32(&self, data: Vec<f32>, shape: [usize; 2]) -> Result<Self::Weight, BackendError>;
     /// The element type of this backend's KV cache (`--kv-cache-dtype auto`).
     fn kv_cache_dtype(&self) -> DType;
+    /// Whether the KV cache's memory is only committed where it is first written (host memory),
+    /// so that reusing written blocks first keeps the process small.
+    fn kv_cache_commits_on_write(&self) -> bool {
+        false
+    }
     /// A KV cache of `shape`, whose dtype must be [`Backend::kv_cache_dtype`].
     fn new_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache, BackendError>;
     fn prepare_batch(&self, layout: &BatchLayout) -> Result<Self::Batch, BackendError>;

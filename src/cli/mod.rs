@@ -135,7 +135,9 @@ pub struct EngineArgs {
     #[arg(long, env = "PAGODA_NUM_GPU_BLOCKS_OVERRIDE")]
     pub num_gpu_blocks_override: Option<usize>,
 
-    /// Memory for the KV cache, in bytes or with a unit (e.g. 4GiB, 512M). CPU default: 4GiB.
+    /// Memory for the KV cache, in bytes or with a unit (e.g. 4GiB, 512M). CPU default: 4GiB. On
+    /// the CPU this is reserved address space: the process only grows by the blocks ever in use at
+    /// once (written blocks are reused before new ones; cached prefixes live in those).
     #[arg(long, env = "PAGODA_KV_CACHE_MEMORY_BYTES", value_parser = parse_bytes)]
     pub kv_cache_memory_bytes: Option<usize>,
 

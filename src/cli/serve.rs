@@ -67,6 +67,18 @@ pub struct ServeArgs {
     #[arg(long, env = "PAGODA_MAX_REQUEST_BODY_BYTES", value_parser = parse_bytes, default_value = "16MiB")]
     pub max_request_body_bytes: usize,
 
+    /// Most connections open at once; a connection beyond it gets 503 and is closed. Lowered to
+    /// fit the open-files limit (whose soft value the server raises to the hard one).
+    #[arg(long, env = "PAGODA_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Seconds a client gets to send a request's headers, and again its whole body (then 408);
+    /// a connection that sends nothing is closed after it.
+    #[arg(long, env = "PAGODA_REQUEST_READ_TIMEOUT", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_read_timeout: u64,
+
     /// Seconds without a turn of the engine loop after which /health reports 503.
     #[arg(long, env = "PAGODA_ENGINE_STALL_TIMEOUT", default_value_t = 300)]
     pub engine_stall_timeout: u64,
@@ -251,6 +263,8 @@ fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
         allowed_methods: args.allowed_methods.0.clone(),
         allowed_headers: args.allowed_headers.0.clone(),
         max_request_body_bytes: args.max_request_body_bytes,
+        max_connections: connection_limit(args.max_connections as usize),
+        request_read_timeout: Duration::from_secs(args.request_read_timeout),
         engine_stall_timeout: Duration::from_secs(args.engine_stall_timeout),
         use_generation_config: args.generation_config == GenerationConfig::Auto,
         log_requests: !args.disable_log_requests,
@@ -262,6 +276,45 @@ fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
         },
         enable_tokenizer_info: args.enable_tokenizer_info_endpoint,
     })
+}
+
+/// File descriptors kept for what is not a connection: the listener, the runtime's, model files,
+/// logs, and connections being refused.
+const RESERVED_FILES: usize = 256;
+
+/// `--max-connections`, once the open-files soft limit is raised to the hard one, lowered (with a
+/// warning) to what that limit leaves, so that accepting never fails for want of descriptors.
+fn connection_limit(asked: usize) -> usize {
+    let files = raise_open_files_limit();
+    let fits = files.saturating_sub(RESERVED_FILES).max(1);
+    if asked > fits {
+        tracing::warn!(
+            max_connections = fits,
+            asked,
+            open_files_limit = files,
+            "--max-connections lowered to fit the open-files limit; raise it (ulimit -n, LimitNOFILE) for more"
+        );
+        return fits;
+    }
+    asked
+}
+
+/// Raises the soft open-files limit to the hard one; returns the limit now in force.
+fn raise_open_files_limit() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return usize::MAX;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
 }
 
 /// Counts SIGTERM and SIGINT: the first drains, the second aborts what is left.

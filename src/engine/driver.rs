@@ -46,6 +46,10 @@ pub struct EngineStatus {
     num_unfinished: AtomicUsize,
     /// KV-cache usage in millionths.
     kv_usage_ppm: AtomicU64,
+    /// Sequences admitted to the queue and not yet scheduled once: reserved by
+    /// [`EngineHandle::submit_all`] before they are sent, released by the engine thread once the
+    /// scheduler has run them (or they ended first). `--max-queue` limits this.
+    num_queued: AtomicUsize,
 }
 
 impl EngineStatus {
@@ -59,7 +63,26 @@ impl EngineStatus {
             num_pending: AtomicUsize::new(0),
             num_unfinished: AtomicUsize::new(0),
             kv_usage_ppm: AtomicU64::new(0),
+            num_queued: AtomicUsize::new(0),
         }
+    }
+
+    /// Reserves `n` places in a queue of `max`: all or none, in one atomic step.
+    fn reserve(&self, n: usize, max: usize) -> bool {
+        self.num_queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |queued| (queued + n <= max).then_some(queued + n))
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        if n > 0 {
+            self.num_queued.fetch_sub(n, Ordering::SeqCst);
+        }
+    }
+
+    /// Sequences admitted and not yet scheduled (what `--max-queue` limits).
+    pub fn num_queued(&self) -> usize {
+        self.num_queued.load(Ordering::SeqCst)
     }
 
     fn beat(&self) {
@@ -115,6 +138,15 @@ impl OutputStream {
 #[error("the engine has stopped")]
 pub struct EngineStopped;
 
+/// Why [`EngineHandle::submit_all`] queued nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full")]
+    QueueFull,
+    #[error(transparent)]
+    Stopped(#[from] EngineStopped),
+}
+
 /// A cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -152,27 +184,42 @@ impl EngineHandle {
         &self.status
     }
 
-    /// Queues a checked request.
+    /// Queues a checked request, with no queue limit.
     pub fn submit(&self, request: ValidRequest) -> Result<OutputStream, EngineStopped> {
         let (tx, rx) = unbounded_channel();
-        self.submit_to(request, tx)?;
-        Ok(OutputStream { rx })
+        match self.submit_all(vec![request], tx, usize::MAX) {
+            Ok(()) => Ok(OutputStream { rx }),
+            Err(SubmitError::Stopped(e)) => Err(e),
+            Err(SubmitError::QueueFull) => unreachable!("an unlimited queue is never full"),
+        }
     }
 
-    /// Queues a request whose outputs go to `outputs`, which several requests may share (their
-    /// outputs carry their ids). Dropping the receiver cancels all of them.
-    pub fn submit_to(
+    /// Queues `requests` if their sequences fit in a queue of `max_queue` (sequences admitted and
+    /// not yet scheduled): all of them or none, the check and the reservation one atomic step, so
+    /// that concurrent submissions never overfill it. Their outputs go to `outputs` (they carry
+    /// their ids); dropping its receiver cancels all of them.
+    pub fn submit_all(
         &self,
-        request: ValidRequest,
+        requests: Vec<ValidRequest>,
         outputs: UnboundedSender<RequestOutput>,
-    ) -> Result<(), EngineStopped> {
-        let n = request.params().n;
-        self.status.num_pending.fetch_add(n, Ordering::Relaxed);
-        self.status.num_unfinished.fetch_add(1, Ordering::Relaxed);
-        if self.commands.send(Command::Add { request: Box::new(request), outputs }).is_err() {
-            self.status.num_pending.fetch_sub(n, Ordering::Relaxed);
-            self.status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
-            return Err(EngineStopped);
+        max_queue: usize,
+    ) -> Result<(), SubmitError> {
+        let total: usize = requests.iter().map(|r| r.params().n).sum();
+        if !self.status.reserve(total, max_queue) {
+            return Err(SubmitError::QueueFull);
+        }
+        let mut left = total;
+        for request in requests {
+            let n = request.params().n;
+            self.status.num_pending.fetch_add(n, Ordering::Relaxed);
+            self.status.num_unfinished.fetch_add(1, Ordering::Relaxed);
+            if self.commands.send(Command::Add { request: Box::new(request), outputs: outputs.clone() }).is_err() {
+                self.status.num_pending.fetch_sub(n, Ordering::Relaxed);
+                self.status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
+                self.status.release(left);
+                return Err(EngineStopped.into());
+            }
+            left -= n;
         }
         Ok(())
     }
@@ -199,6 +246,8 @@ fn run(
     mut observer: Option<Box<dyn EngineObserver>>,
 ) {
     let mut live: HashMap<RequestId, InFlightRequest> = HashMap::new();
+    // Queued sequences (`EngineStatus::num_queued`) that the engine holds, not yet scheduled.
+    let mut queued_in_engine = 0;
     loop {
         status.beat();
         // Take every waiting command; block (briefly, to keep the heartbeat) only when idle.
@@ -219,7 +268,7 @@ fn run(
                     if let Some(observer) = observer.as_mut() {
                         observer.on_request(&request);
                     }
-                    add(&mut engine, status, &mut live, *request, tx)
+                    queued_in_engine += add(&mut engine, status, &mut live, *request, tx)
                 }
                 Command::Abort(id) => {
                     outputs.extend(engine.abort_request(&id));
@@ -254,6 +303,11 @@ fn run(
         }
         let stats = engine.stats();
         publish(status, &stats);
+        // Only after the counts are published, so that a request admitted in the room this
+        // makes is never counted twice by a reader of the old counts.
+        let unstarted = engine.num_unstarted();
+        status.release(queued_in_engine - unstarted);
+        queued_in_engine = unstarted;
         if let Some(observer) = observer.as_mut() {
             observer.on_step(&stats, &outputs);
         }
@@ -261,24 +315,28 @@ fn run(
     }
 }
 
-/// Queues a checked request and starts tracking where its outputs go.
+/// Queues a checked request and starts tracking where its outputs go. Returns how many queued
+/// sequences the engine now holds for it (none when refused: their places are released).
 fn add(
     engine: &mut Engine,
     status: &EngineStatus,
     live: &mut HashMap<RequestId, InFlightRequest>,
     request: ValidRequest,
     outputs: UnboundedSender<RequestOutput>,
-) {
+) -> usize {
     let (id, n) = (request.id().clone(), request.params().n);
     status.num_pending.fetch_sub(n, Ordering::Relaxed);
     match engine.add_request(request) {
         Ok(()) => {
             live.insert(id, InFlightRequest { outputs, num_unfinished_seqs: n });
+            n
         }
         Err(err) => {
             // Only a request id already running is refused: a bug in the caller.
             tracing::error!(request_id = %id, %err, "engine refused a request");
             status.num_unfinished.fetch_sub(1, Ordering::Relaxed);
+            status.release(n);
+            0
         }
     }
 }

@@ -29,7 +29,7 @@ use self::sampler::SamplingContext;
 use self::scheduler::{Scheduler, SchedulerConfig};
 use self::stop::StopStrings;
 use self::structured::{Grammar, Grammars};
-use crate::kv_cache::{KvCacheManager, PrefixCacheStats, SeqId};
+use crate::kv_cache::{KvCacheManager, PrefixCacheStats, Reuse, SeqId};
 use crate::model::Executor;
 pub use crate::model::config::GenerationDefaults;
 use crate::model::{BackendError, BatchLayout, RowSampling, SeqLayout, cache_slot};
@@ -71,6 +71,8 @@ pub struct EngineStats {
     /// prefix cache, and one per decoding sequence).
     pub num_steps: u64,
     pub last_step_tokens: usize,
+    /// KV-cache blocks ever written (on the CPU, the cache's memory in use by the process).
+    pub kv_blocks_touched: usize,
 }
 
 /// Per-sequence state the engine keeps beside the scheduler's tokens.
@@ -146,7 +148,11 @@ impl Engine {
                 max_num_batched_tokens: config.max_num_batched_tokens,
                 enable_chunked_prefill: config.enable_chunked_prefill,
             },
-            KvCacheManager::new(shape.num_blocks, shape.block_size, config.enable_prefix_caching),
+            KvCacheManager::new(shape.num_blocks, shape.block_size, config.enable_prefix_caching).with_reuse(
+                // Host memory grows with the blocks ever written: reuse those first. A GPU's is
+                // all committed: keep cached prefixes while there is room.
+                if executor.kv_cache_commits_on_write() { Reuse::TouchedFirst } else { Reuse::UntouchedFirst },
+            ),
         );
         let vocab_size = executor.vocab_size();
         let grammars = Arc::new(Grammars::new(tokenizer.clone(), vocab_size, eos_token_ids.clone()));
@@ -288,6 +294,11 @@ impl Engine {
         !self.seqs.is_empty()
     }
 
+    /// Sequences added and not yet scheduled once (the queue a server limits).
+    pub fn num_unstarted(&self) -> usize {
+        self.seqs.values().filter(|r| r.timings.first_scheduled.is_none()).count()
+    }
+
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             num_running: self.scheduler.num_running(),
@@ -297,6 +308,7 @@ impl Engine {
             num_preemptions: self.scheduler.num_preemptions(),
             num_steps: self.num_steps,
             last_step_tokens: self.last_step_tokens,
+            kv_blocks_touched: self.scheduler.num_touched_blocks(),
         }
     }
 

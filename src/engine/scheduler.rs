@@ -251,6 +251,10 @@ impl Scheduler {
         self.kv.num_free_blocks()
     }
 
+    pub fn num_touched_blocks(&self) -> usize {
+        self.kv.num_touched_blocks()
+    }
+
     pub fn num_blocks(&self) -> usize {
         self.kv.num_blocks()
     }

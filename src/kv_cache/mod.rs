@@ -11,7 +11,7 @@ mod block_pool;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
 
-pub use block_pool::BlockPool;
+pub use block_pool::{BlockPool, Reuse};
 
 /// Identifies one sequence (one of the `n` completions of a request).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -73,15 +73,26 @@ impl KvCacheManager {
         KvCacheManager {
             block_size,
             enable_prefix_caching,
-            pool: BlockPool::new(num_blocks),
+            pool: BlockPool::new(num_blocks, Reuse::UntouchedFirst),
             hasher: RandomState::new(),
             seqs: HashMap::new(),
             stats: PrefixCacheStats::default(),
         }
     }
 
+    /// The same manager handing out blocks in `reuse`'s order (before any is used).
+    pub fn with_reuse(mut self, reuse: Reuse) -> KvCacheManager {
+        self.pool = BlockPool::new(self.pool.num_blocks(), reuse);
+        self
+    }
+
     pub fn block_size(&self) -> usize {
         self.block_size
+    }
+
+    /// Blocks ever handed out (with [`Reuse::TouchedFirst`], the memory the cache has written).
+    pub fn num_touched_blocks(&self) -> usize {
+        self.pool.num_touched_blocks()
     }
 
     pub fn num_blocks(&self) -> usize {

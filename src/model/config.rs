@@ -110,17 +110,31 @@ pub struct GenerationDefaults {
 }
 
 impl GenerationDefaults {
-    fn from_json(value: &Value) -> GenerationDefaults {
-        let float = |k: &str| value.get(k).and_then(|v| v.as_f64()).filter(|v| v.is_finite()).map(|v| v as f32);
-        let int = |k: &str| value.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
-        GenerationDefaults {
-            temperature: float("temperature"),
-            top_p: float("top_p"),
-            top_k: int("top_k"),
-            min_p: float("min_p"),
-            repetition_penalty: float("repetition_penalty"),
-            max_new_tokens: int("max_new_tokens"),
-        }
+    /// The defaults `value` gives, and the keys it holds with a value of the wrong type (which
+    /// are left out, so requests get Pagoda's own defaults for them).
+    fn from_json(value: &Value) -> (GenerationDefaults, Vec<String>) {
+        let mut wrong = Vec::new();
+        let mut read = |key: &str, want: &str, parse: &dyn Fn(&Value) -> Option<f64>| match value.get(key) {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let parsed = parse(v);
+                if parsed.is_none() {
+                    wrong.push(format!("{key} is {v}, not {want}"));
+                }
+                parsed
+            }
+        };
+        let number = |v: &Value| v.as_f64().filter(|v| v.is_finite());
+        let count = |v: &Value| v.as_u64().map(|v| v as f64);
+        let defaults = GenerationDefaults {
+            temperature: read("temperature", "a number", &number).map(|v| v as f32),
+            top_p: read("top_p", "a number", &number).map(|v| v as f32),
+            top_k: read("top_k", "a non-negative integer", &count).map(|v| v as usize),
+            min_p: read("min_p", "a number", &number).map(|v| v as f32),
+            repetition_penalty: read("repetition_penalty", "a number", &number).map(|v| v as f32),
+            max_new_tokens: read("max_new_tokens", "a non-negative integer", &count).map(|v| v as usize),
+        };
+        (defaults, wrong)
     }
 }
 
@@ -154,7 +168,11 @@ impl ModelConfig {
                     config.eos_token_ids.push(id);
                 }
             }
-            config.generation_defaults = GenerationDefaults::from_json(&value);
+            let (defaults, wrong) = GenerationDefaults::from_json(&value);
+            for problem in wrong {
+                tracing::warn!(file = %gen_name, "{problem}: ignored, so requests get the default for it");
+            }
+            config.generation_defaults = defaults;
         }
         Ok(config)
     }
@@ -409,6 +427,24 @@ mod tests {
 
     const BASE: &str = r#""hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "vocab_size": 100"#;
+
+    #[test]
+    fn generation_config_values_of_the_wrong_type_are_named_and_left_out() {
+        let value: Value = serde_json::from_str(
+            r#"{"temperature": "0.7", "top_p": 0.9, "top_k": -1, "max_new_tokens": null, "min_p": [0.1]}"#,
+        )
+        .unwrap();
+        let (defaults, wrong) = GenerationDefaults::from_json(&value);
+        assert_eq!(defaults, GenerationDefaults { top_p: Some(0.9), ..GenerationDefaults::default() });
+        assert_eq!(
+            wrong,
+            vec![
+                "temperature is \"0.7\", not a number",
+                "top_k is -1, not a non-negative integer",
+                "min_p is [0.1], not a number"
+            ]
+        );
+    }
 
     #[test]
     fn classic_and_v5_layouts_give_the_same_rope() {

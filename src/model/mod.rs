@@ -156,6 +156,8 @@ pub trait Executor: Send {
     fn vocab_size(&self) -> usize;
     fn backend_name(&self) -> &'static str;
     fn kv_cache_shape(&self) -> KvCacheShape;
+    /// [`Backend::kv_cache_commits_on_write`].
+    fn kv_cache_commits_on_write(&self) -> bool;
 }
 
 /// A backend with a model bound to it and the KV cache that model's layers write.
@@ -389,6 +391,10 @@ impl<B: Backend> Executor for ModelRunner<B> {
 
     fn kv_cache_shape(&self) -> KvCacheShape {
         self.cache_shape
+    }
+
+    fn kv_cache_commits_on_write(&self) -> bool {
+        self.backend.kv_cache_commits_on_write()
     }
 }
 

@@ -20,6 +20,24 @@ pub struct TokenizerError {
     pub message: String,
 }
 
+/// Bytes of a long text tokenized first, per token a request may hold, by
+/// [`Tokenizer::encode_within`]: ordinary text averages about four bytes a token, so that prefix
+/// holds more tokens than allowed whenever the whole text does by far.
+pub const PREFIX_BYTES_PER_TOKEN: usize = 16;
+
+/// Tokenizing a text this long leaves tens of megabytes of freed scratch memory behind, which is
+/// handed back to the system afterwards.
+const LARGE_TEXT_BYTES: usize = 1 << 20;
+
+/// Returns the allocator's free memory to the system (glibc keeps it otherwise).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of glibc's heap; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// `tokenizer_config.json` as read (`null` without one).
@@ -116,6 +134,36 @@ impl Tokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|e| TokenizerError { path: "tokenizer".into(), message: e.to_string() })?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// [`Tokenizer::encode`], unless `text` has more than `max_tokens` tokens (then `Err` with a
+    /// lower bound of how many), found without tokenizing all of a long text: a text longer than
+    /// [`PREFIX_BYTES_PER_TOKEN`] bytes per token allowed is first tokenized up to its last space
+    /// there. Every tokenizer Pagoda loads (byte-level BPE, SentencePiece) ends a pre-token before
+    /// a space, so that prefix's tokens are the whole text's first tokens: when they are already
+    /// too many, the rest is never read. Otherwise (unusually long tokens, no space) the whole
+    /// text is tokenized and counted.
+    pub fn encode_within(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        max_tokens: usize,
+    ) -> Result<Result<Vec<u32>, usize>, TokenizerError> {
+        let window = max_tokens.saturating_add(2).saturating_mul(PREFIX_BYTES_PER_TOKEN);
+        if text.len() > window
+            && let Some(cut) = text[..text.floor_char_boundary(window)].rfind(' ')
+        {
+            // The prefix may end in a special token (EOS) the whole text's ids have too, or not.
+            let prefix = self.encode(&text[..cut], add_special_tokens)?;
+            if prefix.len() > max_tokens + 1 {
+                return Ok(Err(prefix.len() - 1));
+            }
+        }
+        let ids = self.encode(text, add_special_tokens)?;
+        if text.len() > LARGE_TEXT_BYTES {
+            release_free_memory();
+        }
+        Ok(if ids.len() > max_tokens { Err(ids.len()) } else { Ok(ids) })
     }
 
     /// Decodes ids to text. Ids the tokenizer does not know decode to nothing.

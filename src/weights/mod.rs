@@ -210,6 +210,27 @@ pub struct WeightStore {
 }
 
 pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// What `path` is when it exists but is no regular file (following links), or `None`.
+fn not_a_file(path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let entry = path.symlink_metadata().ok()?;
+    let Ok(target) = path.metadata() else {
+        let to = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+        return Some(format!("a symbolic link to '{to}', which does not exist"));
+    };
+    let kind = target.file_type();
+    let what = if kind.is_file() {
+        return None;
+    } else if kind.is_dir() {
+        "a folder"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "a pipe or a socket"
+    };
+    Some(if entry.file_type().is_symlink() { format!("a symbolic link to {what}") } else { what.to_string() })
+}
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 impl WeightStore {
@@ -222,6 +243,12 @@ impl WeightStore {
         let single = dir.join(SINGLE_FILE);
         if single.is_file() {
             return Self::open_file(&single);
+        }
+        // There but not a file (a folder, a device, a link to nothing): say what it is.
+        for path in [index_path, single] {
+            if let Some(what) = not_a_file(&path) {
+                return Err(WeightsError::Invalid { path, message: format!("{what}, not a weights file") });
+            }
         }
         Err(WeightsError::NoWeights { dir: dir.to_path_buf() })
     }

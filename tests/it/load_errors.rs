@@ -83,6 +83,22 @@ fn missing_weights() {
 }
 
 #[test]
+fn a_weights_path_that_is_no_file_says_what_it_is() {
+    let dir = copy_fixture("tiny-llama", "err-weights-not-a-file");
+    let path = dir.join("model.safetensors");
+    std::fs::remove_file(&path).unwrap();
+    let expect = |what: &str| assert_eq!(load_error(&dir), format!("{}: {what}, not a weights file", path.display()));
+    std::os::unix::fs::symlink(dir.join("gone.safetensors"), &path).unwrap();
+    expect(&format!("a symbolic link to '{}', which does not exist", dir.join("gone.safetensors").display()));
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink("/dev/null", &path).unwrap();
+    expect("a symbolic link to a device");
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    expect("a folder");
+}
+
+#[test]
 fn truncated_weight_file() {
     let dir = copy_fixture("tiny-llama", "err-truncated");
     let path = dir.join("model.safetensors");

@@ -8,6 +8,7 @@ mod common;
 mod cuda;
 mod fields;
 mod gguf;
+mod hardening;
 mod http;
 mod hub;
 mod load_errors;

@@ -130,6 +130,7 @@ let
       EnvironmentFile = unit.serviceConfig.EnvironmentFile or [ ];
       Restart = unit.serviceConfig.Restart or null;
       DeviceAllow = unit.serviceConfig.DeviceAllow or [ ];
+      LimitNOFILE = unit.serviceConfig.LimitNOFILE or null;
       environment = unit.environment or { };
       after = unit.after or [ ];
       before = unit.before or [ ];

@@ -136,6 +136,8 @@ def test_configured_server_renders_flags_environment_and_firewall():
         "$PAGODA_EXTRA_ARGS",
     ]
     assert s["firewall"] == [8080]
+    # Each connection holds a file descriptor: room for --max-connections' default and more.
+    assert serve["LimitNOFILE"] == 65536
     env = serve["environment"]
     assert env["PAGODA_MODEL"] == "s3://models/meta-llama/Llama-3.1-8B-Instruct"
     assert env["PAGODA_SERVED_MODEL_NAME"] == "llama-3.1-8b"
