@@ -26,6 +26,14 @@ pub enum ApiError {
     RequestTimeout {
         seconds: u64,
     },
+    /// The request's target is longer than the server reads.
+    UriTooLong {
+        limit: usize,
+    },
+    /// The request's headers are more or longer than the server reads.
+    HeadersTooLarge {
+        what: String,
+    },
     /// The waiting queue is full; retry after this many seconds.
     QueueFull {
         retry_after_secs: u64,
@@ -49,6 +57,10 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowedError"),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeError"),
             ApiError::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutError"),
+            ApiError::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "UriTooLongError"),
+            ApiError::HeadersTooLarge { .. } => {
+                (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "RequestHeaderFieldsTooLargeError")
+            }
             ApiError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "RateLimitError"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
@@ -65,6 +77,8 @@ impl ApiError {
             ApiError::RequestTimeout { seconds } => {
                 format!("the request body did not arrive within {seconds} s (--request-read-timeout)")
             }
+            ApiError::UriTooLong { limit } => format!("the request's target is longer than {limit} bytes"),
+            ApiError::HeadersTooLarge { what } => format!("the request's headers are too large: {what}"),
             ApiError::QueueFull { retry_after_secs } => {
                 format!("the server's request queue is full; retry in {retry_after_secs} s")
             }

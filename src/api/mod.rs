@@ -509,6 +509,30 @@ fn percent_decode(segment: &str) -> String {
     percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned()
 }
 
+/// The longest request target read, and the most header fields and bytes: beyond them a request
+/// gets a 414 or 431 in the API's error shape. The HTTP parser's own limits are set far above, so
+/// that only a request past those (or a malformed one) gets its bare answer.
+const MAX_URI_BYTES: usize = 8 << 10;
+const MAX_HEADERS: usize = 100;
+const MAX_HEADER_BYTES: usize = 64 << 10;
+const PARSER_MAX_HEADERS: usize = 4 * MAX_HEADERS;
+const PARSER_MAX_BUF: usize = 1 << 20;
+
+/// Why a request's head is more than the server reads, if it is.
+fn oversized_head<B>(req: &Request<B>) -> Option<ApiError> {
+    let uri = req.uri().to_string().len();
+    if uri > MAX_URI_BYTES {
+        return Some(ApiError::UriTooLong { limit: MAX_URI_BYTES });
+    }
+    let headers = req.headers();
+    if headers.len() > MAX_HEADERS {
+        return Some(ApiError::HeadersTooLarge { what: format!("{} fields, more than {MAX_HEADERS}", headers.len()) });
+    }
+    let bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    (bytes > MAX_HEADER_BYTES)
+        .then(|| ApiError::HeadersTooLarge { what: format!("{bytes} bytes, more than {MAX_HEADER_BYTES}") })
+}
+
 async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String) -> Response<ResponseBody> {
     let started = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
@@ -523,17 +547,23 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String
         apply_cors(&state, origin.as_ref(), r.headers_mut(), true);
         r
     } else {
-        let result = match route(&path) {
-            None => Err(ApiError::NotFound(format!("route {method} {path} not found"))),
-            // SageMaker's /ping answers GET and POST alike.
-            Some((Route::Ping, _, _)) if method == Method::POST => {
-                dispatch(&state, Route::Ping, req, &request_id).await
+        let result = if let Some(e) = oversized_head(&req) {
+            Err(e)
+        } else {
+            match route(&path) {
+                None => Err(ApiError::NotFound(format!("route {method} {path} not found"))),
+                // SageMaker's /ping answers GET and POST alike.
+                Some((Route::Ping, _, _)) if method == Method::POST => {
+                    dispatch(&state, Route::Ping, req, &request_id).await
+                }
+                Some((_, expected, _))
+                    if method != expected && !(method == Method::HEAD && expected == Method::GET) =>
+                {
+                    Err(ApiError::MethodNotAllowed { allowed: if expected == Method::GET { "GET" } else { "POST" } })
+                }
+                Some((_, _, true)) if !authorized(&state, req.headers()) => Err(ApiError::Unauthorized),
+                Some((r, _, _)) => dispatch(&state, r, req, &request_id).await,
             }
-            Some((_, expected, _)) if method != expected && !(method == Method::HEAD && expected == Method::GET) => {
-                Err(ApiError::MethodNotAllowed { allowed: if expected == Method::GET { "GET" } else { "POST" } })
-            }
-            Some((_, _, true)) if !authorized(&state, req.headers()) => Err(ApiError::Unauthorized),
-            Some((r, _, _)) => dispatch(&state, r, req, &request_id).await,
         };
         // An error before the body was read (or read whole) leaves bytes of it on the connection,
         // which the next request would be read from: the connection closes after this response.
@@ -544,7 +574,9 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String
                     | ApiError::NotFound(_)
                     | ApiError::MethodNotAllowed { .. }
                     | ApiError::PayloadTooLarge { .. }
-                    | ApiError::RequestTimeout { .. })
+                    | ApiError::RequestTimeout { .. }
+                    | ApiError::UriTooLong { .. }
+                    | ApiError::HeadersTooLarge { .. })
             );
         let mut r = result.unwrap_or_else(|e| error_response(&e));
         if body_left {
@@ -761,6 +793,8 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener) {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(read_timeout)
+                .max_headers(PARSER_MAX_HEADERS)
+                .max_buf_size(PARSER_MAX_BUF)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(%e, "connection ended with an error");

@@ -253,4 +253,18 @@ fn small_defects_json_arrays_head_requests_and_lone_surrogates() {
     assert_eq!(tokenize(r"\\ud800 \ud800"), literal.json()["tokens"]);
     let resp = http::request(server.port, "POST", "/v1/completions", &[], br#"{"prompt": "x\udfff", "max_tokens": 2}"#);
     assert_eq!(resp.status, 200, "{}", resp.text());
+    // A target or headers beyond what the server reads: 414 and 431 in the API's error shape.
+    let long = format!("/health?{}", "a".repeat(9000));
+    let resp = http::request(server.port, "GET", &long, &[], b"");
+    assert_eq!(resp.status, 414);
+    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("longer than 8192 bytes"));
+    let big = "b".repeat(70_000);
+    let resp = http::request(server.port, "GET", "/health", &[("x-big", big.as_str())], b"");
+    assert_eq!(resp.status, 431);
+    assert_eq!(resp.json()["error"]["type"], "RequestHeaderFieldsTooLargeError");
+    let names: Vec<String> = (0..120).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    let resp = http::request(server.port, "GET", "/health", &many, b"");
+    assert_eq!(resp.status, 431);
+    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("fields"));
 }
