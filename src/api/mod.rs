@@ -540,6 +540,11 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String
     let cors_on = !state.config.allowed_origins.is_empty();
     let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
         || req.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
+    let large_body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n > LARGE_BODY_BYTES);
 
     let mut response = if method == Method::OPTIONS && cors_on && origin.is_some() {
         let mut r = Response::new(full(Bytes::new()));
@@ -578,6 +583,10 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>, request_id: String
                     | ApiError::UriTooLong { .. }
                     | ApiError::HeadersTooLarge { .. })
             );
+        if large_body {
+            // The body and what was made of it are freed by now: give the memory back.
+            crate::tokenizer::release_free_memory();
+        }
         let mut r = result.unwrap_or_else(|e| error_response(&e));
         if body_left {
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -765,6 +774,9 @@ pub async fn serve(
 
 async fn accept_loop(state: Arc<AppState>, listener: TcpListener) {
     let connections = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
+    // Connections being refused hold a descriptor for a moment each: a few at a time, and past
+    // that a connection is closed at once, so refusing never runs the process out of descriptors.
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -777,7 +789,12 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_connection(stream));
+            if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse_connection(stream).await;
+                    drop(refusing);
+                });
+            }
             continue;
         };
         let state = state.clone();
@@ -803,8 +820,12 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener) {
     }
 }
 
+/// Connections answered 503 at once; more beyond `--max-connections` are closed unanswered. Part
+/// of the descriptors `--max-connections` leaves aside.
+const MAX_REFUSALS: usize = 64;
+
 /// Answers a connection beyond `--max-connections` with 503 and closes it, reading what the
-/// client sent meanwhile (for at most a second) so that the answer is not lost to a reset.
+/// client sent meanwhile (briefly) so that the answer is not lost to a reset.
 async fn refuse_connection(mut stream: tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let error = ApiError::Unavailable("the server has as many connections open as it takes; retry later".into());
@@ -819,10 +840,10 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
         stream.write_all(&body).await?;
         stream.shutdown().await
     };
-    if tokio::time::timeout(Duration::from_secs(1), write).await.is_ok() {
+    if tokio::time::timeout(Duration::from_millis(500), write).await.is_ok() {
         let mut sink = [0u8; 4096];
         let drain = async { while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {} };
-        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
     }
 }
 

@@ -279,7 +279,7 @@ fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
 }
 
 /// File descriptors kept for what is not a connection: the listener, the runtime's, model files,
-/// logs, and connections being refused.
+/// logs, and connections being refused (`api`'s `MAX_REFUSALS`).
 const RESERVED_FILES: usize = 256;
 
 /// `--max-connections`, once the open-files soft limit is raised to the hard one, lowered (with a

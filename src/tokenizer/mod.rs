@@ -29,8 +29,9 @@ pub const PREFIX_BYTES_PER_TOKEN: usize = 16;
 /// handed back to the system afterwards.
 const LARGE_TEXT_BYTES: usize = 1 << 20;
 
-/// Returns the allocator's free memory to the system (glibc keeps it otherwise).
-fn release_free_memory() {
+/// Returns the allocator's free memory to the system (glibc keeps it otherwise): after work on a
+/// large text, whose scratch memory would stay with the process.
+pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free pages of glibc's heap; it takes no pointers.
     unsafe {

@@ -21,7 +21,19 @@ pub struct Server {
 impl Server {
     /// Starts `pagoda serve` with `args` and waits until it listens (not until it is ready).
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pagoda"));
+        Server::spawn_under(&[], args, env)
+    }
+
+    /// [`Server::spawn`] run by `wrapper` (a command and its arguments, such as `prlimit`).
+    pub fn spawn_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(env!("CARGO_BIN_EXE_pagoda")),
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args).arg(env!("CARGO_BIN_EXE_pagoda"));
+                cmd
+            }
+        };
         cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"]).args(args);
         cmd.env_remove("PAGODA_API_KEY").env("PAGODA_LOG", "info").env("PAGODA_DMI_DIR", "/nonexistent");
         for (k, v) in env {
