@@ -9,6 +9,7 @@
 mod error;
 mod generate;
 pub mod openai;
+mod parse_errors;
 pub mod tools;
 
 use std::convert::Infallible;
@@ -812,7 +813,7 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener) {
                 .header_read_timeout(read_timeout)
                 .max_headers(PARSER_MAX_HEADERS)
                 .max_buf_size(PARSER_MAX_BUF)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                .serve_connection(hyper_util::rt::TokioIo::new(parse_errors::ErrorBodies::new(stream)), service);
             if let Err(e) = conn.await {
                 tracing::debug!(%e, "connection ended with an error");
             }
