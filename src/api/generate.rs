@@ -343,26 +343,21 @@ impl Submission {
     /// Checks every prompt (once, by [`EngineRequest::validate`], off the async threads: it
     /// compiles a structured output's grammar) and the queue, then submits one engine request per
     /// prompt.
-    async fn start(
-        state: &Arc<AppState>,
-        prompts: Vec<Vec<u32>>,
-        params: SamplingParams,
-    ) -> Result<Submission, ApiError> {
+    async fn start(state: &AppState, prompts: Vec<Vec<u32>>, params: SamplingParams) -> Result<Submission, ApiError> {
         let loaded = state.ready()?;
         let arrival = Instant::now();
         // Engine ids are ours alone: a client's x-request-id may repeat.
         let base = uuid::Uuid::new_v4().simple().to_string();
         let prompt_lens = prompts.iter().map(Vec::len).collect();
         let prompt_ids = prompts.clone();
-        let work = (state.clone(), base.clone(), params.clone());
+        let work = (loaded.limits.clone(), base.clone(), params.clone());
         let requests = off_runtime(state, move || {
-            let (state, base, params) = work;
-            let limits = &state.ready()?.limits;
+            let (limits, base, params) = work;
             let mut requests = Vec::with_capacity(prompts.len());
             for (idx, prompt) in prompts.into_iter().enumerate() {
                 let id = RequestId(format!("{base}-{idx}"));
                 let request = EngineRequest { id, prompt_token_ids: prompt, params: params.clone(), arrival };
-                requests.push(request.validate(limits)?);
+                requests.push(request.validate(&limits)?);
             }
             Ok::<_, ApiError>(requests)
         })
@@ -879,7 +874,7 @@ async fn collect_completion(
 
 /// Renders chat messages with the model's template; returns the prompt text.
 fn render_chat(
-    loaded: &LoadedModel,
+    tok: &Tokenizer,
     messages: &[ChatMessage],
     add_generation_prompt: bool,
     continue_final_message: bool,
@@ -889,7 +884,7 @@ fn render_chat(
     if messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
     }
-    let template = loaded.tokenizer.chat_template().ok_or_else(|| {
+    let template = tok.chat_template().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /v1/completions instead", Some("messages"))
     })?;
     if continue_final_message && add_generation_prompt {
@@ -959,15 +954,14 @@ pub async fn chat(
     }
     let tok = loaded.tokenizer.clone();
     let context = PromptContext::of(loaded, &req.sampling);
-    let work = (state.clone(), req.messages.clone(), req.tools.clone(), req.chat_template_kwargs.clone());
+    let work = (tok.clone(), req.messages.clone(), req.tools.clone(), req.chat_template_kwargs.clone());
     let (add_generation_prompt, continue_final) =
         (req.add_generation_prompt.unwrap_or(true), req.continue_final_message);
     let prompt = off_runtime(&state, move || {
-        let (state, messages, tools, kwargs) = work;
-        let loaded = state.ready()?;
+        let (tok, messages, tools, kwargs) = work;
         let text =
-            render_chat(loaded, &messages, add_generation_prompt, continue_final, tools.as_ref(), kwargs.as_ref())?;
-        context.encode(&loaded.tokenizer, &text, false, "messages")
+            render_chat(&tok, &messages, add_generation_prompt, continue_final, tools.as_ref(), kwargs.as_ref())?;
+        context.encode(&tok, &text, false, "messages")
     })
     .await??;
     let mut prompts = vec![prompt];
@@ -1182,22 +1176,20 @@ pub async fn tokenize(state: &Arc<AppState>, req: TokenizeRequest) -> Result<Res
     let loaded = state.ready()?;
     state.check_model(req.model.as_deref())?;
     let context = PromptContext { max_model_len: loaded.model.max_model_len, truncating: false };
-    let work = state.clone();
+    let tok = loaded.tokenizer.clone();
     let (req, tokens) = off_runtime(state, move || {
-        let loaded = work.ready()?;
-        let tok = &loaded.tokenizer;
         let tokens = match (&req.prompt, &req.messages) {
-            (Some(prompt), None) => context.encode(tok, prompt, req.add_special_tokens.unwrap_or(true), "prompt")?,
+            (Some(prompt), None) => context.encode(&tok, prompt, req.add_special_tokens.unwrap_or(true), "prompt")?,
             (None, Some(messages)) => {
                 let text = render_chat(
-                    loaded,
+                    &tok,
                     messages,
                     req.add_generation_prompt.unwrap_or(true),
                     req.continue_final_message,
                     req.tools.as_ref(),
                     req.chat_template_kwargs.as_ref(),
                 )?;
-                context.encode(tok, &text, req.add_special_tokens.unwrap_or(false), "messages")?
+                context.encode(&tok, &text, req.add_special_tokens.unwrap_or(false), "messages")?
             }
             _ => return Err(ApiError::bad_request("give exactly one of prompt or messages", Some("prompt"))),
         };
