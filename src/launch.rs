@@ -41,6 +41,9 @@ pub struct EngineOptions {
     pub load_format: LoadFormat,
     /// Share of the GPU's memory Pagoda may use (weights, activations and the KV cache).
     pub gpu_memory_utilization: f32,
+    /// Threads of the CPU compute pool (`--num-threads`); `None`: rayon's default, the cores this
+    /// process may use.
+    pub num_threads: Option<usize>,
     /// No CUDA graphs: every step runs eagerly (`--enforce-eager`).
     pub enforce_eager: bool,
     /// GPUs one model is split over (`--tensor-parallel-size`); only 1 is implemented.
@@ -98,6 +101,7 @@ impl Default for EngineOptions {
             device: DeviceKind::Auto,
             load_format: LoadFormat::Auto,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
+            num_threads: None,
             enforce_eager: false,
             tensor_parallel_size: 1,
             pipeline_parallel_size: 1,
@@ -169,6 +173,7 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
             )));
         }
     }
+    set_num_threads(opts.num_threads)?;
     let mut files = match (&opts.model, opts.load_format) {
         (Some(dir), LoadFormat::Auto) => ModelFiles::load(dir)?,
         (Some(dir), LoadFormat::Dummy) => ModelFiles::load_dummy(dir)?,
@@ -221,6 +226,24 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
         "model loaded"
     );
     Ok(LoadedEngine { engine, info })
+}
+
+/// Sizes the process's compute pool (rayon's global pool, which the CPU backend's parallel
+/// sections run on). It can be sized once; asking again for the size it has is not an error.
+fn set_num_threads(num_threads: Option<usize>) -> Result<(), LaunchError> {
+    let Some(n) = num_threads else { return Ok(()) };
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("pagoda-compute-{i}"))
+        .build_global();
+    match built {
+        Ok(()) => Ok(()),
+        Err(_) if rayon::current_num_threads() == n => Ok(()),
+        Err(e) => Err(LaunchError::Invalid(format!(
+            "--num-threads {n}: this process's compute pool already runs {} threads ({e})",
+            rayon::current_num_threads()
+        ))),
+    }
 }
 
 /// A model bound to a backend with its KV cache, and the context length that cache allows.
@@ -335,6 +358,11 @@ fn bind_cpu(opts: &EngineOptions, files: &ModelFiles) -> Result<BoundModel, Laun
         return Err(no_room(bytes_per_block, "raise --kv-cache-memory-bytes"));
     }
     let max_model_len = resolve_max_model_len(opts, config, num_blocks * opts.block_size)?;
+    tracing::info!(
+        threads = rayon::current_num_threads(),
+        kernels = crate::backend::cpu::Isa::detected().name(),
+        "the CPU backend computes in f32 with weights in their stored dtype"
+    );
     let runner = ModelRunner::new(CpuBackend::new(), files, max_model_len, num_blocks, opts.block_size)?;
     Ok(BoundModel { executor: Box::new(runner), max_model_len, bytes_per_block })
 }

@@ -167,6 +167,12 @@ pub struct EngineArgs {
     #[arg(long, env = "PAGODA_LOAD_FORMAT", value_enum, default_value_t = LoadFormatArg::Auto)]
     pub load_format: LoadFormatArg,
 
+    /// Threads that compute a step on the CPU (matmuls, attention, the rest), as llama.cpp's
+    /// --threads. Default: the cores this process may use (its CPU affinity and cgroup quota). The
+    /// results do not depend on it: every value is computed in the same order whatever the count.
+    #[arg(long, env = "PAGODA_NUM_THREADS", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub num_threads: Option<u32>,
+
     /// Share of the GPU's memory for weights, activations and the KV cache; the KV cache gets what
     /// the first two leave. Ignored on the CPU.
     #[arg(long, env = "PAGODA_GPU_MEMORY_UTILIZATION", default_value_t = crate::launch::DEFAULT_GPU_MEMORY_UTILIZATION)]
@@ -323,6 +329,7 @@ impl EngineArgs {
                 LoadFormatArg::Dummy => crate::launch::LoadFormat::Dummy,
             },
             gpu_memory_utilization: self.gpu_memory_utilization,
+            num_threads: self.num_threads.map(|n| n as usize),
             enforce_eager: self.enforce_eager,
             tensor_parallel_size: self.tensor_parallel_size,
             pipeline_parallel_size: self.pipeline_parallel_size,

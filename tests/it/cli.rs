@@ -107,3 +107,40 @@ fn bad_sampling_values_are_refused_with_the_parameter_named() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8(out.stderr).unwrap(), "error: prompt 0: top_p must be in (0, 1], got 1.5\n");
 }
+
+#[test]
+fn num_threads_sizes_the_compute_pool_and_changes_no_token() {
+    let model = fixture("tiny-llama");
+    let reference = reference("tiny-llama");
+    let prompt = &reference.prompts[1].text;
+    let run = |threads: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pagoda"))
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt])
+            .args(["--max-tokens", "16", "--ignore-eos", "--output", "json", "--num-threads", threads])
+            .env("PAGODA_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // Without the log's colour codes.
+        let mut stderr = String::new();
+        let mut in_escape = false;
+        for c in String::from_utf8(out.stderr).unwrap().chars() {
+            match c {
+                '\x1b' => in_escape = true,
+                'm' if in_escape => in_escape = false,
+                c if !in_escape => stderr.push(c),
+                _ => {}
+            }
+        }
+        assert!(stderr.contains(&format!("threads={threads}")), "the log does not name {threads} threads: {stderr}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["token_ids"].clone()
+    };
+    let one = run("1");
+    assert_eq!(one, run("3"));
+    assert_eq!(one.as_array().map(Vec::len), Some(16));
+
+    let out = pagoda(&["generate", "--prompt", "x", "--num-threads", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("--num-threads") && stderr.contains("0 is not in 1..=4096"), "{stderr}");
+}

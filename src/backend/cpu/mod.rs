@@ -1,19 +1,25 @@
-//! The CPU backend: f32 arithmetic, multi-threaded with rayon, matmuls by `matrixmultiply`.
+//! The CPU backend: f32 activations, multi-threaded with rayon, matmuls by our own kernels
+//! ([`gemm`]).
 //!
-//! Weights stay in the memory map in their stored dtype. A matmul splits the output features into
-//! column tiles, one per task; f32 weights are read in place and f16/bf16 tiles are widened into a
-//! per-thread scratch buffer just before use, so no second copy of the model is ever held.
+//! Matrices are repacked once at load into the matmul's panels, in their stored dtype (bf16 stays
+//! bf16): one copy of the model on the heap, which the memory map's pages need not back any more.
+//! Vectors and host tables stay as f32.
 //!
 //! Batch invariance: every output element is produced by the same sequence of floating-point
-//! operations whatever else is in the batch. `matrixmultiply` has no small-matrix special path and
-//! blocks the inner dimension by a constant, tiles never split the inner dimension, and attention
+//! operations whatever else is in the batch. Each matmul output is one fused multiply-add chain in
+//! input order, whatever the kernel, blocking or instruction set (see [`gemm`]), and attention
 //! computes each (token, head) pair on its own with a fixed loop order. A sequence's greedy tokens
 //! therefore do not depend on what it was batched or chunked with (pinned by a test).
 
+pub mod gemm;
+
 use rayon::prelude::*;
 
+pub use gemm::Isa;
+use gemm::PackedMatrix;
+
 use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowSampling, SampledRow};
-use crate::weights::{DType, RawTensor, convert_to_f32};
+use crate::weights::{DType, RawTensor};
 
 /// A 2-D f32 activation, row-major.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,11 +40,12 @@ impl CpuTensor {
 }
 
 enum WeightData {
-    /// Stored bytes used in place (any dtype; f32 read directly when aligned).
-    Stored(RawTensor),
-    Owned(Vec<f32>),
-    /// Matrices stacked by rows (q/k/v, gate/up), each multiplied on its own into its columns of
-    /// the output, so stacking copies nothing and changes no arithmetic.
+    /// Row-major f32 values: vectors (norms, biases) and tables made on the host (rotary).
+    Host(Vec<f32>),
+    /// A matrix repacked once into the matmul's panels, in its stored dtype.
+    Packed(PackedMatrix),
+    /// Matrices stacked by rows (q/k/v, gate/up), multiplied in one parallel section, each into
+    /// its own columns of the output.
     Stacked(Vec<CpuWeight>),
 }
 
@@ -50,36 +57,39 @@ pub struct CpuWeight {
 }
 
 impl CpuWeight {
-    /// The weight as f32 values in place, when no conversion is needed.
+    /// The weight as row-major f32 values, when it is kept that way.
     fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
-            WeightData::Owned(values) => Some(values),
-            WeightData::Stored(raw) if raw.dtype == DType::F32 => bytemuck::try_cast_slice(raw.bytes()).ok(),
-            WeightData::Stored(_) | WeightData::Stacked(_) => None,
+            WeightData::Host(values) => Some(values),
+            WeightData::Packed(_) | WeightData::Stacked(_) => None,
         }
     }
 
-    /// Widens rows `[start, end)` into `out`.
-    fn rows_to_f32(&self, start: usize, end: usize, out: &mut [f32]) {
+    /// Widens row `row` into `out`.
+    fn row_to_f32(&self, row: usize, out: &mut [f32]) {
         match &self.data {
-            WeightData::Owned(values) => out.copy_from_slice(&values[start * self.cols..end * self.cols]),
-            WeightData::Stored(raw) => {
-                let elem = raw.dtype.size_in_bytes();
-                let bytes = &raw.bytes()[start * self.cols * elem..end * self.cols * elem];
-                convert_to_f32(raw.dtype, bytes, out);
-            }
+            WeightData::Host(values) => out.copy_from_slice(&values[row * self.cols..(row + 1) * self.cols]),
+            WeightData::Packed(packed) => packed.row_to_f32(row, out),
             WeightData::Stacked(parts) => {
-                // Row by row through the part holding it (used only for gathers, never in matmuls).
                 let mut first = 0;
                 for part in parts {
-                    let (lo, hi) = (start.max(first), end.min(first + part.rows));
-                    if lo < hi {
-                        let dst = &mut out[(lo - start) * self.cols..(hi - start) * self.cols];
-                        part.rows_to_f32(lo - first, hi - first, dst);
+                    if row < first + part.rows {
+                        return part.row_to_f32(row - first, out);
                     }
                     first += part.rows;
                 }
             }
+        }
+    }
+
+    /// The matrix as packed panels (a host table is packed on the spot).
+    fn into_packed(self) -> CpuWeight {
+        match self.data {
+            WeightData::Host(values) => {
+                let packed = PackedMatrix::from_f32(&values, self.rows, self.cols);
+                CpuWeight { data: WeightData::Packed(packed), ..self }
+            }
+            _ => self,
         }
     }
 }
@@ -94,78 +104,12 @@ pub struct CpuBatch {
     layout: BatchLayout,
 }
 
-/// Parallel tasks write disjoint regions of one output buffer through this pointer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every use below hands each task a region no other task touches, and the buffer outlives
-// the parallel section that uses it.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
 #[derive(Default)]
 pub struct CpuBackend;
 
 impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend
-    }
-
-    /// Output features per matmul task: enough to keep a widened tile of the weight in L2
-    /// (~256 KiB), a multiple of the kernel width, and small enough that every thread gets work.
-    /// Depends only on the weight's shape, never on the batch.
-    fn tile_rows(out_features: usize, in_features: usize) -> usize {
-        let by_cache = (65536 / in_features.max(1)).clamp(16, 512) / 16 * 16;
-        let by_threads = out_features.div_ceil(4 * rayon::current_num_threads()).div_ceil(16) * 16;
-        by_cache.min(by_threads.max(16))
-    }
-
-    /// `x [m, k] · w[n, k]ᵀ` into columns `[first, first + n)` of `out [m, out.cols]`. Tiles
-    /// depend only on `w`'s shape, so a weight gives the same bits alone or stacked.
-    fn matmul_into(x: &CpuTensor, w: &CpuWeight, out: &mut CpuTensor, first: usize) {
-        let (m, k, n) = (x.rows, x.cols, w.rows);
-        let ldc = out.cols;
-        let tile = Self::tile_rows(n, k);
-        let num_tiles = n.div_ceil(tile);
-        let out_ptr = SharedMut(out.data.as_mut_ptr());
-        let in_place = w.as_f32();
-        (0..num_tiles).into_par_iter().for_each_init(Vec::<f32>::new, |scratch, tile_idx| {
-            let n0 = tile_idx * tile;
-            let rows = tile.min(n - n0);
-            let tile_weights: &[f32] = match in_place {
-                Some(all) => &all[n0 * k..(n0 + rows) * k],
-                None => {
-                    scratch.resize(rows * k, 0.0);
-                    w.rows_to_f32(n0, n0 + rows, scratch);
-                    scratch
-                }
-            };
-            // Rebinding makes the closure capture the whole `SharedMut` (which is Sync) rather
-            // than its raw-pointer field.
-            #[allow(clippy::redundant_locals)]
-            let out_ptr = out_ptr;
-            // SAFETY: A is `x` [m, k] row-major; B is the tile's weight rows read as their transpose
-            // ([k, rows]: row stride 1, column stride k), all within `tile_weights`; C is columns
-            // [first + n0, first + n0 + rows) of `out` [m, ldc], which no other task writes
-            // (first + n ≤ ldc). Every pointer stays in bounds for the strides and sizes given.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k,
-                    rows,
-                    1.0,
-                    x.data.as_ptr(),
-                    k as isize,
-                    1,
-                    tile_weights.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    out_ptr.0.add(first + n0),
-                    ldc as isize,
-                    1,
-                );
-            }
-        });
     }
 }
 
@@ -228,14 +172,19 @@ impl Backend for CpuBackend {
     fn load_weight(&self, raw: &RawTensor) -> Result<CpuWeight, BackendError> {
         let (rows, cols) = super::weight_dims(&raw.name, &raw.shape)?;
         // Vectors (norms, biases) are tiny and used on every token: keep them as f32.
-        let data = if rows == 1 { WeightData::Owned(raw.to_f32_vec()) } else { WeightData::Stored(raw.clone()) };
+        let data = if rows == 1 {
+            WeightData::Host(raw.to_f32_vec())
+        } else {
+            WeightData::Packed(PackedMatrix::from_stored(raw.dtype, raw.bytes(), rows, cols))
+        };
         Ok(CpuWeight { rows, cols, data })
     }
 
     fn random_weight(&self, name: &str, shape: &[usize], seed: u64) -> Result<CpuWeight, BackendError> {
         let (rows, cols) = super::weight_dims(name, shape)?;
-        let data = (0..rows * cols).into_par_iter().map(|i| super::dummy_value(seed, i as u64)).collect();
-        Ok(CpuWeight { rows, cols, data: WeightData::Owned(data) })
+        let data: Vec<f32> = (0..rows * cols).into_par_iter().map(|i| super::dummy_value(seed, i as u64)).collect();
+        let weight = CpuWeight { rows, cols, data: WeightData::Host(data) };
+        Ok(if rows == 1 { weight } else { weight.into_packed() })
     }
 
     fn stack_weights(&self, parts: Vec<CpuWeight>) -> Result<CpuWeight, BackendError> {
@@ -247,13 +196,14 @@ impl Backend for CpuBackend {
                     p.as_f32().ok_or_else(|| BackendError::Batch("stack_weights: vector not in f32".into()))?,
                 );
             }
-            return Ok(CpuWeight { rows: 1, cols: data.len(), data: WeightData::Owned(data) });
+            return Ok(CpuWeight { rows: 1, cols: data.len(), data: WeightData::Host(data) });
         }
         let cols = parts.first().map_or(0, |p| p.cols);
-        if parts.iter().any(|p| p.cols != cols) {
-            return Err(BackendError::Batch("stack_weights: the parts differ in width".into()));
+        if parts.iter().any(|p| p.cols != cols || matches!(p.data, WeightData::Stacked(_))) {
+            return Err(BackendError::Batch("stack_weights: the parts differ in width or are stacked".into()));
         }
         let rows = parts.iter().map(|p| p.rows).sum();
+        let parts = parts.into_iter().map(CpuWeight::into_packed).collect();
         Ok(CpuWeight { rows, cols, data: WeightData::Stacked(parts) })
     }
 
@@ -279,7 +229,7 @@ impl Backend for CpuBackend {
                 message: format!("{} values for shape {shape:?}", data.len()),
             });
         }
-        Ok(CpuWeight { rows: shape[0], cols: shape[1], data: WeightData::Owned(data) })
+        Ok(CpuWeight { rows: shape[0], cols: shape[1], data: WeightData::Host(data) })
     }
 
     fn kv_cache_commits_on_write(&self) -> bool {
@@ -329,7 +279,7 @@ impl Backend for CpuBackend {
         }
         let mut out = CpuTensor::zeros(ids.len(), table.cols);
         out.data.par_chunks_mut(table.cols).zip(ids.par_iter()).for_each(|(row, &id)| {
-            table.rows_to_f32(id as usize, id as usize + 1, row);
+            table.row_to_f32(id as usize, row);
         });
         Ok(out)
     }
@@ -343,16 +293,22 @@ impl Backend for CpuBackend {
         if m == 0 {
             return Ok(out);
         }
-        match &w.data {
-            WeightData::Stacked(parts) => {
-                let mut first = 0;
-                for part in parts {
-                    Self::matmul_into(x, part, &mut out, first);
-                    first += part.rows;
-                }
+        let host;
+        let parts: Vec<&PackedMatrix> = match &w.data {
+            WeightData::Host(values) => {
+                host = PackedMatrix::from_f32(values, w.rows, w.cols);
+                vec![&host]
             }
-            _ => Self::matmul_into(x, w, &mut out, 0),
-        }
+            WeightData::Packed(packed) => vec![packed],
+            WeightData::Stacked(parts) => parts
+                .iter()
+                .map(|p| match &p.data {
+                    WeightData::Packed(packed) => packed,
+                    _ => unreachable!("stack_weights packs every part"),
+                })
+                .collect(),
+        };
+        gemm::matmul(Isa::detected(), &x.data, m, &parts, &mut out.data, n);
         if let Some(bias) = bias {
             let b = bias.as_f32().ok_or_else(|| BackendError::Batch("bias must be a vector".into()))?;
             if b.len() != n {

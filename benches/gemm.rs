@@ -1,0 +1,73 @@
+//! The CPU matmul kernels alone, per instruction set and weight dtype, against this machine's
+//! ceilings measured in the same run: decode-shaped products (one row) against the time to read
+//! the weights at the measured memory bandwidth, prefill-shaped ones in GFLOP/s.
+//!
+//! Run: `cargo bench --bench gemm` (threads: `RAYON_NUM_THREADS`, default all cores).
+
+use std::time::Instant;
+
+use pagoda::backend::cpu::gemm::{Isa, PackedMatrix, matmul};
+use pagoda::weights::DType;
+use rayon::prelude::*;
+
+fn main() {
+    let bandwidth = read_bandwidth();
+    println!("{} threads; memory read {:.1} GB/s", rayon::current_num_threads(), bandwidth / 1e9);
+    // A Llama-3-8B-sized MLP projection for decode (far larger than the caches), and a
+    // SmolLM2-sized one for prefill.
+    let (n, k) = (14336, 4096);
+    for dtype in [DType::BF16, DType::F32] {
+        let bytes = vec![0x3cu8; n * k * dtype.size_in_bytes()];
+        let w = PackedMatrix::from_stored(dtype, &bytes, n, k);
+        let x = vec![0.5f32; k];
+        for isa in Isa::available() {
+            let mut out = vec![0f32; n];
+            let secs = best_of(5, || matmul(isa, &x, 1, &[&w], &mut out, n));
+            let floor = bytes.len() as f64 / bandwidth;
+            println!(
+                "decode  {dtype:>4} {:<9} [1 × {k}] · [{n} × {k}]ᵀ: {:7.2} ms, {:.2} of the bandwidth floor ({:.2} ms)",
+                isa.name(),
+                secs * 1e3,
+                floor / secs,
+                floor * 1e3
+            );
+        }
+    }
+    let (m, n, k) = (512, 1536, 576);
+    for dtype in [DType::BF16, DType::F32] {
+        let bytes = vec![0x3cu8; n * k * dtype.size_in_bytes()];
+        let w = PackedMatrix::from_stored(dtype, &bytes, n, k);
+        let x = vec![0.5f32; m * k];
+        for isa in Isa::available() {
+            let mut out = vec![0f32; m * n];
+            let secs = best_of(3, || matmul(isa, &x, m, &[&w], &mut out, n));
+            println!(
+                "prefill {dtype:>4} {:<9} [{m} × {k}] · [{n} × {k}]ᵀ: {:7.2} ms, {:.1} GFLOP/s",
+                isa.name(),
+                secs * 1e3,
+                2.0 * (m * n * k) as f64 / secs / 1e9
+            );
+        }
+    }
+}
+
+fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Bytes per second all threads together read from a buffer far larger than the caches.
+fn read_bandwidth() -> f64 {
+    let data = vec![1u64; 256 << 20 >> 3];
+    let secs = best_of(5, || {
+        let sum: u64 = data.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).sum();
+        assert!(sum > 0);
+    });
+    (data.len() * 8) as f64 / secs
+}
