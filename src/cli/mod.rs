@@ -2,6 +2,7 @@
 //! checked configuration they resolve to (`launch::EngineOptions`). Flag names follow vLLM where
 //! the concept is the same; every flag can also be set as `PAGODA_<FLAG_NAME>`.
 
+mod bench;
 mod generate;
 mod info;
 mod metadata;
@@ -54,6 +55,9 @@ pub enum Command {
     ExportDemo(ExportDemoArgs),
     /// Check the CUDA backend on this machine's GPU against the CPU (and benchmark it).
     Selftest(selftest::SelftestArgs),
+    /// Benchmarks: `bench serve` loads any OpenAI-compatible server and reports its throughput and
+    /// latencies.
+    Bench(bench::BenchArgs),
 }
 
 impl Cli {
@@ -65,6 +69,7 @@ impl Cli {
             Command::Info(args) => info::run(args),
             Command::Metadata(args) => metadata::run(args),
             Command::Selftest(args) => selftest::run(args),
+            Command::Bench(args) => bench::run(args),
             Command::ExportDemo(args) => {
                 crate::model::demo::export(&crate::model::demo::DemoSpec::demo(), &args.dir)?;
                 println!("wrote {} ({})", args.dir.display(), crate::model::demo::DEMO_MODEL_NAME);

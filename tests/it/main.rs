@@ -3,6 +3,7 @@
 
 mod architectures;
 mod batching;
+mod bench;
 mod cli;
 mod common;
 mod cuda;
