@@ -232,10 +232,8 @@ pub fn load_engine(opts: &EngineOptions) -> Result<LoadedEngine, LaunchError> {
 /// sections run on). It can be sized once; asking again for the size it has is not an error.
 fn set_num_threads(num_threads: Option<usize>) -> Result<(), LaunchError> {
     let Some(n) = num_threads else { return Ok(()) };
-    let built = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("pagoda-compute-{i}"))
-        .build_global();
+    let built =
+        rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("pagoda-compute-{i}")).build_global();
     match built {
         Ok(()) => Ok(()),
         Err(_) if rayon::current_num_threads() == n => Ok(()),

@@ -2,7 +2,8 @@
 //!
 //! **Layout.** A weight matrix is cut into panels of [`PANEL`] output features. Inside a panel the
 //! values of its 16 features for input `c` are contiguous, input after input (`k`-major), in the
-//! weight's own dtype (f32, bf16 or f16); the last panel is padded with zeros. A product streams
+//! weight's own dtype (f32, bf16 or f16; bf16 in the order [`Elem::slot`] gives); the last panel is
+//! padded with zeros. A product streams
 //! each panel once per block of activation rows and widens its values in registers, so a decode
 //! step reads every weight byte once whatever the batch size, and nothing is packed or widened
 //! into memory per step.
@@ -38,6 +39,26 @@ const MB: usize = 64;
 /// A stored weight value, widened to f32 in registers.
 pub trait Elem: Copy + Send + Sync + 'static {
     fn widen(self) -> f32;
+
+    /// Where feature `t`'s value sits among the 16 stored values of one input in a panel.
+    #[inline(always)]
+    fn slot(t: usize) -> usize {
+        t
+    }
+
+    /// The 16 stored values at `src`, widened, in feature order.
+    ///
+    /// # Safety
+    /// `src` points to 16 readable values (any alignment of `Self`).
+    #[inline(always)]
+    unsafe fn widen_row(src: *const Self) -> [f32; PANEL] {
+        let mut out = [0f32; PANEL];
+        for (t, o) in out.iter_mut().enumerate() {
+            // SAFETY: the caller's.
+            *o = unsafe { *src.add(Self::slot(t)) }.widen();
+        }
+        out
+    }
 }
 
 impl Elem for f32 {
@@ -52,10 +73,30 @@ impl Elem for f32 {
 #[repr(transparent)]
 pub struct Bf16(pub u16);
 
+/// In a panel, bf16 values are interleaved so that each 32-bit word holds features `t` (low half)
+/// and `t + 8` (high half): one load, a shift and a mask widen 16 values.
 impl Elem for Bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits((self.0 as u32) << 16)
+    }
+
+    #[inline(always)]
+    fn slot(t: usize) -> usize {
+        if t < 8 { 2 * t } else { 2 * (t - 8) + 1 }
+    }
+
+    #[inline(always)]
+    unsafe fn widen_row(src: *const Bf16) -> [f32; PANEL] {
+        // SAFETY: the caller's; 16 bf16 values are 8 words.
+        let words = unsafe { (src as *const [u32; 8]).read_unaligned() };
+        let mut out = [0f32; PANEL];
+        for t in 0..8 {
+            let word = u32::from_le(words[t]);
+            out[t] = f32::from_bits(word << 16);
+            out[t + 8] = f32::from_bits(word & 0xffff_0000);
+        }
+        out
     }
 }
 
@@ -135,7 +176,7 @@ impl PackedMatrix {
         fn gather<E: Elem>(data: &[E], j: usize, k: usize, out: &mut [f32]) {
             let panel = &data[(j / PANEL) * k * PANEL..][..k * PANEL];
             for (c, o) in out.iter_mut().enumerate() {
-                *o = panel[c * PANEL + j % PANEL].widen();
+                *o = panel[c * PANEL + E::slot(j % PANEL)].widen();
             }
         }
         match &self.panels {
@@ -153,7 +194,7 @@ fn pack<E: Elem + Default>(n: usize, k: usize, value: impl Fn(usize) -> E + Sync
         for t in 0..PANEL.min(n - p * PANEL) {
             let row = p * PANEL + t;
             for c in 0..k {
-                panel[c * PANEL + t] = value(row * k + c);
+                panel[c * PANEL + E::slot(t)] = value(row * k + c);
             }
         }
     });
@@ -419,10 +460,7 @@ unsafe fn kernel<E: Elem, const MR: usize, const NP: usize>(a: &Args, w: *const 
         for c in 0..a.kc {
             let mut wv = [[0f32; PANEL]; NP];
             for (p, lanes) in wv.iter_mut().enumerate() {
-                let src = w.add(p * stride + c * PANEL);
-                for (t, lane) in lanes.iter_mut().enumerate() {
-                    *lane = (*src.add(t)).widen();
-                }
+                *lanes = E::widen_row(w.add(p * stride + c * PANEL));
             }
             for (i, row) in acc.iter_mut().enumerate() {
                 let xv = *a.x.add(i * a.ldx + c);

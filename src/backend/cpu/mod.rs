@@ -141,7 +141,7 @@ fn zeroed_vec(len: usize) -> Option<Vec<f32>> {
 
 /// A dot product with a fixed summation order (eight lanes, then a fixed reduction), which the
 /// compiler vectorises and which gives the same bits on every call.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks_a = a.chunks_exact(8);
@@ -156,6 +156,82 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         tail += x * y;
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
+}
+
+/// Attention for one (token, head): its query and where its keys and values are.
+struct OneHead<'a> {
+    q: &'a [f32],
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
+    block_table: &'a [u32],
+    block_size: usize,
+    kv_width: usize,
+    kv_offset: usize,
+    /// Key positions `first..=pos` are visible.
+    first: usize,
+    pos: usize,
+    scale: f32,
+}
+
+impl OneHead<'_> {
+    /// Scores, softmax and the weighted sum of values into `out`, in key order, compiled for the
+    /// widest vectors this CPU has. Rust never fuses a multiply and an add on its own, so every
+    /// instruction set gives the same bits.
+    fn attend(&self, isa: Isa, scores: &mut Vec<f32>, out: &mut [f32]) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::detected` found these features on this CPU.
+            Isa::Avx2 | Isa::Avx512 => unsafe { self.attend_avx2(scores, out) },
+            _ => self.attend_here(scores, out),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_avx2(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+        self.attend_here(scores, out)
+    }
+
+    /// Calls `f(j, row)` for each visible key position `j` in order, with the offset of its row
+    /// in the cache: one block-table lookup (and one division) per block, not per key.
+    #[inline(always)]
+    fn for_each_key(&self, mut f: impl FnMut(usize, usize)) {
+        let bs = self.block_size;
+        let mut j = self.first;
+        while j <= self.pos {
+            let b = j / bs;
+            let base = self.block_table[b] as usize * bs;
+            let end = ((b + 1) * bs).min(self.pos + 1);
+            for jj in j..end {
+                f(jj, (base + jj - b * bs) * self.kv_width + self.kv_offset);
+            }
+            j = end;
+        }
+    }
+
+    #[inline(always)]
+    fn attend_here(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let d = self.q.len();
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        self.for_each_key(|_, row| {
+            let s = dot(self.q, &self.k_cache[row..row + d]) * self.scale;
+            max = max.max(s);
+            scores.push(s);
+        });
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        self.for_each_key(|j, row| {
+            let p = scores[j - self.first] * inv;
+            for (o, v) in out.iter_mut().zip(&self.v_cache[row..row + d]) {
+                *o += p * v;
+            }
+        });
+    }
 }
 
 impl Backend for CpuBackend {
@@ -434,39 +510,24 @@ impl Backend for CpuBackend {
         let mut out = CpuTensor::zeros(q.rows, q.cols);
         // One task per (token, head). Each computes its scores over all visible keys, then a softmax
         // and the weighted sum of values, always in key order.
+        let isa = Isa::detected();
         out.data.par_chunks_mut(head_dim).enumerate().for_each_init(Vec::<f32>::new, |scores, (item, o)| {
             let (t, head) = (item / num_heads, item % num_heads);
             let seq = &batch.layout.seqs[token_seq[t]];
             let pos = seq.context_len - seq.query_len + (t - seq.query_start);
-            let first = match sliding_window {
-                Some(w) => (pos + 1).saturating_sub(w),
-                None => 0,
+            let one = OneHead {
+                q: &q.data[t * q.cols + head * head_dim..][..head_dim],
+                k_cache,
+                v_cache,
+                block_table: &seq.block_table,
+                block_size: shape.block_size,
+                kv_width,
+                kv_offset: (head / group) * head_dim,
+                first: sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                pos,
+                scale,
             };
-            let q_vec = &q.data[t * q.cols + head * head_dim..][..head_dim];
-            let kv_offset = (head / group) * head_dim;
-            let slot =
-                |j: usize| seq.block_table[j / shape.block_size] as usize * shape.block_size + j % shape.block_size;
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in first..=pos {
-                let k = &k_cache[slot(j) * kv_width + kv_offset..][..head_dim];
-                let s = dot(q_vec, k) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            for (j, p) in (first..=pos).zip(scores.iter()) {
-                let v = &v_cache[slot(j) * kv_width + kv_offset..][..head_dim];
-                let p = p * inv;
-                for (o, v) in o.iter_mut().zip(v) {
-                    *o += p * v;
-                }
-            }
+            one.attend(isa, scores, o);
         });
         Ok(out)
     }
