@@ -157,8 +157,7 @@ struct Measured {
 const WORDS: [&str; 48] = [
     "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he",
     "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they", "you", "were", "their",
-    "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will", "would", "who", "so",
-    "no",
+    "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will", "would", "who", "so", "no",
 ];
 
 fn plan(args: &ServeBenchArgs) -> Vec<Planned> {
@@ -210,7 +209,9 @@ async fn serve(args: &ServeBenchArgs) -> anyhow::Result<Report> {
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(args.request_timeout))
-        .pool_max_idle_per_host(4096)
+        // A new connection per request, as vLLM's benchmark makes: a pooled one the server has just
+        // closed for idling fails the request that reuses it (seen with llama-server).
+        .pool_max_idle_per_host(0)
         .build()?;
     let auth = |r: reqwest::RequestBuilder| match &args.api_key {
         Some(key) => r.bearer_auth(key),
@@ -223,9 +224,10 @@ async fn serve(args: &ServeBenchArgs) -> anyhow::Result<Report> {
             let resp = auth(client.get(&url)).send().await.with_context(|| format!("GET {url}"))?;
             let status = resp.status();
             let body: Value = serde_json::from_slice(&resp.bytes().await?).with_context(|| format!("GET {url}"))?;
-            body["data"][0]["id"].as_str().map(str::to_string).with_context(|| {
-                format!("GET {url} ({status}) named no model; pass --model (the answer was {body})")
-            })?
+            body["data"][0]["id"]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| format!("GET {url} ({status}) named no model; pass --model (the answer was {body})"))?
         }
     };
     let chat = args.endpoint.contains("chat");
@@ -303,7 +305,8 @@ async fn one_request(request: reqwest::RequestBuilder) -> Measured {
                         done = true;
                         continue;
                     }
-                    let value: Value = serde_json::from_str(data).with_context(|| format!("a chunk is not JSON: {data}"))?;
+                    let value: Value =
+                        serde_json::from_str(data).with_context(|| format!("a chunk is not JSON: {data}"))?;
                     if let Some(error) = value.get("error") {
                         anyhow::bail!("the stream reported an error: {error}");
                     }
@@ -326,7 +329,8 @@ async fn one_request(request: reqwest::RequestBuilder) -> Measured {
                 }
             }
         }
-        let usage = usage.context("the response carried no usage (does the server honour stream_options.include_usage?)")?;
+        let usage =
+            usage.context("the response carried no usage (does the server honour stream_options.include_usage?)")?;
         anyhow::ensure!(done, "the stream ended without its final [DONE]");
         m.prompt_tokens = usage["prompt_tokens"].as_u64().context("usage without prompt_tokens")?;
         m.completion_tokens = usage["completion_tokens"].as_u64().context("usage without completion_tokens")?;

@@ -27,15 +27,29 @@ const MODEL: &str = "pagoda-demo-random-weights";
 fn bench_serve_reports_the_servers_own_token_counts() {
     let server = Server::start(&["--api-key", "secret"]);
     let metric = |name: &str| server.metric(&format!("{name}{{model_name=\"{MODEL}\"}}"));
-    let success = || server.metric(&format!("vllm:request_success_total{{model_name=\"{MODEL}\",finished_reason=\"length\"}}"));
+    let success =
+        || server.metric(&format!("vllm:request_success_total{{model_name=\"{MODEL}\",finished_reason=\"length\"}}"));
 
     // Completions: Poisson arrivals, a concurrency limit, lengths within ±50%; the model's name
     // from /v1/models; the key from OPENAI_API_KEY.
     let (out, report) = bench(
         server.port,
         &[
-            "--num-prompts", "12", "--request-rate", "40", "--max-concurrency", "3", "--random-input-len", "40",
-            "--random-range-ratio", "0.5", "--random-output-len", "6", "--ignore-eos", "--seed", "3",
+            "--num-prompts",
+            "12",
+            "--request-rate",
+            "40",
+            "--max-concurrency",
+            "3",
+            "--random-input-len",
+            "40",
+            "--random-range-ratio",
+            "0.5",
+            "--random-output-len",
+            "6",
+            "--ignore-eos",
+            "--seed",
+            "3",
         ],
         &[("OPENAI_API_KEY", "secret")],
     );
@@ -63,8 +77,19 @@ fn bench_serve_reports_the_servers_own_token_counts() {
     let (out, report) = bench(
         server.port,
         &[
-            "--endpoint", "/v1/chat/completions", "--model", MODEL, "--api-key", "secret", "--num-prompts", "5",
-            "--random-input-len", "30", "--random-output-len", "4", "--ignore-eos",
+            "--endpoint",
+            "/v1/chat/completions",
+            "--model",
+            MODEL,
+            "--api-key",
+            "secret",
+            "--num-prompts",
+            "5",
+            "--random-input-len",
+            "30",
+            "--random-output-len",
+            "4",
+            "--ignore-eos",
         ],
         &[],
     );
