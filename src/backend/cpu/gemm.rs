@@ -337,8 +337,11 @@ unsafe fn task_avx512<E: Elem>(task: &Task, panels: *const E) {
 /// A task's loops: inner-dimension blocks, then row blocks, then panels, then rows.
 #[inline(always)]
 unsafe fn task_body<E: Elem>(t: &Task, panels: *const E) {
-    for c0 in (0..t.k).step_by(KC) {
-        let kc = KC.min(t.k - c0);
+    // With a few rows (decode) the activations fit in L1 whole, so the inner dimension is not
+    // blocked and each panel streams from memory in one sequential pass.
+    let k_block = if t.m <= 3 { t.k.max(1) } else { KC };
+    for c0 in (0..t.k).step_by(k_block) {
+        let kc = k_block.min(t.k - c0);
         let first = c0 == 0;
         for r0 in (0..t.m).step_by(MB) {
             let rows = MB.min(t.m - r0);
