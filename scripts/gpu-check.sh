@@ -25,7 +25,7 @@ if [ "${1:-}" = "--prepare" ]; then
   rm -rf "$dir" && mkdir -p "$dir/fixtures"
   PAGODA_NVCC="$nvcc" PAGODA_CUDA_GENCODE="-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90" \
     cargo build --release --locked
-  cp target/release/pagoda "$dir/pagoda"
+  cp "${CARGO_TARGET_DIR:-target}/release/pagoda" "$dir/pagoda"
   strip "$dir/pagoda"
   for model in tiny-llama tiny-llama-bf16; do
     cp -r "../shared/fixtures/$model" "$dir/fixtures/$model"
