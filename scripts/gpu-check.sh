@@ -13,7 +13,8 @@
 # (device copy bandwidth; decode attention with 32 query heads, 8 KV heads, head_dim 128 at batch
 # 1/16/64/128 and context 512/2k/8k; a Llama-3-8B-shaped bf16 model with dummy weights at batch 1
 # and 64), then the peers on the same GPU (scripts/gpu_peers.py: PyTorch's SDPA on the same
-# shapes, transformers' generate at batch 64), and prints the ratios BENCHMARKS.md records.
+# shapes, transformers' generate at batch 64), and prints the ratios BENCHMARKS.md records and
+# where one eager decode step's device time goes (the operations over 2% of the step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=target/gpu-check
@@ -127,6 +128,10 @@ if one and floor:
 if many:
     ratio = f" = {many / hf:.1f}x transformers ({hf:.1f} tok/s)" if hf else ""
     print(f"8B decode, batch 64: {many:.1f} tok/s{ratio}")
+for r in bench:
+    if r["section"] == "profile" and ("all " in r["name"] or r["number"] >= 0.02 * max(
+            x["number"] for x in bench if x["section"] == "profile" and x["name"].split(":")[0] == r["name"].split(":")[0])):
+        print(f"  {r['name']}: {r['value']}")
 for key in ("sdpa_error", "transformers_error"):
     if key in peers:
         print(f"{key}: {peers[key]}")

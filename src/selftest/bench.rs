@@ -1,13 +1,13 @@
 //! Benchmarks of the CUDA backend on a device, each against a physical limit measured in the same
 //! run: device-to-device copy bandwidth; decode attention's bandwidth (bytes of K and V read ÷
 //! time, L2 flushed before each run, timed with CUDA events); and model decode throughput with
-//! dummy weights against the weight-read floor.
+//! dummy weights against the weight-read floor, with where one eager step's device time goes.
 
 use super::Row;
+use super::profile::{OpTime, ProfiledDevice};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::cuda::device::{DeviceError, DeviceHandle};
-use crate::backend::sampling::argmax;
-use crate::backend::{AttentionParams, Backend, BatchLayout, KvCacheShape, SeqLayout, cache_slot};
+use crate::backend::{AttentionParams, Backend, BatchLayout, KvCacheShape, RowSampling, SeqLayout, cache_slot};
 use crate::model::{Executor, ModelConfig, ModelRunner, Weights};
 use crate::weights::DType;
 
@@ -166,17 +166,26 @@ pub fn num_parameters(c: &ModelConfig) -> usize {
     c.vocab_size * h + c.num_hidden_layers * per_layer + h + head
 }
 
+/// One batch size's decode speed, and where the device time of one more step went when profiled.
+pub struct DecodeSpeed {
+    pub batch: usize,
+    pub tokens_per_second: f64,
+    pub profile: Option<Vec<OpTime>>,
+}
+
 /// Decode throughput of `plan.model_config` with dummy weights: for each batch size, `batch`
 /// prompts of `prompt_len` tokens prefilled together, then `decode_steps` steps of one token per
-/// sequence (logits to the host and a greedy pick, as the engine does). Tokens per second.
-/// With `graphs`, decode steps replay CUDA graphs captured for the plan's batch sizes, as a server
-/// does by default; without, they run eagerly (`--enforce-eager`).
+/// sequence, each picked greedily on the device (`execute_step`, as the engine does: only the ids
+/// reach the host). With `graphs`, decode steps replay CUDA graphs captured for the plan's batch
+/// sizes, as a server does by default; without, they run eagerly (`--enforce-eager`). With a
+/// `profiler` (the device under `handle`), one more step runs with every operation timed.
 pub fn decode_throughput(
     handle: &DeviceHandle,
     dtype: DType,
     plan: &Plan,
     graphs: bool,
-) -> Result<Vec<(usize, f64)>, String> {
+    profiler: Option<&ProfiledDevice>,
+) -> Result<Vec<DecodeSpeed>, String> {
     let config = ModelConfig::from_json("benchmark/config.json", &plan.model_config).map_err(|e| e.to_string())?;
     let block_size = 16;
     let max_batch = plan.decode_batches.iter().copied().max().unwrap_or(1);
@@ -201,6 +210,7 @@ pub fn decode_throughput(
     let vocab = config.vocab_size;
     let mut results = Vec::new();
     for &batch in &plan.decode_batches {
+        let greedy = vec![RowSampling::greedy(); batch];
         let table =
             |s: usize| -> Vec<u32> { (s * blocks_per_seq..(s + 1) * blocks_per_seq).map(|b| b as u32).collect() };
         let slot = |s: usize, p: usize| cache_slot(&table(s), p, block_size);
@@ -220,8 +230,8 @@ pub fn decode_throughput(
                 }
             }
             let rows: Vec<u32> = (0..batch).map(|s| (s * len + len - 1) as u32).collect();
-            let logits = runner.execute(&layout, &rows).map_err(|e| e.to_string())?;
-            Ok::<Vec<u32>, String>(logits.chunks_exact(vocab).map(argmax).collect())
+            let picked = runner.execute_step(&layout, &rows, &greedy).map_err(|e| e.to_string())?;
+            Ok::<Vec<u32>, String>(picked.iter().map(|row| row.token).collect())
         };
         let mut tokens: Vec<u32> = (0..batch as u32).collect();
         tokens = step(&mut runner, 0, plan.prompt_len, &tokens)?;
@@ -235,7 +245,20 @@ pub fn decode_throughput(
             tokens = step(&mut runner, plan.prompt_len + s, 1, &tokens)?;
         }
         let seconds = started.elapsed().as_secs_f64();
-        results.push((batch, (batch * (plan.decode_steps - warmup)) as f64 / seconds));
+        let profile = match profiler {
+            Some(profiler) => {
+                let (picked, ops) =
+                    profiler.profile(|| step(&mut runner, plan.prompt_len + plan.decode_steps, 1, &tokens));
+                picked?;
+                Some(ops)
+            }
+            None => None,
+        };
+        results.push(DecodeSpeed {
+            batch,
+            tokens_per_second: (batch * (plan.decode_steps - warmup)) as f64 / seconds,
+            profile,
+        });
     }
     Ok(results)
 }
@@ -278,8 +301,13 @@ pub fn rows(handle: &DeviceHandle, plan: &Plan) -> Result<Vec<Row>, String> {
         format!("{floor:.0} tok/s ({:.2} GB of weights)", weight_bytes as f64 / 1e9),
         floor,
     ));
+    // The eager run's model sits on a device that can time each operation of one more step.
+    let profiler = ProfiledDevice::new(handle.shared_device());
+    let profiled = DeviceHandle::new(profiler.clone());
     for (graphs, mode) in [(true, ""), (false, "eager, ")] {
-        for (batch, tokens_per_second) in decode_throughput(handle, DType::BF16, plan, graphs)? {
+        let (handle, profiler) = if graphs { (handle, None) } else { (&profiled, Some(&*profiler)) };
+        for speed in decode_throughput(handle, DType::BF16, plan, graphs, profiler)? {
+            let (batch, tokens_per_second) = (speed.batch, speed.tokens_per_second);
             let value = if batch == 1 {
                 format!("{tokens_per_second:.1} tok/s, {:.0}% of the floor", 100.0 * tokens_per_second / floor)
             } else {
@@ -287,7 +315,32 @@ pub fn rows(handle: &DeviceHandle, plan: &Plan) -> Result<Vec<Row>, String> {
             };
             let name = format!("decode bf16 dummy weights, {mode}batch {batch}");
             rows.push(Row::measure("bench", name, value, tokens_per_second));
+            if let Some(ops) = speed.profile {
+                rows.extend(profile_rows(batch, batch as f64 / tokens_per_second, &ops));
+            }
         }
     }
     Ok(rows)
+}
+
+/// Rows of one profiled decode step: its operations by kind, the most expensive first, and their
+/// sum against the step's time when nothing waits for each operation (`step_seconds`).
+fn profile_rows(batch: usize, step_seconds: f64, ops: &[OpTime]) -> Vec<Row> {
+    let total: f64 = ops.iter().map(|op| op.seconds).sum();
+    let count: usize = ops.iter().map(|op| op.count).sum();
+    let mut rows = vec![Row::measure(
+        "profile",
+        format!("decode step profile, batch {batch}: all {count} operations, each waited for"),
+        format!("{:.1} us (an eager step takes {:.1} us)", total * 1e6, step_seconds * 1e6),
+        total * 1e6,
+    )];
+    for op in ops {
+        rows.push(Row::measure(
+            "profile",
+            format!("decode step profile, batch {batch}: {}", op.name),
+            format!("{}x, {:.1} us, {:.0}%", op.count, op.seconds * 1e6, 100.0 * op.seconds / total),
+            op.seconds * 1e6,
+        ));
+    }
+    rows
 }

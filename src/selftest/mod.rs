@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod fixtures;
 pub mod ops;
+pub mod profile;
 
 use std::path::PathBuf;
 

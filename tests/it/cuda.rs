@@ -133,6 +133,23 @@ mod emulated {
         assert_eq!(measured("decode attention bf16").len(), 2, "batches 1 and 2 at one context");
         assert!(measured("decode bf16 dummy weights").iter().all(|&t| t > 0.0));
         assert!(measured("device copy bandwidth")[0] > 0.0);
+        // One eager step per batch size profiled: every operation kind, and their sum.
+        for batch in [1, 2] {
+            let prefix = format!("decode step profile, batch {batch}: ");
+            let ops: Vec<(&str, f64)> = rows
+                .iter()
+                .filter_map(|r| Some((r["name"].as_str()?.strip_prefix(&prefix)?, r["number"].as_f64()?)))
+                .collect();
+            let (total, kinds) = ops.split_first().unwrap();
+            assert!(total.0.starts_with("all ") && total.0.ends_with(" operations, each waited for"), "{ops:?}");
+            let sum: f64 = kinds.iter().map(|k| k.1).sum();
+            assert!((sum - total.1).abs() <= 1e-6 * total.1, "{ops:?}");
+            for kind in ["pagoda_paged_attention_h16_g2_bf16", "pagoda_add_rms_norm_bf16", "pagoda_argmax_f32"] {
+                assert!(kinds.iter().any(|k| k.0 == kind && k.1 > 0.0), "{kind} missing: {ops:?}");
+            }
+            let gemm = format!("GEMM m 256 n {batch} k 64 (bfloat16 → float32)");
+            assert!(kinds.iter().any(|k| k.0 == gemm), "the logits GEMM is missing: {ops:?}");
+        }
     }
 
     /// A step picks each sampled row's token by its rule where the logits are, as the host rule

@@ -194,6 +194,11 @@ impl DeviceHandle {
         &*self.device
     }
 
+    /// The device itself, to wrap (the selftest's profiler) or share.
+    pub fn shared_device(&self) -> Arc<dyn Device> {
+        self.device.clone()
+    }
+
     /// A buffer of at least `num_bytes`, from the pool when one of its size class is free.
     pub fn buffer(&self, num_bytes: usize) -> Result<DeviceBuffer, DeviceError> {
         let num_bytes = num_bytes.max(1);
