@@ -179,6 +179,7 @@ def check_semantics(docs, values, kube_version):
 
     # Locked down: non-root, read-only root, no capabilities, seccomp; writable mounts only.
     assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    assert pod_spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", "a large cache is not re-owned at every start"
     assert pod_spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert pod_spec["automountServiceAccountToken"] is False
     for c in pod_spec["containers"] + pod_spec.get("initContainers", []):
@@ -218,6 +219,24 @@ def check_semantics(docs, values, kube_version):
     cache = [vol for vol in pod_spec["volumes"] if vol["name"] == "cache"]
     claims = workload["spec"].get("volumeClaimTemplates", [])
     assert len(cache) + len(claims) == 1, "exactly one cache volume"
+
+    # The API key reaches the server as a file from its Secret, never as a variable.
+    assert not any("API_KEY" in e["name"] for e in container.get("env", [])), container.get("env")
+    key_volume = [vol for vol in pod_spec["volumes"] if vol["name"] == "api-key"]
+    if v["apiKey"]["create"] or v["apiKey"]["existingSecret"]:
+        assert container["args"][container["args"].index("--api-key-file") + 1] == "/etc/pagoda/api-key/api-key"
+        assert key_volume[0]["secret"]["items"] == [{"key": v["apiKey"]["secretKey"], "path": "api-key"}]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "api-key")
+        assert mount == {"name": "api-key", "mountPath": "/etc/pagoda/api-key", "readOnly": True}
+    else:
+        assert not key_volume and "--api-key-file" not in container["args"]
+
+    # An emptyDir cache is bounded, and a pod that fills it asks the scheduler for the disk.
+    if v["cache"]["type"] == "emptyDir" and not claims:
+        assert cache[0]["emptyDir"].get("sizeLimit") == v["cache"]["emptyDir"]["sizeLimit"] or not v["cache"]["emptyDir"]["sizeLimit"]
+        requested = container["resources"].get("requests", {}).get("ephemeral-storage")
+        if v["model"]["uri"] and v["cache"]["emptyDir"]["sizeLimit"]:
+            assert requested, "a model cache in an emptyDir requests its ephemeral storage"
 
 
 def validate_builtin(docs, kube_version):
@@ -429,3 +448,99 @@ def test_every_value_has_a_comment():
         )
         assert has_comment or inherited or is_parent, f"values.yaml line {idx + 1}: '{key}' has no comment"
         documented.append((indent, has_comment or inherited))
+
+
+def test_the_network_policy_admits_prometheus_whenever_a_monitor_is_on(renderer):
+    """The monitors scrape the server port; a policy that dropped them would leave the dashboards
+    and the autoscalers without data."""
+    prometheus = merged({})["networkPolicy"]["monitoring"]["from"]
+    assert prometheus[0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    for monitors in [{}, {"serviceMonitor": {"enabled": False}, "podMonitor": {"enabled": True}}]:
+        values = {**load_values("ci/networkpolicy-values.yaml"), "metrics": monitors}
+        rules = one(renderer.install(values, api_versions=PROMETHEUS_OPERATOR_API)[0], "NetworkPolicy")["spec"]["ingress"]
+        assert len(rules) == 2 and rules[1]["from"] == prometheus, rules
+        assert rules[1]["ports"] == [{"port": "http", "protocol": "TCP"}]
+    # No monitor, or no monitoring peers: only the configured peers.
+    off = {**load_values("ci/networkpolicy-values.yaml"), "metrics": {"serviceMonitor": {"enabled": False}}}
+    assert len(one(renderer.install(off)[0], "NetworkPolicy")["spec"]["ingress"]) == 1
+    none = {**load_values("ci/networkpolicy-values.yaml"), "networkPolicy": {"enabled": True, "monitoring": {"from": []}}}
+    assert len(one(renderer.install(none)[0], "NetworkPolicy")["spec"]["ingress"]) == 1
+
+
+def test_keda_scales_to_zero_only_on_a_metric_that_exists_without_pods(renderer):
+    zero = {"autoscaling": {"keda": {"enabled": True, "minReplicas": 0}}}
+    with pytest.raises(HelmError) as err:
+        renderer.install(zero)
+    assert "minReplicas 0 could never scale back up" in str(err.value)
+    gateway = 'sum(rate(envoy_cluster_upstream_rq_total{envoy_cluster_name="pagoda"}[1m]))'
+    zero["autoscaling"]["keda"]["query"] = gateway
+    scaled = one(renderer.install(zero)[0], "ScaledObject")
+    assert scaled["spec"]["minReplicaCount"] == 0
+    assert scaled["spec"]["triggers"][0]["metadata"]["query"] == gateway
+
+
+def test_rollouts_take_the_gpus_old_pods_give_back_unless_told_otherwise(renderer):
+    default = workload_of(renderer.install({})[0])["spec"]["strategy"]
+    assert default == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    recreate = workload_of(renderer.install({"deploymentStrategy": {"type": "Recreate"}})[0])["spec"]["strategy"]
+    assert recreate == {"type": "Recreate"}
+    surge = workload_of(renderer.install(load_values("ci/extras-values.yaml"))[0])["spec"]["strategy"]
+    assert surge["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    with pytest.raises(HelmError) as err:
+        renderer.install({**load_values("ci/statefulset-values.yaml"), "deploymentStrategy": {"type": "Recreate"}})
+    assert "deploymentStrategy applies to a Deployment" in str(err.value)
+
+
+def test_an_emptydir_cache_is_bounded_and_its_disk_requested(renderer):
+    def pod(values):
+        return workload_of(renderer.install(values)[0])["spec"]["template"]["spec"]
+
+    def cache_and_request(values):
+        spec = pod(values)
+        cache = next(vol for vol in spec["volumes"] if vol["name"] == "cache")["emptyDir"]
+        return cache.get("sizeLimit"), spec["containers"][0]["resources"].get("requests", {}).get("ephemeral-storage")
+
+    model = {"model": {"uri": "s3://models/llama"}}
+    assert cache_and_request(model) == ("64Gi", "64Gi")
+    assert cache_and_request({**model, "cache": {"emptyDir": {"sizeLimit": "200Gi"}}}) == ("200Gi", "200Gi")
+    # The demo model downloads nothing: bounded, but nothing requested for it.
+    assert cache_and_request({}) == ("64Gi", None)
+    # The user's own request wins; an empty limit means neither.
+    own = {**model, "server": {"resources": {"requests": {"cpu": "4", "ephemeral-storage": "10Gi"}}}}
+    assert cache_and_request(own) == ("64Gi", "10Gi")
+    assert cache_and_request({**model, "cache": {"emptyDir": {"sizeLimit": ""}}}) == (None, None)
+
+
+def test_images_are_pinned_by_digest_and_digests_stay_out_of_tags(renderer):
+    digest = "sha256:" + "0123456789abcdef" * 4
+    spec = workload_of(renderer.install({"image": {"repository": "r.example/pagoda", "tag": "1.0", "digest": digest}, "model": {"uri": "s3://a/b"}})[0])["spec"]["template"]["spec"]
+    assert spec["containers"][0]["image"] == f"r.example/pagoda@{digest}"
+    assert spec["initContainers"][0]["image"] == f"r.example/pagoda@{digest}"
+    renderer.install({"image": {"tag": "a" * 128}})  # the longest tag OCI allows
+    for image, message in [
+        ({"tag": "a" * 129}, "tag"),
+        ({"tag": f"1.0@{digest}"}, "tag"),
+        ({"tag": digest}, "tag"),
+        ({"digest": digest[:-1]}, "digest"),
+        ({"digest": "sha256:" + "A" * 64}, "digest"),
+    ]:
+        with pytest.raises(HelmError) as err:
+            renderer.install({"image": image})
+        assert message in str(err.value), image
+
+
+def test_what_users_bring_lands_where_it_belongs(renderer):
+    values = load_values("ci/extras-values.yaml")
+    spec = workload_of(renderer.install(values)[0])["spec"]["template"]["spec"]
+    server, shipper = spec["containers"]
+    assert server["name"] == "pagoda" and shipper == values["extraContainers"][0]
+    assert {"name": "RUST_LOG", "value": "info"} in server["env"]
+    assert server["envFrom"] == values["envFrom"]
+    assert values["extraVolumes"][0] in spec["volumes"]
+    assert values["extraVolumeMounts"][0] in server["volumeMounts"]
+    key = next(vol for vol in spec["volumes"] if vol["name"] == "api-key")["secret"]
+    assert key == {"secretName": "pagoda-api-key", "items": [{"key": "key", "path": "api-key"}], "defaultMode": 0o440}
+    # The old place for the server's variables is gone, so it fails loudly instead of being ignored.
+    with pytest.raises(HelmError) as err:
+        renderer.install({"server": {"env": [{"name": "A", "value": "b"}]}})
+    assert "env" in str(err.value)

@@ -63,9 +63,18 @@ app.kubernetes.io/component: server
 {{- end }}
 {{- end }}
 
+{{/* The image reference: pinned by digest when one is given (the tag is then left out: the
+digest alone decides what runs), else by tag. */}}
 {{- define "pagoda.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+{{- end }}
+
+{{/* Where the API key Secret is mounted, and the file the server reads. */}}
+{{- define "pagoda.apiKeyDir" -}}/etc/pagoda/api-key{{- end }}
 
 {{- define "pagoda.apiKeySecretName" -}}
 {{- default (include "pagoda.suffixedName" (list . "api-key")) .Values.apiKey.existingSecret }}
@@ -139,6 +148,13 @@ huggingface_hub's layout and served from it offline. */}}
 {{- $max := include "pagoda.maxReplicas" . | int }}
 {{- if and $rwo (gt $max 1) }}
 {{- fail (printf "cache: a ReadWriteOnce claim cannot be shared by up to %d replicas; use workload.kind StatefulSet (a claim per replica), a ReadWriteMany storage class, or an emptyDir cache" $max) }}
+{{- end }}
+{{- $keda := .Values.autoscaling.keda }}
+{{- if and $keda.enabled (eq (int $keda.minReplicas) 0) (not $keda.query) }}
+{{- fail "autoscaling.keda.minReplicas 0 could never scale back up: the default trigger reads the waiting requests of the server's own pods, a metric that does not exist while no pod runs. Use 1 or more, or give autoscaling.keda.query a metric that exists without pods (a gateway's request rate, say)" }}
+{{- end }}
+{{- if and .Values.deploymentStrategy (ne .Values.workload.kind "Deployment") }}
+{{- fail "deploymentStrategy applies to a Deployment; a StatefulSet replaces its pods one at a time" }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
 {{- fail "metrics: enable the ServiceMonitor or the PodMonitor, not both: Prometheus would scrape every pod twice" }}

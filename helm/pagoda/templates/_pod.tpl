@@ -151,6 +151,12 @@ spec:
         - {{ $value | quote }}
         {{- end }}
         {{- end }}
+        {{- if include "pagoda.apiKeyEnabled" . }}
+        {{- /* A file, not a variable: the key stays out of the process environment and of
+        `kubectl describe`. */}}
+        - --api-key-file
+        - {{ printf "%s/api-key" (include "pagoda.apiKeyDir" .) | quote }}
+        {{- end }}
         {{- range .Values.server.extraArgs }}
         - {{ . | quote }}
         {{- end }}
@@ -161,16 +167,13 @@ spec:
         - name: HF_HUB_OFFLINE
           value: "1"
         {{- end }}
-        {{- if include "pagoda.apiKeyEnabled" . }}
-        - name: PAGODA_API_KEY
-          valueFrom:
-            secretKeyRef:
-              name: {{ include "pagoda.apiKeySecretName" . }}
-              key: {{ .Values.apiKey.secretKey }}
-        {{- end }}
-        {{- with .Values.server.env }}
+        {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- with .Values.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       ports:
         - name: http
           containerPort: {{ .Values.server.port }}
@@ -208,6 +211,15 @@ spec:
         {{- toYaml .Values.securityContext | nindent 8 }}
       resources:
         {{- $resources := deepCopy .Values.server.resources }}
+        {{- /* A node with room for the cache: the kubelet evicts a pod whose emptyDir outgrows its
+        limit, and the scheduler counts this request against the node's disk. */}}
+        {{- if and (eq .Values.cache.type "emptyDir") .Values.model.uri .Values.cache.emptyDir.sizeLimit }}
+        {{- $requests := default dict $resources.requests }}
+        {{- if not (hasKey $requests "ephemeral-storage") }}
+        {{- $_ := set $requests "ephemeral-storage" (.Values.cache.emptyDir.sizeLimit | toString) }}
+        {{- $_ := set $resources "requests" $requests }}
+        {{- end }}
+        {{- end }}
         {{- if .Values.gpu.enabled }}
         {{- $limits := default dict $resources.limits }}
         {{- $_ := set $limits .Values.gpu.resourceName (.Values.gpu.count | toString) }}
@@ -225,14 +237,27 @@ spec:
           mountPath: /dev/shm
         - name: tmp
           mountPath: /tmp
+        {{- if include "pagoda.apiKeyEnabled" . }}
+        - name: api-key
+          mountPath: {{ include "pagoda.apiKeyDir" . }}
+          readOnly: true
+        {{- end }}
+        {{- with .Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    {{- with .Values.extraContainers }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   volumes:
     {{- if not (and (eq .Values.workload.kind "StatefulSet") (eq .Values.cache.type "pvc")) }}
     - name: cache
       {{- if eq .Values.cache.type "emptyDir" }}
+      {{- with .Values.cache.emptyDir.sizeLimit }}
       emptyDir:
-        {{- with .Values.cache.emptyDir.sizeLimit }}
         sizeLimit: {{ . }}
-        {{- end }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
       {{- else }}
       persistentVolumeClaim:
         claimName: {{ include "pagoda.cacheClaimName" . }}
@@ -245,4 +270,17 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 1Gi
+    {{- if include "pagoda.apiKeyEnabled" . }}
+    - name: api-key
+      secret:
+        secretName: {{ include "pagoda.apiKeySecretName" . }}
+        items:
+          - key: {{ .Values.apiKey.secretKey }}
+            path: api-key
+        {{- /* 0440: readable by the pod's fsGroup, which owns the files, and nobody else. */}}
+        defaultMode: 288
+    {{- end }}
+    {{- with .Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
