@@ -10,6 +10,7 @@ covers the declared startup time, names fit in 63 characters, the pods run locke
 """
 
 import copy
+import hashlib
 import json
 import os
 import pathlib
@@ -93,6 +94,11 @@ def merged(overrides):
                 base[key] = value
         return base
     return merge(copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text())), overrides)
+
+
+def model_dir(mount_path, uri):
+    """The cache folder of one model URI (the chart's `pagoda.modelDir`)."""
+    return f"{mount_path.rstrip('/')}/models/{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
 
 
 def by_kind(docs, kind):
@@ -203,7 +209,7 @@ def check_semantics(docs, values, kube_version):
     if v["model"]["uri"]:
         assert [i["name"] for i in inits] == ["model-sync"]
         sync = inits[0]
-        assert sync["args"][:3] == ["sync", v["model"]["uri"], v["cache"]["mountPath"].rstrip("/") + "/model"]
+        assert sync["args"][:3] == ["sync", v["model"]["uri"], model_dir(v["cache"]["mountPath"], v["model"]["uri"])]
         model_arg = container["args"][container["args"].index("--model") + 1]
         if v["model"]["uri"].startswith("hf://") or "://" not in v["model"]["uri"]:
             # A Hub model: the sync filled the Hub cache, the server finds the snapshot there.
@@ -318,7 +324,7 @@ def test_a_hub_model_syncs_with_its_token_and_serves_offline(renderer):
     docs, _ = renderer.install(load_values("ci/hf-values.yaml"))
     pod = workload_of(docs)["spec"]["template"]["spec"]
     sync = pod["initContainers"][0]
-    assert sync["args"][:3] == ["sync", "meta-llama/Llama-3.1-8B-Instruct", "/models/model"]
+    assert sync["args"][:3] == ["sync", "meta-llama/Llama-3.1-8B-Instruct", model_dir("/models", "meta-llama/Llama-3.1-8B-Instruct")]
     token = next(e for e in sync["env"] if e["name"] == "HF_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     server = pod["containers"][0]
@@ -544,3 +550,21 @@ def test_what_users_bring_lands_where_it_belongs(renderer):
     with pytest.raises(HelmError) as err:
         renderer.install({"server": {"env": [{"name": "A", "value": "b"}]}})
     assert "env" in str(err.value)
+
+
+def test_each_model_uri_syncs_into_its_own_cache_folder(renderer):
+    """Switching a release to another model (or Hub revision) syncs beside the files the running
+    replicas have mapped, never over them."""
+    def dirs(uri):
+        pod = workload_of(renderer.install({"model": {"uri": uri}, "cache": {"type": "pvc", "pvc": {"accessModes": ["ReadWriteMany"]}}})[0])["spec"]["template"]["spec"]
+        server_args = pod["containers"][0]["args"]
+        flag = "--download-dir" if "--download-dir" in server_args else "--model"
+        return pod["initContainers"][0]["args"][2], server_args[server_args.index(flag) + 1]
+
+    seen = set()
+    for uri in ["s3://models/llama-3.1-8b", "s3://models/llama-3.1-70b", "hf://Qwen/Qwen2.5-0.5B-Instruct@main", "hf://Qwen/Qwen2.5-0.5B-Instruct@v2"]:
+        synced, served = dirs(uri)
+        assert synced == served == model_dir("/models", uri), uri
+        assert synced.startswith("/models/models/") and synced not in seen, uri
+        seen.add(synced)
+    assert dirs("s3://models/llama-3.1-8b")[0] == model_dir("/models", "s3://models/llama-3.1-8b"), "stable across renders"

@@ -93,9 +93,11 @@ digest alone decides what runs), else by tag. */}}
 {{- end }}
 {{- end }}
 
-{{/* Where the synced model lives inside the cache. */}}
+{{/* Where the synced model lives inside the cache: a folder per model URI (a Hub URI names its
+revision), so a release switched to another model syncs beside the files running replicas have
+mapped instead of over them. */}}
 {{- define "pagoda.modelDir" -}}
-{{- printf "%s/model" (trimSuffix "/" .Values.cache.mountPath) }}
+{{- printf "%s/models/%s" (trimSuffix "/" .Values.cache.mountPath) (sha256sum .Values.model.uri | trunc 16) }}
 {{- end }}
 
 {{/* A Hugging Face Hub model (hf://org/name[@revision] or org/name): synced into the cache in
