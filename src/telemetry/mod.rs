@@ -1,11 +1,13 @@
 //! Prometheus metrics under vLLM's names (so its dashboards and autoscaling recipes work
-//! unchanged), Pagoda's own `pagoda_*` info metrics, and cloud detection.
+//! unchanged), Pagoda's own `pagoda_*` info metrics, the GPUs' `pagoda_gpu_*` from NVML
+//! ([`gpu`]), and cloud detection.
 //!
 //! Each server owns its recorder (no global state), registers every metric once, and updates the
 //! handles directly: engine gauges, counters and latency histograms from the engine thread
 //! through [`EngineMetrics`], which is an `EngineObserver`.
 
 pub mod cloud;
+pub mod gpu;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,6 +68,7 @@ pub struct Telemetry {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
     model_name: String,
+    gpus: gpu::GpuMetrics,
 }
 
 fn metadata() -> Metadata<'static> {
@@ -97,7 +100,8 @@ impl Telemetry {
         }
         let recorder = Arc::new(builder.build_recorder());
         let handle = recorder.handle();
-        let telemetry = Telemetry { recorder, handle, model_name: model_name.to_string() };
+        let telemetry =
+            Telemetry { recorder, handle, model_name: model_name.to_string(), gpus: gpu::GpuMetrics::load() };
         telemetry.describe();
         let info = |name: &'static str, labels: Vec<Label>| {
             telemetry.recorder.register_gauge(&Key::from_parts(name, labels), &metadata())
@@ -248,9 +252,11 @@ impl Telemetry {
         self.recorder.register_gauge(&Key::from_parts("vllm:cache_config_info", labels), &metadata()).set(1.0);
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text exposition of every metric, the GPUs' (if any) last.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        text.push_str(&self.gpus.render());
+        text
     }
 }
 

@@ -428,10 +428,17 @@ def test_the_dashboard_is_the_shipped_file_and_uses_real_metrics(renderer):
         "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
         "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
         "pagoda_build_info", "pagoda_cloud_info",
+        # src/telemetry/gpu.rs, from NVML
+        "pagoda_gpu_utilization_ratio", "pagoda_gpu_memory_used_bytes", "pagoda_gpu_memory_total_bytes",
+        "pagoda_gpu_temperature_celsius", "pagoda_gpu_power_draw_watts", "pagoda_gpu_power_limit_watts",
+        "pagoda_gpu_sm_clock_hertz", "pagoda_gpu_info", "pagoda_gpu_throttle_reason",
     }
     import re
     used = set(re.findall(r"(vllm:[a-z0-9_]+|pagoda_[a-z0-9_]+)", shipped))
     assert used <= exported, f"the dashboard queries metrics Pagoda does not export: {used - exported}"
+    gpu_source = (ROOT / "src" / "telemetry" / "gpu.rs").read_text()
+    assert {m for m in exported if m.startswith("pagoda_gpu_")} <= set(re.findall(r"pagoda_gpu_[a-z_]+", gpu_source))
+    assert {m for m in used if m.startswith("pagoda_gpu_")}, "the dashboard shows the GPUs"
 
 
 def test_every_value_has_a_comment():

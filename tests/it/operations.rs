@@ -213,6 +213,29 @@ fn metrics_pass_promtool_and_move_with_traffic() {
         assert!(text.contains(name), "/metrics lacks {name}");
     }
 
+    // GPU series exist exactly where NVML reports a GPU (none on a machine without the driver).
+    let nvml = pagoda::telemetry::gpu::GpuMetrics::load();
+    let gpus = nvml.sample().len();
+    assert_eq!(text.contains("pagoda_gpu_"), gpus > 0, "{gpus} GPUs reported by NVML");
+    if gpus == 0 {
+        println!("no GPU series to see: NVML is not available here (available: {})", nvml.available());
+    }
+    // promtool checks a full GPU reading's exposition too, whether or not this machine has one.
+    let reading = pagoda::telemetry::gpu::GpuSample {
+        index: 0,
+        uuid: "GPU-5f0e".into(),
+        name: "NVIDIA H200".into(),
+        utilization_percent: Some(40),
+        memory_used_bytes: Some(1 << 30),
+        memory_total_bytes: Some(2 << 30),
+        temperature_celsius: Some(50),
+        power_draw_milliwatts: Some(300_000),
+        power_limit_milliwatts: Some(700_000),
+        sm_clock_mhz: Some(1980),
+        throttle_reasons: Some(vec![("gpu_idle", true)]),
+    };
+    let text = text + &pagoda::telemetry::gpu::render(&[reading]);
+
     let Some(promtool) = tool("promtool") else {
         tool_missing("promtool is not installed (Debian package 'prometheus'; ./test.sh installs it)");
         return;

@@ -1,0 +1,259 @@
+//! GPU metrics on the server's own `/metrics`, from NVML (`libnvidia-ml.so.1`, loaded at run time
+//! from the driver): per GPU, with `gpu` (index) and `uuid` labels, utilisation, memory used and
+//! total, temperature, power draw and limit, SM clock, and the clock throttle reasons. Read on
+//! scrape, at most once per [`REFRESH`]. Without the library or a GPU there are no GPU series and
+//! no error: the CPU appliance serves the same `/metrics` minus these.
+//!
+//! XID errors are not exported: NVML reports them only as events to a listener that waits on them,
+//! which a scrape cannot be.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::device::ThrottleReasons;
+use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+
+/// The library's name as the driver installs it (the unversioned name exists only with the
+/// development files).
+pub const NVML_LIBRARY: &str = "libnvidia-ml.so.1";
+
+/// How long one reading serves scrapes: NVML calls take milliseconds per GPU, and scrapes from
+/// several Prometheus replicas may arrive together.
+pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// The throttle reasons exported, by their label value.
+const THROTTLE_REASONS: [(&str, ThrottleReasons); 8] = [
+    ("gpu_idle", ThrottleReasons::GPU_IDLE),
+    ("applications_clocks_setting", ThrottleReasons::APPLICATIONS_CLOCKS_SETTING),
+    ("sw_power_cap", ThrottleReasons::SW_POWER_CAP),
+    ("hw_slowdown", ThrottleReasons::HW_SLOWDOWN),
+    ("sync_boost", ThrottleReasons::SYNC_BOOST),
+    ("sw_thermal_slowdown", ThrottleReasons::SW_THERMAL_SLOWDOWN),
+    ("hw_thermal_slowdown", ThrottleReasons::HW_THERMAL_SLOWDOWN),
+    ("hw_power_brake_slowdown", ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN),
+];
+
+/// One GPU's reading. A field NVML could not give (not supported on this GPU, or an error) is
+/// `None` and its series is left out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuSample {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    /// Percent of the last sample period a kernel was running (0 to 100).
+    pub utilization_percent: Option<u32>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub temperature_celsius: Option<u32>,
+    pub power_draw_milliwatts: Option<u32>,
+    pub power_limit_milliwatts: Option<u32>,
+    pub sm_clock_mhz: Option<u32>,
+    /// Each exported reason, and whether it is active now.
+    pub throttle_reasons: Option<Vec<(&'static str, bool)>>,
+}
+
+/// The metric families, in the order they are written: name, help, and how a sample gives its
+/// value.
+type Value = fn(&GpuSample) -> Option<f64>;
+const FAMILIES: [(&str, &str, Value); 8] = [
+    ("pagoda_gpu_utilization_ratio", "Fraction of the last sample period a kernel ran on the GPU (NVML).", |s| {
+        s.utilization_percent.map(|p| f64::from(p) / 100.0)
+    }),
+    ("pagoda_gpu_memory_used_bytes", "GPU memory in use.", |s| s.memory_used_bytes.map(|b| b as f64)),
+    ("pagoda_gpu_memory_total_bytes", "GPU memory installed.", |s| s.memory_total_bytes.map(|b| b as f64)),
+    ("pagoda_gpu_temperature_celsius", "GPU core temperature.", |s| s.temperature_celsius.map(f64::from)),
+    ("pagoda_gpu_power_draw_watts", "Power the GPU draws now.", |s| {
+        s.power_draw_milliwatts.map(|mw| f64::from(mw) / 1e3)
+    }),
+    ("pagoda_gpu_power_limit_watts", "Power limit the driver enforces.", |s| {
+        s.power_limit_milliwatts.map(|mw| f64::from(mw) / 1e3)
+    }),
+    ("pagoda_gpu_sm_clock_hertz", "Current SM clock.", |s| s.sm_clock_mhz.map(|mhz| f64::from(mhz) * 1e6)),
+    ("pagoda_gpu_info", "The GPU's name, as labels of a gauge at 1.", |_| Some(1.0)),
+];
+
+/// Label values escaped as the exposition format wants them.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition of `samples` (nothing for none).
+pub fn render(samples: &[GpuSample]) -> String {
+    let mut out = String::new();
+    if samples.is_empty() {
+        return out;
+    }
+    let labels = |s: &GpuSample| format!("gpu=\"{}\",uuid=\"{}\"", s.index, escape(&s.uuid));
+    for (name, help, value) in FAMILIES {
+        let lines: Vec<String> = samples
+            .iter()
+            .filter_map(|s| {
+                let v = value(s)?;
+                let extra =
+                    if name == "pagoda_gpu_info" { format!(",name=\"{}\"", escape(&s.name)) } else { String::new() };
+                Some(format!("{name}{{{}{extra}}} {v}\n", labels(s)))
+            })
+            .collect();
+        if lines.is_empty() {
+            continue;
+        }
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+        lines.iter().for_each(|l| out.push_str(l));
+    }
+    let reasons: Vec<String> = samples
+        .iter()
+        .flat_map(|s| {
+            s.throttle_reasons.iter().flatten().map(move |(reason, active)| {
+                format!("pagoda_gpu_throttle_reason{{{},reason=\"{reason}\"}} {}\n", labels(s), u8::from(*active))
+            })
+        })
+        .collect();
+    if !reasons.is_empty() {
+        out.push_str("# HELP pagoda_gpu_throttle_reason 1 while the reason holds the GPU's clocks down (NVML).\n");
+        out.push_str("# TYPE pagoda_gpu_throttle_reason gauge\n");
+        reasons.iter().for_each(|l| out.push_str(l));
+    }
+    out
+}
+
+/// NVML, if the driver's library loads, and the last rendering.
+pub struct GpuMetrics {
+    nvml: Option<Nvml>,
+    last: Mutex<Option<(Instant, String)>>,
+}
+
+impl GpuMetrics {
+    /// Loads NVML from the driver; without it (no driver, or a CPU machine) the metrics are empty.
+    pub fn load() -> GpuMetrics {
+        GpuMetrics::load_from(NVML_LIBRARY)
+    }
+
+    /// Loads NVML from `library` (a name the loader resolves, or a path).
+    pub fn load_from(library: &str) -> GpuMetrics {
+        let nvml = match Nvml::builder().lib_path(std::ffi::OsStr::new(library)).init() {
+            Ok(nvml) => Some(nvml),
+            Err(e) => {
+                tracing::debug!(library, error = %e, "NVML is not available: no GPU metrics");
+                None
+            }
+        };
+        GpuMetrics { nvml, last: Mutex::new(None) }
+    }
+
+    pub fn available(&self) -> bool {
+        self.nvml.is_some()
+    }
+
+    /// Every GPU's reading now.
+    pub fn sample(&self) -> Vec<GpuSample> {
+        let Some(nvml) = &self.nvml else { return Vec::new() };
+        let count = nvml.device_count().unwrap_or(0);
+        (0..count)
+            .filter_map(|index| {
+                let device = nvml.device_by_index(index).ok()?;
+                let memory = device.memory_info().ok();
+                Some(GpuSample {
+                    index,
+                    uuid: device.uuid().unwrap_or_default(),
+                    name: device.name().unwrap_or_default(),
+                    utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
+                    memory_used_bytes: memory.as_ref().map(|m| m.used),
+                    memory_total_bytes: memory.as_ref().map(|m| m.total),
+                    temperature_celsius: device.temperature(TemperatureSensor::Gpu).ok(),
+                    power_draw_milliwatts: device.power_usage().ok(),
+                    power_limit_milliwatts: device.enforced_power_limit().ok(),
+                    sm_clock_mhz: device.clock_info(Clock::SM).ok(),
+                    throttle_reasons: device
+                        .current_throttle_reasons()
+                        .ok()
+                        .map(|r| THROTTLE_REASONS.iter().map(|(name, flag)| (*name, r.contains(*flag))).collect()),
+                })
+            })
+            .collect()
+    }
+
+    /// The exposition of the GPUs' readings, at most [`REFRESH`] old.
+    pub fn render(&self) -> String {
+        if self.nvml.is_none() {
+            return String::new();
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, text)) = &*last
+            && at.elapsed() < REFRESH
+        {
+            return text.clone();
+        }
+        let text = render(&self.sample());
+        *last = Some((Instant::now(), text.clone()));
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_without_nvml_has_no_gpu_series_and_no_error() {
+        let metrics = GpuMetrics::load_from("/nonexistent/libnvidia-ml.so.1");
+        assert!(!metrics.available());
+        assert!(metrics.sample().is_empty());
+        assert_eq!(metrics.render(), "");
+        assert_eq!(render(&[]), "");
+    }
+
+    #[test]
+    fn a_reading_renders_every_family_with_gpu_and_uuid_labels() {
+        let h200 = GpuSample {
+            index: 0,
+            uuid: "GPU-1b2c".into(),
+            name: "NVIDIA H200".into(),
+            utilization_percent: Some(87),
+            memory_used_bytes: Some(120 << 30),
+            memory_total_bytes: Some(143_771 << 20),
+            temperature_celsius: Some(61),
+            power_draw_milliwatts: Some(512_250),
+            power_limit_milliwatts: Some(700_000),
+            sm_clock_mhz: Some(1980),
+            throttle_reasons: Some(vec![("gpu_idle", false), ("sw_power_cap", true)]),
+        };
+        // A second GPU that reports little (a field NVML does not support is left out).
+        let quiet =
+            GpuSample { index: 1, uuid: "GPU-\"q\"".into(), name: "Odd \\ name".into(), ..GpuSample::default() };
+        let text = render(&[h200, quiet]);
+        let expected = "\
+# HELP pagoda_gpu_utilization_ratio Fraction of the last sample period a kernel ran on the GPU (NVML).
+# TYPE pagoda_gpu_utilization_ratio gauge
+pagoda_gpu_utilization_ratio{gpu=\"0\",uuid=\"GPU-1b2c\"} 0.87
+# HELP pagoda_gpu_memory_used_bytes GPU memory in use.
+# TYPE pagoda_gpu_memory_used_bytes gauge
+pagoda_gpu_memory_used_bytes{gpu=\"0\",uuid=\"GPU-1b2c\"} 128849018880
+# HELP pagoda_gpu_memory_total_bytes GPU memory installed.
+# TYPE pagoda_gpu_memory_total_bytes gauge
+pagoda_gpu_memory_total_bytes{gpu=\"0\",uuid=\"GPU-1b2c\"} 150754820096
+# HELP pagoda_gpu_temperature_celsius GPU core temperature.
+# TYPE pagoda_gpu_temperature_celsius gauge
+pagoda_gpu_temperature_celsius{gpu=\"0\",uuid=\"GPU-1b2c\"} 61
+# HELP pagoda_gpu_power_draw_watts Power the GPU draws now.
+# TYPE pagoda_gpu_power_draw_watts gauge
+pagoda_gpu_power_draw_watts{gpu=\"0\",uuid=\"GPU-1b2c\"} 512.25
+# HELP pagoda_gpu_power_limit_watts Power limit the driver enforces.
+# TYPE pagoda_gpu_power_limit_watts gauge
+pagoda_gpu_power_limit_watts{gpu=\"0\",uuid=\"GPU-1b2c\"} 700
+# HELP pagoda_gpu_sm_clock_hertz Current SM clock.
+# TYPE pagoda_gpu_sm_clock_hertz gauge
+pagoda_gpu_sm_clock_hertz{gpu=\"0\",uuid=\"GPU-1b2c\"} 1980000000
+# HELP pagoda_gpu_info The GPU's name, as labels of a gauge at 1.
+# TYPE pagoda_gpu_info gauge
+pagoda_gpu_info{gpu=\"0\",uuid=\"GPU-1b2c\",name=\"NVIDIA H200\"} 1
+pagoda_gpu_info{gpu=\"1\",uuid=\"GPU-\\\"q\\\"\",name=\"Odd \\\\ name\"} 1
+# HELP pagoda_gpu_throttle_reason 1 while the reason holds the GPU's clocks down (NVML).
+# TYPE pagoda_gpu_throttle_reason gauge
+pagoda_gpu_throttle_reason{gpu=\"0\",uuid=\"GPU-1b2c\",reason=\"gpu_idle\"} 0
+pagoda_gpu_throttle_reason{gpu=\"0\",uuid=\"GPU-1b2c\",reason=\"sw_power_cap\"} 1
+";
+        assert_eq!(text, expected);
+    }
+}
