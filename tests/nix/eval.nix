@@ -8,24 +8,65 @@
 let
   inherit (lib) mkOption types;
 
-  freeform = mkOption {
-    type = types.submodule { freeformType = types.attrsOf types.anything; };
-    default = { };
+  # The stubs below declare each nixpkgs option Pagoda's modules set or read, with the type, the
+  # allowed values and the default nixpkgs gives it (the file each comes from, under nixos/modules/,
+  # is named beside it). Nothing is freeform that is not freeform in nixpkgs, so a misspelled name
+  # or a value nixpkgs would refuse fails evaluation here too (tests/nix/test_modules.py's mutation
+  # test proves it).
+  bool = default: mkOption {
+    type = types.bool;
+    inherit default;
   };
-
-  # An exporter: its port (the one nixpkgs defaults to) and anything else.
-  exporter =
-    port:
+  port = default: mkOption {
+    type = types.port;
+    inherit default;
+  };
+  # A submodule of options, taking no other keys.
+  strict =
+    options:
+    mkOption {
+      type = types.submodule { inherit options; };
+      default = { };
+    };
+  # A submodule that takes any key beside its declared options (nixpkgs' freeform settings).
+  freeformWith =
+    options:
     mkOption {
       type = types.submodule {
         freeformType = types.attrsOf types.anything;
-        options.port = mkOption {
-          type = types.port;
-          default = port;
-        };
+        inherit options;
       };
       default = { };
     };
+
+  # services/monitoring/prometheus/exporters.nix: every exporter's common options; `extra` are an
+  # exporter's own.
+  exporter =
+    defaultPort: extra:
+    strict (
+      {
+        enable = bool false;
+        port = port defaultPort;
+        listenAddress = mkOption {
+          type = types.str;
+          default = "0.0.0.0";
+        };
+        extraFlags = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+        };
+        openFirewall = bool false;
+        user = mkOption {
+          type = types.str;
+          default = "nobody";
+        };
+        group = mkOption {
+          type = types.str;
+          default = "nogroup";
+        };
+      }
+      // extra
+    );
 
   # A derivation as far as the module system and lib.getExe care.
   fakePackage = name: {
@@ -40,21 +81,26 @@ let
     runCommand = name: _env: _script: fakePackage name;
   };
 
-  # The NixOS options Pagoda's modules set or read, with the defaults nixpkgs gives them.
+  # The NixOS options Pagoda's modules set or read, as nixpkgs declares them in every system.
   nixosStubs = {
     options = {
+      # misc/assertions.nix
       assertions = mkOption {
         type = types.listOf types.unspecified;
         default = [ ];
       };
+      # system/boot/systemd.nix: units are submodules with many options; Pagoda's unit files are
+      # what tests/nix asserts on, so they stay open here.
       systemd.services = mkOption {
         type = types.attrsOf (types.submodule { freeformType = types.attrsOf types.anything; });
         default = { };
       };
+      # services/networking/firewall.nix
       networking.firewall.allowedTCPPorts = mkOption {
         type = types.listOf types.port;
         default = [ ];
       };
+      # system/boot/kernel.nix (nixpkgs also takes an attribute set of booleans; Pagoda gives a list)
       boot.kernelModules = mkOption {
         type = types.listOf types.str;
         default = [ ];
@@ -63,45 +109,185 @@ let
         type = types.unspecified;
         default.nvidiaPackages.dc = fakePackage "nvidia-dc";
       };
+      # services/x11/xserver.nix
       services.xserver.videoDrivers = mkOption {
         type = types.listOf types.str;
-        default = [ ];
+        default = [
+          "modesetting"
+          "fbdev"
+        ];
       };
+      # services/monitoring/prometheus/default.nix
       services.prometheus = {
-        enable = mkOption {
-          type = types.bool;
-          default = false;
-        };
-        port = mkOption {
-          type = types.port;
-          default = 9090;
-        };
+        enable = bool false;
+        port = port 9090;
         listenAddress = mkOption {
           type = types.str;
           default = "0.0.0.0";
         };
         scrapeConfigs = mkOption {
-          type = types.listOf types.unspecified;
+          type = types.listOf (
+            types.submodule {
+              freeformType = types.attrsOf types.anything;
+              options.job_name = mkOption { type = types.str; };
+              options.static_configs = mkOption {
+                type = types.nullOr (
+                  types.listOf (
+                    types.submodule {
+                      options.targets = mkOption { type = types.listOf types.str; };
+                      options.labels = mkOption {
+                        type = types.attrsOf types.str;
+                        default = { };
+                      };
+                    }
+                  )
+                );
+                default = null;
+              };
+            }
+          );
           default = [ ];
         };
+        # services/monitoring/prometheus/exporters.nix and exporters/{node,nvidia-gpu}.nix
         exporters = {
-          node = exporter 9100;
-          nvidia-gpu = exporter 9835;
+          node = exporter 9100 {
+            enabledCollectors = mkOption {
+              type = types.listOf types.str;
+              default = [ ];
+            };
+            disabledCollectors = mkOption {
+              type = types.listOf types.str;
+              default = [ ];
+            };
+          };
+          nvidia-gpu = exporter 9835 { };
         };
       };
-      services.grafana = freeform;
-      services.openssh = freeform;
-      hardware = {
-        nvidia = freeform;
-        graphics = freeform;
-        nvidia-container-toolkit = freeform;
+      # services/monitoring/grafana.nix: `settings` is freeform INI with declared sections.
+      services.grafana = {
+        enable = bool false;
+        settings = freeformWith {
+          security = freeformWith {
+            secret_key = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+            };
+          };
+        };
+        provision = {
+          enable = bool false;
+          datasources.settings = mkOption {
+            type = types.nullOr (
+              types.submodule {
+                options.apiVersion = mkOption {
+                  type = types.int;
+                  default = 1;
+                };
+                # Each data source is freeform YAML with declared name, type, url, access...
+                options.datasources = mkOption {
+                  type = types.listOf (types.submodule { freeformType = types.attrsOf types.anything; });
+                  default = [ ];
+                };
+              }
+            );
+            default = null;
+          };
+          dashboards.settings = mkOption {
+            type = types.nullOr (
+              types.submodule {
+                options.apiVersion = mkOption {
+                  type = types.int;
+                  default = 1;
+                };
+                options.providers = mkOption {
+                  type = types.listOf (types.submodule { freeformType = types.attrsOf types.anything; });
+                  default = [ ];
+                };
+              }
+            );
+            default = null;
+          };
+        };
       };
+      # services/networking/ssh/sshd.nix: `settings` is freeform with declared keys.
+      services.openssh.settings = freeformWith {
+        PasswordAuthentication = mkOption {
+          type = types.nullOr types.bool;
+          default = true;
+        };
+        KbdInteractiveAuthentication = mkOption {
+          type = types.nullOr types.bool;
+          default = true;
+        };
+      };
+      # hardware/video/nvidia.nix: plain options, not a submodule.
+      hardware.nvidia = {
+        # Declared without a type; nixpkgs defaults to the stable (or, in datacenter mode, the dc)
+        # driver of the kernel's package set.
+        package = mkOption { default = fakePackage "nvidia-stable"; };
+        open = mkOption {
+          type = types.nullOr types.bool;
+          default = null;
+        };
+        nvidiaPersistenced = bool false;
+        nvidiaSettings = bool true;
+        datacenter.enable = bool false;
+        # Computed by the module: setting it is an error.
+        enabled = mkOption {
+          type = types.bool;
+          readOnly = true;
+          default = false;
+        };
+      };
+      # hardware/graphics.nix
+      hardware.graphics.enable = bool false;
+      # services/hardware/nvidia-container-toolkit/default.nix
+      hardware.nvidia-container-toolkit.enable = bool false;
+      # virtualisation/amazon-options.nix (in every system; declared without a type)
+      ec2.efi = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      # image/images.nix
       image.modules = mkOption {
-        type = types.attrsOf types.unspecified;
+        type = types.attrsOf types.deferredModule;
         default = { };
       };
       system.stateVersion = mkOption { type = types.str; };
     };
+  };
+
+  # virtualisation/disk-size-option.nix, imported by the image builders.
+  diskSize = mkOption {
+    type = types.either (types.enum [ "auto" ]) types.ints.positive;
+    default = "auto";
+  };
+
+  # The options each image variant's builder module (images.nix) adds to the system.
+  variantStubs = {
+    # maintainers/scripts/ec2/amazon-image.nix imports virtualisation/amazon-init.nix.
+    amazon.options.virtualisation = {
+      inherit diskSize;
+      amazon-init.enable = bool true;
+    };
+    # virtualisation/azure-image.nix
+    azure.options.virtualisation = {
+      inherit diskSize;
+      azureImage.vmGeneration = mkOption {
+        type = types.enum [
+          "v1"
+          "v2"
+        ];
+        default = "v1";
+      };
+    };
+    # virtualisation/google-compute-image.nix
+    google-compute.options.virtualisation = {
+      inherit diskSize;
+      googleComputeImage.efi = bool false;
+    };
+    # virtualisation/disk-image.nix
+    qemu-efi.options.virtualisation = { inherit diskSize; };
   };
 
   pagodaModules = import ../../nixos {
@@ -267,6 +453,28 @@ in
         config.image.modules.qemu-efi
       ]).pagoda.gpu.enable;
     };
+
+  # Each image variant: the appliance with the variant's own module and its builder's options,
+  # as images.nix builds it.
+  variants = lib.mapAttrs (
+    name: stubs:
+    let
+      config = eval [
+        ../../images/appliance.nix
+        stubs
+        (eval [ ../../images/appliance.nix ]).image.modules.${name}
+      ];
+    in
+    summary config
+    // {
+      inherit (config.virtualisation) diskSize;
+      gpuEnabled = config.pagoda.gpu.enable;
+      ec2Efi = config.ec2.efi;
+      amazonInit = config.virtualisation.amazon-init.enable or null;
+      vmGeneration = config.virtualisation.azureImage.vmGeneration or null;
+      googleEfi = config.virtualisation.googleComputeImage.efi or null;
+    }
+  ) variantStubs;
 
   # The limits: the highest port is taken, one more fails evaluation with the option's name.
   maxPort = summary (eval [

@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -49,7 +50,7 @@ def require_tools():
     return lib
 
 
-def instantiate(attr):
+def instantiate(attr, eval_file=EVAL):
     lib = require_tools()
     return subprocess.run(
         [
@@ -57,7 +58,7 @@ def instantiate(attr):
             "--eval",
             "--strict",
             "--json",
-            str(EVAL),
+            str(eval_file),
             "--arg",
             "lib",
             f"import {lib}",
@@ -218,8 +219,8 @@ def test_gpu_switch_turns_on_driver_toolkit_exporter_and_cuda_build():
 
 def test_fabric_manager_uses_datacenter_mode_without_video_drivers():
     s = scenario("gpuFabric")
-    # The two driver modes exclude each other (nixpkgs asserts it).
-    assert s["nvidia"]["datacenter"] and s["videoDrivers"] == []
+    # The two driver modes exclude each other (nixpkgs asserts it): nixpkgs' default drivers stay.
+    assert s["nvidia"]["datacenter"] and "nvidia" not in s["videoDrivers"]
     assert s["nvidia"]["open"] is False
     assert s["graphics"], "datacenter mode needs hardware.graphics for /run/opengl-driver"
 
@@ -249,3 +250,50 @@ def test_bad_values_fail_with_the_option_name(attr, option):
     result = instantiate(attr)
     assert result.returncode != 0
     assert f"`{option}' is not of type" in result.stderr, result.stderr
+
+
+def test_each_image_variant_sets_its_builders_options():
+    amazon = scenario("variants.amazon")
+    # User data is Pagoda's launch configuration: amazon-init must not rebuild the system from it.
+    assert amazon["amazonInit"] is False
+    assert amazon["ec2Efi"] is True and amazon["diskSize"] == 16384
+    azure = scenario("variants.azure")
+    assert azure["vmGeneration"] == "v2" and azure["diskSize"] == 16384 and azure["ec2Efi"] is False
+    google = scenario("variants.google-compute")
+    assert google["googleEfi"] is True and google["diskSize"] == 16384
+    qemu = scenario("variants.qemu-efi")
+    assert not qemu["gpuEnabled"] and qemu["diskSize"] == "auto"
+    for name in ("amazon", "azure", "google-compute"):
+        s = scenario(f"variants.{name}")
+        assert s["gpuEnabled"] and s["failedAssertions"] == [], name
+        assert "pagoda-launch-config" in s["units"], name
+
+
+# Edits a reviewer made to a copy of the repository, each a name or value nixpkgs does not have:
+# (file, text, replacement, the scenario that evaluates it, what the error must name).
+MUTATIONS = [
+    ("images/amazon.nix", "ec2.efi = true;", "ec2.efiTypo = true;", "variants.amazon", "ec2.efiTypo"),
+    ("images/azure.nix", 'vmGeneration = "v2";', 'vmGeneration = "v9";', "variants.azure", "virtualisation.azureImage.vmGeneration"),
+    ("nixos/gpu.nix", "nvidiaPersistenced = true;", "nvidiaPersistencedTypo = true;", "gpu", "hardware.nvidia.nvidiaPersistencedTypo"),
+    ("nixos/gpu.nix", "hardware.nvidia.datacenter.enable = true;", "hardware.nvidia.datacenter.enabled = true;", "gpuFabric", "hardware.nvidia.datacenter.enabled"),
+]
+
+
+@pytest.mark.parametrize("path, text, replacement, attr, option", MUTATIONS, ids=[m[4] for m in MUTATIONS])
+def test_a_misspelled_nixpkgs_option_or_value_fails_evaluation(path, text, replacement, attr, option):
+    """The stubs declare nixpkgs' options with their real types, nothing freeform that nixpkgs
+    does not make freeform: each edit, which passed the old stubs, must now fail."""
+    require_tools()
+    with tempfile.TemporaryDirectory(prefix="pagoda-mutant-") as tmp:
+        copy = pathlib.Path(tmp)
+        for folder in ("nixos", "images", "helm/pagoda/files", "tests/nix"):
+            shutil.copytree(ROOT / folder, copy / folder)
+        target = copy / path
+        source = target.read_text()
+        assert source.count(text) == 1, f"{path} no longer holds {text!r}: update the mutation"
+        # The unedited copy evaluates; the edited one fails and names the option.
+        assert instantiate(attr, copy / "tests" / "nix" / "eval.nix").returncode == 0
+        target.write_text(source.replace(text, replacement))
+        result = instantiate(attr, copy / "tests" / "nix" / "eval.nix")
+    assert result.returncode != 0, f"{path}: {replacement!r} was accepted"
+    assert option in result.stderr, result.stderr
