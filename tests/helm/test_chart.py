@@ -196,13 +196,26 @@ def check_semantics(docs, values, kube_version):
     shm = next(vol for vol in pod_spec["volumes"] if vol["name"] == "shm")
     assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
 
-    # GPUs and their toleration, or neither.
+    # GPUs and their toleration, served on with the values' memory share; or neither, on the CPU.
     gpu = v["gpu"]["resourceName"]
+    args = container["args"]
+    flag = lambda name: args[args.index(name) + 1]  # noqa: E731
+    sync_env = {e["name"]: e.get("value") for i in pod_spec.get("initContainers", []) for e in i.get("env", [])}
     if v["gpu"]["enabled"]:
         assert container["resources"]["limits"][gpu] == str(v["gpu"]["count"])
         assert any(t.get("key") == gpu for t in pod_spec["tolerations"])
+        assert flag("--device") == "cuda"
+        assert float(flag("--gpu-memory-utilization")) == v["gpu"]["memoryUtilization"]
+        assert flag("--tensor-parallel-size") == str(v["gpu"]["count"])
+        for init in pod_spec.get("initContainers", []):
+            # The sync never holds a GPU, even where NVIDIA's runtime is the node's default.
+            assert gpu not in json.dumps(init["resources"])
+            assert sync_env["NVIDIA_VISIBLE_DEVICES"] == "void"
     else:
         assert gpu not in container["resources"].get("limits", {})
+        assert flag("--device") == "cpu" and "--gpu-memory-utilization" not in args
+        assert "NVIDIA_VISIBLE_DEVICES" not in sync_env
+    assert pod_spec.get("runtimeClassName", "") == v["runtimeClassName"]
 
     # Model sync: an init container from the URI into the cache, credentials only by reference.
     inits = pod_spec.get("initContainers", [])
@@ -575,3 +588,22 @@ def test_each_model_uri_syncs_into_its_own_cache_folder(renderer):
         assert synced.startswith("/models/models/") and synced not in seen, uri
         seen.add(synced)
     assert dirs("s3://models/llama-3.1-8b")[0] == model_dir("/models", "s3://models/llama-3.1-8b"), "stable across renders"
+
+
+def test_gpu_pods_take_their_memory_share_and_runtime_class_from_values(renderer):
+    docs, _ = renderer.install(load_values("ci/gpu-values.yaml"))
+    spec = workload_of(docs)["spec"]["template"]["spec"]
+    assert spec["runtimeClassName"] == "nvidia"
+    args = spec["containers"][0]["args"]
+    assert args[args.index("--gpu-memory-utilization") + 1] == "0.95"
+    # The limits of the share: (0, 1].
+    renderer.install({"gpu": {"memoryUtilization": 1}})
+    renderer.install({"gpu": {"memoryUtilization": 0.01}})
+    for bad in [0, 1.01, -0.5]:
+        with pytest.raises(HelmError) as err:
+            renderer.install({"gpu": {"memoryUtilization": bad}})
+        assert "memoryUtilization" in str(err.value), bad
+    # The CPU file serves on the CPU, with no GPU flag and no runtime class.
+    cpu = workload_of(renderer.install(load_values("values-cpu.yaml"))[0])["spec"]["template"]["spec"]
+    cpu_args = cpu["containers"][0]["args"]
+    assert cpu_args[cpu_args.index("--device") + 1] == "cpu" and "runtimeClassName" not in cpu

@@ -31,6 +31,9 @@ spec:
   {{- with .Values.priorityClassName }}
   priorityClassName: {{ . }}
   {{- end }}
+  {{- with .Values.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
   {{- with .Values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -92,6 +95,12 @@ spec:
       env:
         - name: PAGODA_LOG_FORMAT
           value: {{ .Values.server.logFormat | quote }}
+        {{- if .Values.gpu.enabled }}
+        {{- /* The sync requests no GPU; on nodes whose default runtime is NVIDIA's it would still
+        be handed every GPU of the node without this. */}}
+        - name: NVIDIA_VISIBLE_DEVICES
+          value: void
+        {{- end }}
         {{- with .Values.model.hfToken.existingSecret }}
         - name: HF_TOKEN
           valueFrom:
@@ -143,6 +152,17 @@ spec:
         {{- end }}
         - --dtype
         - {{ .Values.server.dtype | quote }}
+        {{- if .Values.gpu.enabled }}
+        - --device
+        - cuda
+        - --gpu-memory-utilization
+        - {{ .Values.gpu.memoryUtilization | quote }}
+        - --tensor-parallel-size
+        - {{ .Values.gpu.count | quote }}
+        {{- else }}
+        - --device
+        - cpu
+        {{- end }}
         - --shutdown-timeout
         - {{ .Values.server.shutdownTimeoutSeconds | quote }}
         {{- range $flag, $value := dict "--max-model-len" .Values.server.maxModelLen "--max-num-seqs" .Values.server.maxNumSeqs "--max-num-batched-tokens" .Values.server.maxNumBatchedTokens "--max-queue" .Values.server.maxQueue }}
