@@ -251,6 +251,19 @@ struct BoundModel {
     bytes_per_block: usize,
 }
 
+/// What `--device auto` picks: the first GPU when the driver reports one and it opens, else the
+/// reason it cannot (then the CPU serves). It opens the GPU as the server does (context, kernels,
+/// cuBLAS), so `pagoda info`, which asks it too, gives the server's answer.
+pub fn auto_device() -> Result<DeviceHandle, String> {
+    match driver::device_count() {
+        Ok(0) => Err("the NVIDIA driver reports no GPU".to_string()),
+        Ok(_) => driver::CudaDevice::open(0)
+            .map(|d| DeviceHandle::new(Arc::new(d)))
+            .map_err(|e| format!("the GPU could not be used: {e}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The device `kind` names, opened; `None` for the CPU. `auto` falls back to the CPU, saying why
 /// in one log line; an explicit `cuda` that cannot be had is an error.
 pub fn choose_device(kind: DeviceKind) -> Result<Option<DeviceHandle>, LaunchError> {
@@ -267,21 +280,16 @@ pub fn choose_device(kind: DeviceKind) -> Result<Option<DeviceHandle>, LaunchErr
             }
             Err(e) => Err(LaunchError::Invalid(format!("--device cuda: {e}"))),
         },
-        DeviceKind::Auto => {
-            let why_not = match driver::device_count() {
-                Ok(0) => "the NVIDIA driver reports no GPU".to_string(),
-                Ok(_) => match open() {
-                    Ok(handle) => {
-                        tracing::info!(device = "cuda", gpu = %handle.device().name(), "device chosen: cuda (a GPU is present)");
-                        return Ok(Some(handle));
-                    }
-                    Err(e) => format!("the GPU could not be used: {e}"),
-                },
-                Err(e) => e.to_string(),
-            };
-            tracing::info!(device = "cpu", reason = %why_not, "device chosen: cpu, because {why_not}");
-            Ok(None)
-        }
+        DeviceKind::Auto => match auto_device() {
+            Ok(handle) => {
+                tracing::info!(device = "cuda", gpu = %handle.device().name(), "device chosen: cuda (a GPU is present)");
+                Ok(Some(handle))
+            }
+            Err(why_not) => {
+                tracing::info!(device = "cpu", reason = %why_not, "device chosen: cpu, because {why_not}");
+                Ok(None)
+            }
+        },
         #[cfg(feature = "cuda-emu")]
         DeviceKind::EmulatedCuda => {
             // Tests size the device's memory, and make one launch fail to see a failing step.

@@ -1,10 +1,12 @@
-//! `pagoda info`: what this machine offers Pagoda: platform, cloud, accelerators and the CUDA
-//! libraries the dynamic loader would find.
+//! `pagoda info`: what this machine offers Pagoda: platform, cloud, the NVIDIA driver and its GPUs
+//! (from NVML), the CUDA libraries the dynamic loader would find, and which device
+//! `serve --device auto` would pick and why.
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use crate::telemetry::gpu::{GpuMetrics, NVML_LIBRARY};
 use crate::telemetry::{GIT_COMMIT, VERSION, cloud};
 
 #[derive(Debug, Args)]
@@ -72,8 +74,14 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let cloud = cloud::detect(&args.dmi_dir);
     let dirs = library_dirs();
     let libraries: Vec<(&str, Option<PathBuf>)> = CUDA_LIBRARIES.iter().map(|&n| (n, find_library(n, &dirs))).collect();
-    let gpus = gpus();
+    let gpu_devices = gpus();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let driver = GpuMetrics::load().driver_report();
+    // What `serve --device auto` would do, found the way it finds it (opening the GPU).
+    let auto = match crate::launch::auto_device() {
+        Ok(handle) => ("cuda", format!("a GPU is present: {}", handle.device().name())),
+        Err(why_not) => ("cpu", why_not),
+    };
     if args.json {
         let libs: serde_json::Map<String, serde_json::Value> = libraries
             .iter()
@@ -84,9 +92,15 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             "git_commit": GIT_COMMIT,
             "platform": {"os": std::env::consts::OS, "arch": std::env::consts::ARCH, "cpus": cpus},
             "cloud": {"provider": cloud.provider, "instance_type": cloud.instance_type},
-            "backends": ["cpu"],
-            "gpu_devices": gpus,
+            "backends": ["cpu", "cuda"],
+            "driver": driver.as_ref().map(|d| serde_json::json!({
+                "version": d.driver_version,
+                "cuda_version": d.cuda_version,
+            })),
+            "gpus": driver.as_ref().map(|d| d.gpus.clone()).unwrap_or_default(),
+            "gpu_devices": gpu_devices,
             "cuda_libraries": libs,
+            "auto_device": {"device": auto.0, "reason": auto.1},
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -94,10 +108,27 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     println!("pagoda {VERSION} ({GIT_COMMIT})");
     println!("platform: {} {}, {cpus} CPUs", std::env::consts::OS, std::env::consts::ARCH);
     println!("cloud: {} (instance type: {})", cloud.provider, cloud.instance_type);
-    println!("backends in this build: cpu");
-    println!("GPU devices: {}", if gpus.is_empty() { "none".to_string() } else { gpus.join(", ") });
+    println!("backends in this build: cpu, cuda");
+    match &driver {
+        Some(d) => {
+            println!("NVIDIA driver: {} (supports CUDA {})", d.driver_version, d.cuda_version);
+            for g in &d.gpus {
+                let memory = g
+                    .memory_total_bytes
+                    .map_or("memory unknown".into(), |b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64));
+                let capability = g.compute_capability.as_deref().unwrap_or("unknown");
+                println!("GPU {}: {} ({memory}, compute capability {capability}, {})", g.index, g.name, g.uuid);
+            }
+        }
+        None => println!("NVIDIA driver: not found ({NVML_LIBRARY} did not load)"),
+    }
+    println!("GPU devices: {}", if gpu_devices.is_empty() { "none".to_string() } else { gpu_devices.join(", ") });
     for (name, path) in libraries {
         println!("{name}: {}", path.map_or("not found".to_string(), |p| p.display().to_string()));
+    }
+    match auto.0 {
+        "cuda" => println!("serve --device auto would use: cuda ({})", auto.1),
+        _ => println!("serve --device auto would use: cpu, because {}", auto.1),
     }
     Ok(())
 }

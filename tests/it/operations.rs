@@ -282,6 +282,42 @@ fn the_cloud_is_detected_from_dmi() {
         .unwrap();
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["cloud"]["provider"], "aws");
+    assert_eq!(info["cloud"]["instance_type"], "g6e.xlarge");
+}
+
+/// `pagoda info` says what `serve --device auto` would pick and why, the driver and its GPUs
+/// where NVML is present, and where each CUDA library was found.
+#[test]
+fn info_names_the_device_auto_would_pick_and_why() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pagoda")).args(["info", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["backends"], json!(["cpu", "cuda"]));
+    let auto = &info["auto_device"];
+    let reason = auto["reason"].as_str().unwrap();
+    assert!(!reason.is_empty(), "{info}");
+    let nvml = pagoda::telemetry::gpu::GpuMetrics::load().driver_report();
+    match (&nvml, auto["device"].as_str().unwrap()) {
+        (Some(report), device) => {
+            // A machine with the driver: its versions and GPUs are reported.
+            assert_eq!(info["driver"]["version"], report.driver_version.as_str());
+            assert_eq!(info["gpus"].as_array().unwrap().len(), report.gpus.len());
+            println!("driver {} with {} GPUs; auto picks {device}", report.driver_version, report.gpus.len());
+        }
+        (None, device) => {
+            println!("no NVIDIA driver here: only the driverless answer is checked");
+            assert_eq!(device, "cpu", "{info}");
+            assert!(reason.contains("libcuda.so.1") || reason.contains("no GPU"), "{reason}");
+            assert!(info["driver"].is_null() && info["gpus"] == json!([]), "{info}");
+        }
+    }
+    for lib in ["libcuda.so.1", "libcublas.so", "libnvrtc.so", "libnvidia-ml.so.1"] {
+        assert!(info["cuda_libraries"].get(lib).is_some(), "{lib} missing from {info}");
+    }
+    let text = Command::new(env!("CARGO_BIN_EXE_pagoda")).args(["info"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("serve --device auto would use: "), "{text}");
+    assert!(text.contains("NVIDIA driver: "), "{text}");
 }
 
 /// The Python interpreter with the `openai` package: `PAGODA_TEST_PYTHON`, else `.venv/bin/python`.
