@@ -90,7 +90,7 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ partial
   // Each pass issues the loads of AHEAD steps before the first is used, so a warp keeps that many
   // keys' K and V in flight (memory latency, not the count of warps, bounds a decode step); the
   // steps are then consumed in order, so each lane's arithmetic is what one step at a time gives.
-  // `base` is the same for every lane of a warp, so the shuffles below are never divergent; steps
+  // `pass` is the same for every lane of a warp, so the shuffles below are never divergent; steps
   // may run past the split: those lanes read nothing and only take part in shuffles.
   constexpr int AHEAD = GROUP <= 4 ? 4 : 2;
   for (int pass = split_start + warp * TOKENS_PER_WARP; pass < split_end; pass += AHEAD * TOKENS_PER_STEP) {

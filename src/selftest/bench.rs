@@ -302,6 +302,9 @@ pub fn rows(handle: &DeviceHandle, plan: &Plan) -> Result<Vec<Row>, String> {
         floor,
     ));
     // The eager run's model sits on a device that can time each operation of one more step.
+    // The graph run's buffers (its weights among them) go back to the device first: the eager
+    // run's handle has a pool of its own.
+    handle.release_pool();
     let profiler = ProfiledDevice::new(handle.shared_device());
     let profiled = DeviceHandle::new(profiler.clone());
     for (graphs, mode) in [(true, ""), (false, "eager, ")] {

@@ -1,15 +1,20 @@
 //! GPU metrics on the server's own `/metrics`, from NVML (`libnvidia-ml.so.1`, loaded at run time
 //! from the driver): per GPU, with `gpu` (index) and `uuid` labels, utilisation, memory used and
-//! total, temperature, power draw and limit, SM clock, and the clock throttle reasons. Read on
-//! scrape, at most once per [`REFRESH`]. Without the library or a GPU there are no GPU series and
-//! no error: the CPU appliance serves the same `/metrics` minus these.
+//! total, temperature, power draw and limit, SM clock, and the clock throttle reasons. A thread of
+//! its own reads them every [`REFRESH`] and a scrape serves the last reading, so a slow or failing
+//! GPU never holds up `/metrics` (or the probes on the same workers). Without the library or a GPU
+//! there are no GPU series, no thread and no error: the CPU appliance serves the same `/metrics`
+//! minus these.
+//!
+//! `gpu` is NVML's index (PCI bus order, every GPU of the machine, whatever `CUDA_VISIBLE_DEVICES`
+//! says); `uuid` names the GPU unambiguously.
 //!
 //! XID errors are not exported: NVML reports them only as events to a listener that waits on them,
 //! which a scrape cannot be.
 
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::device::ThrottleReasons;
@@ -19,8 +24,8 @@ use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 /// development files).
 pub const NVML_LIBRARY: &str = "libnvidia-ml.so.1";
 
-/// How long one reading serves scrapes: NVML calls take milliseconds per GPU, and scrapes from
-/// several Prometheus replicas may arrive together.
+/// How often the GPUs are read: NVML calls take milliseconds per GPU, and scrapes (from several
+/// Prometheus replicas, say) serve the last reading.
 pub const REFRESH: Duration = Duration::from_secs(1);
 
 /// The throttle reasons exported, by their label value.
@@ -79,6 +84,11 @@ fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// NVML's CUDA version number (1000 × major + 10 × minor) as "major.minor".
+pub fn cuda_version_text(version: i32) -> String {
+    format!("{}.{}", version / 1000, (version % 1000) / 10)
+}
+
 /// The Prometheus text exposition of `samples` (nothing for none).
 pub fn render(samples: &[GpuSample]) -> String {
     let mut out = String::new();
@@ -118,10 +128,28 @@ pub fn render(samples: &[GpuSample]) -> String {
     out
 }
 
-/// NVML, if the driver's library loads, and the last rendering.
+/// What the driver says of itself and its GPUs (`pagoda info`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct DriverReport {
+    pub driver_version: String,
+    /// The newest CUDA version the driver supports, as "13.0".
+    pub cuda_version: String,
+    pub gpus: Vec<GpuDescription>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct GpuDescription {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub memory_total_bytes: Option<u64>,
+    /// As "9.0".
+    pub compute_capability: Option<String>,
+}
+
+/// NVML, if the driver's library loads.
 pub struct GpuMetrics {
     nvml: Option<Nvml>,
-    last: Mutex<Option<(Instant, String)>>,
 }
 
 impl GpuMetrics {
@@ -139,11 +167,38 @@ impl GpuMetrics {
                 None
             }
         };
-        GpuMetrics { nvml, last: Mutex::new(None) }
+        GpuMetrics { nvml }
     }
 
     pub fn available(&self) -> bool {
         self.nvml.is_some()
+    }
+
+    /// The driver's versions and each GPU's name, memory and compute capability; `None` without
+    /// NVML.
+    pub fn driver_report(&self) -> Option<DriverReport> {
+        let nvml = self.nvml.as_ref()?;
+        let cuda = nvml.sys_cuda_driver_version().ok();
+        let gpus = (0..nvml.device_count().unwrap_or(0))
+            .filter_map(|index| {
+                let device = nvml.device_by_index(index).ok()?;
+                Some(GpuDescription {
+                    index,
+                    name: device.name().unwrap_or_default(),
+                    uuid: device.uuid().unwrap_or_default(),
+                    memory_total_bytes: device.memory_info().ok().map(|m| m.total),
+                    compute_capability: device
+                        .cuda_compute_capability()
+                        .ok()
+                        .map(|c| format!("{}.{}", c.major, c.minor)),
+                })
+            })
+            .collect();
+        Some(DriverReport {
+            driver_version: nvml.sys_driver_version().unwrap_or_default(),
+            cuda_version: cuda.map(cuda_version_text).unwrap_or_default(),
+            gpus,
+        })
     }
 
     /// Every GPU's reading now.
@@ -173,21 +228,39 @@ impl GpuMetrics {
             })
             .collect()
     }
+}
 
-    /// The exposition of the GPUs' readings, at most [`REFRESH`] old.
+/// The GPUs' exposition, kept fresh by a thread of its own (none without NVML) that ends within
+/// [`REFRESH`] of the exporter's drop.
+pub struct GpuExporter {
+    last: Arc<Mutex<String>>,
+}
+
+impl GpuExporter {
+    pub fn start(metrics: GpuMetrics) -> GpuExporter {
+        let last = Arc::new(Mutex::new(String::new()));
+        if metrics.available() {
+            // The first reading before the first scrape can ask for it.
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = render(&metrics.sample());
+            let shared = Arc::downgrade(&last);
+            let spawned = std::thread::Builder::new().name("pagoda-gpu-metrics".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(REFRESH);
+                    let text = render(&metrics.sample());
+                    let Some(last) = shared.upgrade() else { return };
+                    *last.lock().unwrap_or_else(|e| e.into_inner()) = text;
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the GPU metrics thread: the GPU series stay at their first reading");
+            }
+        }
+        GpuExporter { last }
+    }
+
+    /// The last reading's exposition (empty without GPUs).
     pub fn render(&self) -> String {
-        if self.nvml.is_none() {
-            return String::new();
-        }
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, text)) = &*last
-            && at.elapsed() < REFRESH
-        {
-            return text.clone();
-        }
-        let text = render(&self.sample());
-        *last = Some((Instant::now(), text.clone()));
-        text
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -199,8 +272,9 @@ mod tests {
     fn a_machine_without_nvml_has_no_gpu_series_and_no_error() {
         let metrics = GpuMetrics::load_from("/nonexistent/libnvidia-ml.so.1");
         assert!(!metrics.available());
+        assert_eq!(metrics.driver_report(), None);
         assert!(metrics.sample().is_empty());
-        assert_eq!(metrics.render(), "");
+        assert_eq!(GpuExporter::start(metrics).render(), "");
         assert_eq!(render(&[]), "");
     }
 
@@ -255,5 +329,12 @@ pagoda_gpu_throttle_reason{gpu=\"0\",uuid=\"GPU-1b2c\",reason=\"gpu_idle\"} 0
 pagoda_gpu_throttle_reason{gpu=\"0\",uuid=\"GPU-1b2c\",reason=\"sw_power_cap\"} 1
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn cuda_versions_read_as_nvml_encodes_them() {
+        assert_eq!(cuda_version_text(13000), "13.0");
+        assert_eq!(cuda_version_text(12080), "12.8");
+        assert_eq!(cuda_version_text(11020), "11.2");
     }
 }

@@ -68,7 +68,7 @@ pub struct Telemetry {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
     model_name: String,
-    gpus: gpu::GpuMetrics,
+    gpus: gpu::GpuExporter,
 }
 
 fn metadata() -> Metadata<'static> {
@@ -100,8 +100,12 @@ impl Telemetry {
         }
         let recorder = Arc::new(builder.build_recorder());
         let handle = recorder.handle();
-        let telemetry =
-            Telemetry { recorder, handle, model_name: model_name.to_string(), gpus: gpu::GpuMetrics::load() };
+        let telemetry = Telemetry {
+            recorder,
+            handle,
+            model_name: model_name.to_string(),
+            gpus: gpu::GpuExporter::start(gpu::GpuMetrics::load()),
+        };
         telemetry.describe();
         let info = |name: &'static str, labels: Vec<Label>| {
             telemetry.recorder.register_gauge(&Key::from_parts(name, labels), &metadata())
@@ -252,7 +256,7 @@ impl Telemetry {
         self.recorder.register_gauge(&Key::from_parts("vllm:cache_config_info", labels), &metadata()).set(1.0);
     }
 
-    /// The Prometheus text exposition of every metric, the GPUs' (if any) last.
+    /// The Prometheus text exposition of every metric, the GPUs' last reading (if any) last.
     pub fn render(&self) -> String {
         let mut text = self.handle.render();
         text.push_str(&self.gpus.render());

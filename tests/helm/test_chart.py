@@ -534,6 +534,9 @@ def test_an_emptydir_cache_is_bounded_and_its_disk_requested(renderer):
     # The user's own request wins; an empty limit means neither.
     own = {**model, "server": {"resources": {"requests": {"cpu": "4", "ephemeral-storage": "10Gi"}}}}
     assert cache_and_request(own) == ("64Gi", "10Gi")
+    # A limit of their own below the cache would make the request exceed it: nothing is added.
+    limited = {**model, "server": {"resources": {"limits": {"memory": "32Gi", "ephemeral-storage": "20Gi"}}}}
+    assert cache_and_request(limited) == ("64Gi", None)
     assert cache_and_request({**model, "cache": {"emptyDir": {"sizeLimit": ""}}}) == (None, None)
 
 
@@ -603,6 +606,12 @@ def test_gpu_pods_take_their_memory_share_and_runtime_class_from_values(renderer
         with pytest.raises(HelmError) as err:
             renderer.install({"gpu": {"memoryUtilization": bad}})
         assert "memoryUtilization" in str(err.value), bad
+    # One GPU per pod until the server has tensor parallelism: more is refused at render time,
+    # not after a pod has downloaded the model.
+    with pytest.raises(HelmError) as err:
+        renderer.install({"gpu": {"count": 2}})
+    assert "gpu.count: the server serves a model on one GPU" in str(err.value)
+    renderer.install({"gpu": {"enabled": False, "count": 2}})  # no GPUs requested: nothing to refuse
     # The CPU file serves on the CPU, with no GPU flag and no runtime class.
     cpu = workload_of(renderer.install(load_values("values-cpu.yaml"))[0])["spec"]["template"]["spec"]
     cpu_args = cpu["containers"][0]["args"]

@@ -8,7 +8,9 @@ use crate::common::*;
 use crate::server::Server;
 
 fn bench(port: u16, args: &[&str], env: &[(&str, &str)]) -> (Output, Option<Value>) {
-    let json = scratch_dir("bench-serve").join("result.json");
+    // A folder per server: tests run side by side, and a shared report file would be read by the
+    // wrong one.
+    let json = scratch_dir(&format!("bench-serve-{port}")).join("result.json");
     let _ = std::fs::remove_file(&json);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pagoda"));
     cmd.args(["bench", "serve", "--base-url", &format!("http://127.0.0.1:{port}"), "--json", json.to_str().unwrap()]);

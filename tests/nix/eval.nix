@@ -126,9 +126,9 @@ let
           default = "0.0.0.0";
         };
         scrapeConfigs = mkOption {
+          # promTypes.scrape_config: a submodule of declared fields only (those Pagoda sets here).
           type = types.listOf (
             types.submodule {
-              freeformType = types.attrsOf types.anything;
               options.job_name = mkOption { type = types.str; };
               options.static_configs = mkOption {
                 type = types.nullOr (

@@ -155,6 +155,9 @@ huggingface_hub's layout and served from it offline. */}}
 {{- if and $keda.enabled (eq (int $keda.minReplicas) 0) (not $keda.query) }}
 {{- fail "autoscaling.keda.minReplicas 0 could never scale back up: the default trigger reads the waiting requests of the server's own pods, a metric that does not exist while no pod runs. Use 1 or more, or give autoscaling.keda.query a metric that exists without pods (a gateway's request rate, say)" }}
 {{- end }}
+{{- if and .Values.gpu.enabled (gt (int .Values.gpu.count) 1) }}
+{{- fail "gpu.count: the server serves a model on one GPU until it has tensor parallelism (it refuses --tensor-parallel-size above 1, after the model is downloaded), so more GPUs per pod would never be used" }}
+{{- end }}
 {{- if and .Values.deploymentStrategy (ne .Values.workload.kind "Deployment") }}
 {{- fail "deploymentStrategy applies to a Deployment; a StatefulSet replaces its pods one at a time" }}
 {{- end }}

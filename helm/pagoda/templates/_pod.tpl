@@ -235,7 +235,8 @@ spec:
         limit, and the scheduler counts this request against the node's disk. */}}
         {{- if and (eq .Values.cache.type "emptyDir") .Values.model.uri .Values.cache.emptyDir.sizeLimit }}
         {{- $requests := default dict $resources.requests }}
-        {{- if not (hasKey $requests "ephemeral-storage") }}
+        {{- /* A limit of the user's own below the cache would make the request invalid: theirs stands. */}}
+        {{- if not (or (hasKey $requests "ephemeral-storage") (hasKey (default dict $resources.limits) "ephemeral-storage")) }}
         {{- $_ := set $requests "ephemeral-storage" (.Values.cache.emptyDir.sizeLimit | toString) }}
         {{- $_ := set $resources "requests" $requests }}
         {{- end }}
