@@ -43,6 +43,8 @@ dockerTools.streamLayeredImage {
     ++ lib.optionals gpu [
       "NVIDIA_VISIBLE_DEVICES=all"
       "NVIDIA_DRIVER_CAPABILITIES=compute,utility"
+      # The container toolkit refuses to start the image on a driver too old for this CUDA.
+      "NVIDIA_REQUIRE_CUDA=cuda>=${pagoda.cudaMajorMinorVersion}"
       # Where the NVIDIA container toolkit, GPU operators and NixOS hosts put libcuda.
       "LD_LIBRARY_PATH=/run/opengl-driver/lib:/usr/lib/x86_64-linux-gnu:/usr/lib64:/usr/local/nvidia/lib64:/usr/local/nvidia/lib"
     ];

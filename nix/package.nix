@@ -56,8 +56,9 @@ buildRustPackage {
   }
   // lib.optionalAttrs cudaSupport {
     # The architectures build.rs compiles kernels/*.cu for with nvcc (into a fatbin the binary
-    # embeds): sm_80/86/89/90 as SASS plus compute_90 PTX for newer GPUs.
-    PAGODA_CUDA_GENCODE = "-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_86,code=sm_86 -gencode=arch=compute_89,code=sm_89 -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90";
+    # embeds): nixpkgs' CUDA capabilities (`config.cudaCapabilities` chooses them), those of 8.0
+    # and newer as machine code, plus PTX of the newest for later GPUs (nix/cuda-gencode.nix).
+    PAGODA_CUDA_GENCODE = import ./cuda-gencode.nix { inherit lib; } cudaPackages.flags.cudaCapabilities;
   };
 
   nativeBuildInputs = lib.optionals cudaSupport [
@@ -80,6 +81,10 @@ buildRustPackage {
       --suffix LD_LIBRARY_PATH : '${addDriverRunpath.driverLink}/lib' \
       --suffix LD_LIBRARY_PATH : '${lib.makeLibraryPath cudaRuntimeLibs}'
   '';
+
+  # The CUDA version the binary was built against: the OCI image states it for the container
+  # toolkit (NVIDIA_REQUIRE_CUDA).
+  passthru = lib.optionalAttrs cudaSupport { inherit (cudaPackages) cudaMajorMinorVersion; };
 
   meta = {
     description = "LLM inference server with an OpenAI-compatible API, a paged KV cache and continuous batching";

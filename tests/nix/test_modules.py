@@ -297,3 +297,69 @@ def test_a_misspelled_nixpkgs_option_or_value_fails_evaluation(path, text, repla
         result = instantiate(attr, copy / "tests" / "nix" / "eval.nix")
     assert result.returncode != 0, f"{path}: {replacement!r} was accepted"
     assert option in result.stderr, result.stderr
+
+
+def gencode(capabilities):
+    lib = require_tools()
+    listed = " ".join(f'"{c}"' for c in capabilities)
+    return subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--expr",
+         f"import {ROOT / 'nix' / 'cuda-gencode.nix'} {{ lib = import {lib}; }} [ {listed} ]"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_the_cuda_package_compiles_the_kernels_for_nixpkgs_capabilities():
+    """nix/package.nix passes nvcc the capabilities nixpkgs builds CUDA for, those the kernels
+    support (8.0 and newer) as machine code, and PTX of the newest for later GPUs."""
+    result = gencode(["7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout).split() == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_86,code=sm_86",
+        "-gencode=arch=compute_89,code=sm_89",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_100,code=sm_100",
+        "-gencode=arch=compute_120,code=sm_120",
+        "-gencode=arch=compute_120,code=compute_120",
+    ]
+    # One capability at the limit; an architecture-specific one gets machine code, never the PTX.
+    assert json.loads(gencode(["8.0"]).stdout) == "-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_80,code=compute_80"
+    mixed = json.loads(gencode(["9.0", "9.0a"]).stdout).split()
+    assert mixed == ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=compute_90"]
+    # Nothing the kernels can run on: the build stops and says why.
+    old = gencode(["7.0", "7.5"])
+    assert old.returncode != 0 and "capability 8.0 or newer" in old.stderr, old.stderr
+
+
+def oci_env(gpu, cuda_version):
+    """The OCI image's environment, evaluated from nix/oci.nix with a stand-in for dockerTools
+    (which only receives the configuration) and for the package."""
+    lib = require_tools()
+    extra = f'cudaMajorMinorVersion = "{cuda_version}";' if cuda_version else ""
+    expr = f"""
+      let
+        lib = import {lib};
+        pagoda = {{
+          type = "derivation"; name = "pagoda"; outPath = "/nix/store/0-pagoda"; version = "0.1.0";
+          meta.mainProgram = "pagoda"; {extra}
+        }};
+        image = import {ROOT / 'nix' / 'oci.nix'} {{
+          inherit lib pagoda;
+          gpu = {'true' if gpu else 'false'};
+          dockerTools = {{ streamLayeredImage = args: args; caCertificates = "ca-certificates"; }};
+        }};
+      in image.config.Env
+    """
+    result = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_cuda_image_states_the_cuda_version_it_was_built_with():
+    env = oci_env(True, "13.0")
+    assert "NVIDIA_REQUIRE_CUDA=cuda>=13.0" in env
+    assert "NVIDIA_VISIBLE_DEVICES=all" in env
+    # The CPU image names no CUDA (its package has no CUDA version to give).
+    assert not any(e.startswith("NVIDIA_") for e in oci_env(False, None))
