@@ -6,10 +6,17 @@
 # in datacenter mode /run/opengl-driver needs `hardware.graphics.enable`; the container toolkit
 # asserts that one of the two driver modes is on). `nvidiaPackages.dc` is dc_580 on the pinned
 # nixos-unstable, which ships open kernel modules (§2.1, §10).
-{ config, lib, ... }:
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
 
 let
   cfg = config.pagoda.gpu;
+  # The fabric manager's start condition: an NVSwitch on the PCI bus.
+  hasNvswitch = pkgs.writeShellScript "pagoda-has-nvswitch" (builtins.readFile ./has-nvswitch.sh);
 in
 {
   options.pagoda.gpu = {
@@ -25,11 +32,14 @@ in
     };
 
     fabricManager = lib.mkOption {
-      type = lib.types.bool;
-      default = false;
+      type = lib.types.either lib.types.bool (lib.types.enum [ "auto" ]);
+      default = "auto";
       description = ''
-        HGX/DGX machines whose GPUs talk through NVSwitch: run the driver in datacenter mode with
-        nvidia-fabricmanager. Leave it off elsewhere, where the fabric manager cannot start.
+        nvidia-fabricmanager, which HGX/DGX machines whose GPUs talk through NVSwitch need (AWS
+        p4d/p5, GCP a2-ultragpu/a3-highgpu-8g, Azure ND H100 v5). `"auto"`: the driver runs in
+        datacenter mode and the fabric manager starts at boot only where an NVSwitch is on the PCI
+        bus, so one image serves single-GPU and NVSwitch shapes. `true`: always (datacenter mode).
+        `false`: never, the driver selected through `services.xserver.videoDrivers` instead.
       '';
     };
   };
@@ -54,10 +64,15 @@ in
         # which CUDA needs, at boot. The open modules load it anyway.
         boot.kernelModules = [ "nvidia_uvm" ];
       }
-      (lib.mkIf cfg.fabricManager {
+      (lib.mkIf (cfg.fabricManager != false) {
+        # Datacenter mode is the one that has the fabric manager; the driver is the same dc one.
         hardware.nvidia.datacenter.enable = true;
       })
-      (lib.mkIf (!cfg.fabricManager) {
+      (lib.mkIf (cfg.fabricManager == "auto") {
+        # Skipped, not failed, where no NVSwitch is found (a condition, not a start failure).
+        systemd.services.nvidia-fabricmanager.serviceConfig.ExecCondition = "${hasNvswitch}";
+      })
+      (lib.mkIf (cfg.fabricManager == false) {
         # Selects the driver without starting X (services.xserver.enable stays false).
         services.xserver.videoDrivers = [ "nvidia" ];
       })

@@ -79,6 +79,7 @@ let
 
   fakePkgs = {
     runCommand = name: _env: _script: fakePackage name;
+    writeShellScript = name: _text: fakePackage name;
   };
 
   # The NixOS options Pagoda's modules set or read, as nixpkgs declares them in every system.
@@ -310,9 +311,11 @@ let
   # What the tests look at for a configuration.
   summary = config: {
     units = lib.mapAttrs (_: unit: {
-      inherit (unit) description;
-      ExecStart = unit.serviceConfig.ExecStart;
-      Type = unit.serviceConfig.Type;
+      # Units of nixpkgs' own that Pagoda only amends (nvidia-fabricmanager) have no description here.
+      description = unit.description or null;
+      ExecStart = unit.serviceConfig.ExecStart or null;
+      ExecCondition = unit.serviceConfig.ExecCondition or null;
+      Type = unit.serviceConfig.Type or null;
       EnvironmentFile = unit.serviceConfig.EnvironmentFile or [ ];
       Restart = unit.serviceConfig.Restart or null;
       DeviceAllow = unit.serviceConfig.DeviceAllow or [ ];
@@ -435,6 +438,16 @@ in
         enable = true;
         fabricManager = true;
         openKernelModule = false;
+      };
+    }
+  ]);
+
+  gpuNoFabric = summary (eval [
+    {
+      services.pagoda.enable = true;
+      pagoda.gpu = {
+        enable = true;
+        fabricManager = false;
       };
     }
   ]);

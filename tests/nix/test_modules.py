@@ -203,13 +203,15 @@ def test_grafana_needs_a_secret_key_and_prometheus():
 def test_gpu_switch_turns_on_driver_toolkit_exporter_and_cuda_build():
     s = scenario("gpu")
     assert s["nvidia"] == {
-        "datacenter": False,
+        "datacenter": True,
         "open": True,
         "package": "nvidia-dc",
         "persistenced": True,
         "settings": False,
     }
-    assert s["videoDrivers"] == ["nvidia"]
+    # The default: datacenter mode, the fabric manager only where an NVSwitch is found at boot.
+    assert "nvidia" not in s["videoDrivers"]
+    assert s["units"]["nvidia-fabricmanager"]["ExecCondition"].endswith("-pagoda-has-nvswitch")
     assert s["graphics"] and s["containerToolkit"]
     assert s["kernelModules"] == ["nvidia_uvm"]
     assert s["exporters"]["nvidia-gpu"]
@@ -223,6 +225,46 @@ def test_fabric_manager_uses_datacenter_mode_without_video_drivers():
     assert s["nvidia"]["datacenter"] and "nvidia" not in s["videoDrivers"]
     assert s["nvidia"]["open"] is False
     assert s["graphics"], "datacenter mode needs hardware.graphics for /run/opengl-driver"
+    # Forced on: no start condition of ours.
+    assert "nvidia-fabricmanager" not in s["units"] or s["units"]["nvidia-fabricmanager"]["ExecCondition"] is None
+    # Forced off: the driver through videoDrivers, no datacenter mode, no fabric manager.
+    off = scenario("gpuNoFabric")
+    assert not off["nvidia"]["datacenter"] and off["videoDrivers"] == ["nvidia"]
+    assert "nvidia-fabricmanager" not in off["units"]
+
+
+HAS_NVSWITCH = ROOT / "nixos" / "has-nvswitch.sh"
+
+
+def pci_tree(root, devices):
+    """A stand-in for /sys/bus/pci/devices: one folder per (vendor, class)."""
+    for i, (vendor, cls) in enumerate(devices):
+        device = root / f"0000:{i:02x}:00.0"
+        device.mkdir(parents=True)
+        (device / "vendor").write_text(vendor + "\n")
+        (device / "class").write_text(cls + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    "devices, found",
+    [
+        # p5.48xlarge-like: 8 H100s (3D controller 0x0302) and 4 NVSwitches (bridge 0x0680).
+        ([("0x10de", "0x030200")] * 8 + [("0x10de", "0x068000")] * 4 + [("0x1d0f", "0x010802")], True),
+        # g6e.xlarge-like: one GPU, an NVMe disk, no NVSwitch.
+        ([("0x10de", "0x030200"), ("0x1d0f", "0x010802")], False),
+        # A bridge of another vendor is not an NVSwitch.
+        ([("0x8086", "0x068000")], False),
+        ([], False),
+    ],
+    ids=["nvswitch", "single-gpu", "other-bridge", "empty"],
+)
+def test_the_fabric_manager_starts_only_where_an_nvswitch_is(tmp_path, devices, found):
+    tree = pci_tree(tmp_path / "devices", devices)
+    result = subprocess.run(["bash", str(HAS_NVSWITCH)], env={"PAGODA_PCI_DEVICES": str(tree)},
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == (0 if found else 1), result.stdout + result.stderr
+    assert ("NVSwitch at" in result.stdout) == found, result.stdout
 
 
 def test_appliance_image_variants_and_defaults():
