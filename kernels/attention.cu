@@ -342,11 +342,13 @@ __device__ void prefill_attention(T* __restrict__ out, const T* __restrict__ q, 
                                          group, sliding_window, scale);                                          \
   }                                                                                                               \
   PAGODA_REGISTER(pagoda_paged_attention_h##HD##_g##G##_##SUFFIX)
-// Every attention kernel K is instantiated for head sizes 16 (the test fixtures), 64 and 128, groups
-// of up to 1, 2, 4 and 8 query heads per KV head, and every dtype (geometry.rs names them).
+// Every attention kernel K is instantiated for head sizes 16 (the test fixtures), 32 (the embedded
+// demo model), 64 and 128, groups of up to 1, 2, 4 and 8 query heads per KV head, and every dtype
+// (geometry.rs names them).
 #define ATTENTION_GROUPS(K, HD, SUFFIX, TYPE) K(HD, 1, SUFFIX, TYPE) K(HD, 2, SUFFIX, TYPE) K(HD, 4, SUFFIX, TYPE) K(HD, 8, SUFFIX, TYPE)
-#define ATTENTION_HEAD_DIMS(K, SUFFIX, TYPE) \
-  ATTENTION_GROUPS(K, 16, SUFFIX, TYPE) ATTENTION_GROUPS(K, 64, SUFFIX, TYPE) ATTENTION_GROUPS(K, 128, SUFFIX, TYPE)
+#define ATTENTION_HEAD_DIMS(K, SUFFIX, TYPE)                                \
+  ATTENTION_GROUPS(K, 16, SUFFIX, TYPE) ATTENTION_GROUPS(K, 32, SUFFIX, TYPE) \
+  ATTENTION_GROUPS(K, 64, SUFFIX, TYPE) ATTENTION_GROUPS(K, 128, SUFFIX, TYPE)
 #define ATTENTION_INSTANCES(K) \
   ATTENTION_HEAD_DIMS(K, f32, float) ATTENTION_HEAD_DIMS(K, f16, f16) ATTENTION_HEAD_DIMS(K, bf16, bf16)
 ATTENTION_INSTANCES(ATTENTION_KERNEL)

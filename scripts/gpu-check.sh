@@ -13,7 +13,8 @@
 # (device copy bandwidth; decode attention with 32 query heads, 8 KV heads, head_dim 128 at batch
 # 1/16/64/128 and context 512/2k/8k; a Llama-3-8B-shaped bf16 model with dummy weights at batch 1
 # and 64), then the peers on the same GPU (scripts/gpu_peers.py: PyTorch's SDPA on the same
-# shapes, transformers' generate at batch 64), and prints the ratios BENCHMARKS.md records and
+# shapes, transformers' generate at batch 64), then the server itself on the GPU (`pagoda info`,
+# /metrics with NVML's series, a short `bench serve`), and prints the ratios BENCHMARKS.md records and
 # where one eager decode step's device time goes (the operations over 2% of the step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +81,39 @@ step selftest 180 "$bin" selftest --device "$device" --fixtures "$dir/fixtures" 
 step bench 240 "$bin" selftest --device "$device" --bench $quick --json "$out/bench.json"
 step peers 240 python3 scripts/gpu_peers.py --json "$out/peers.json"
 
+# The server on the GPU end to end (the embedded demo model: the serving path, not its speed):
+# what `pagoda info` says of the driver and GPUs, /metrics' NVML series with real values, and a
+# short `bench serve` through HTTP, CUDA graphs and on-device sampling.
+serve_check() {
+  "$bin" info --json >"$out/info.json" || return 1
+  "$bin" serve --device "$device" --port 18431 >"$out/serve.log" 2>&1 &
+  local server=$! ready=""
+  for _ in $(seq 120); do
+    if python3 -c 'import sys, urllib.request; urllib.request.urlopen("http://127.0.0.1:18431/ready", timeout=2)' 2>/dev/null; then
+      ready=1
+      break
+    fi
+    sleep 0.5
+  done
+  local status=1
+  if [ -n "$ready" ]; then
+    local sizes=(--num-prompts 64 --random-input-len 256 --random-output-len 32)
+    [ -n "$quick" ] && sizes=(--num-prompts 4 --random-input-len 16 --random-output-len 4)
+    "$bin" bench serve --base-url http://127.0.0.1:18431 "${sizes[@]}" --ignore-eos \
+      --json "$out/serve-bench.json" >"$out/serve-bench.txt" 2>&1 &&
+      python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:18431/metrics").read().decode())' \
+        >"$out/metrics.txt" && status=0
+  else
+    echo "the server was not ready within 60 s" >&2
+  fi
+  kill "$server" 2>/dev/null
+  wait "$server" 2>/dev/null
+  return $status
+}
+export -f serve_check
+export bin out device quick
+step serve 120 bash -c serve_check
+
 python3 - "$out" <<'EOF' | tee "$out/summary.txt"
 import json, os, sys
 out = sys.argv[1]
@@ -132,6 +166,25 @@ for r in bench:
     if r["section"] == "profile" and ("all " in r["name"] or r["number"] >= 0.02 * max(
             x["number"] for x in bench if x["section"] == "profile" and x["name"].split(":")[0] == r["name"].split(":")[0])):
         print(f"  {r['name']}: {r['value']}")
+info = load("info.json") or {}
+driver = info.get("driver") or {}
+print(f"pagoda info: driver {driver.get('version', 'not found')} (CUDA {driver.get('cuda_version', '-')}), "
+      f"{len(info.get('gpus', []))} GPUs, --device auto picks {info.get('auto_device', {}).get('device')}")
+for g in info.get("gpus", []):
+    print(f"  GPU {g['index']}: {g['name']}, {g.get('memory_total_bytes', 0) / 2**30:.1f} GiB, capability {g.get('compute_capability')}")
+try:
+    with open(os.path.join(out, "metrics.txt")) as f:
+        gpu_lines = [l for l in f if l.startswith("pagoda_gpu_")]
+    print(f"/metrics: {len(gpu_lines)} pagoda_gpu_* series, e.g.")
+    for line in gpu_lines:
+        if line.startswith(("pagoda_gpu_memory_used_bytes", "pagoda_gpu_power_draw_watts", "pagoda_gpu_info")):
+            print(f"  {line.rstrip()}")
+except OSError as e:
+    print(f"/metrics not read: {e}")
+served = load("serve-bench.json") or {}
+if served:
+    print(f"bench serve (demo model): {served.get('completed')} completed, {served.get('failed')} failed, "
+          f"{served.get('output_throughput', 0):.0f} output tok/s")
 for key in ("sdpa_error", "transformers_error"):
     if key in peers:
         print(f"{key}: {peers[key]}")

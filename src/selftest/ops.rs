@@ -536,7 +536,7 @@ pub fn fused_rotary(rig: &mut Rig) -> Result<Vec<Check>, BackendError> {
 }
 
 /// The attention cases every device is checked on: every dtype on the mixed lengths; GQA 1, a
-/// group of 3 in the bucket of 4 (padding heads), GQA 8 and head_dim 16; a sliding window; and,
+/// group of 3 in the bucket of 4 (padding heads), GQA 8, head_dim 16 and 32; a sliding window; and,
 /// on a device with few multiprocessors (the emulated one), contexts long enough to be split.
 pub fn attention_cases() -> Vec<(AttentionCase, Vec<DType>)> {
     let case = |head_dim, num_heads, num_kv_heads, seqs: &[(usize, usize)], sliding_window| AttentionCase {
@@ -552,7 +552,10 @@ pub fn attention_cases() -> Vec<(AttentionCase, Vec<DType>)> {
         (case(64, 6, 2, &MIXED_SEQS, None), vec![DType::BF16]),
         (case(128, 8, 1, &MIXED_SEQS, None), vec![DType::BF16]),
         (case(16, 4, 2, &MIXED_SEQS, None), vec![DType::BF16]),
+        // The embedded demo model's shape.
+        (case(32, 4, 2, &MIXED_SEQS, None), DTYPES.to_vec()),
         (case(128, 8, 2, &DECODE_SEQS, None), DTYPES.to_vec()),
+        (case(32, 4, 2, &DECODE_SEQS, None), vec![DType::BF16]),
         (case(64, 4, 4, &DECODE_SEQS, None), vec![DType::BF16]),
         (case(128, 8, 1, &DECODE_SEQS, None), vec![DType::BF16]),
         (case(16, 4, 2, &DECODE_SEQS, None), vec![DType::F16]),

@@ -328,6 +328,24 @@ mod emulated {
         assert_eq!(a["logprobs"]["tokens"], b["logprobs"]["tokens"]);
     }
 
+    /// README's first command, `pagoda serve` on the embedded demo model, also serves on a GPU
+    /// (head_dim 32 has attention kernels): the same greedy text as the CPU server.
+    #[test]
+    fn the_embedded_demo_model_serves_on_the_cuda_backend() {
+        use crate::http::post;
+        use crate::server::Server;
+
+        let args = ["--num-gpu-blocks-override", "64", "--dtype", "float32", "--enforce-eager"];
+        let cuda = Server::start(&[&args[..], &["--device", "cuda-emulated"]].concat());
+        let cpu = Server::start(&[&args[..], &["--device", "cpu"]].concat());
+        let body = serde_json::json!({"model": "pagoda-demo-random-weights", "prompt": "Once upon a time",
+                                      "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+        let (a, b) = (post(cuda.port, "/v1/completions", &body), post(cpu.port, "/v1/completions", &body));
+        assert_eq!((a.status, b.status), (200, 200), "{}\n{}\n{}", a.text(), b.text(), cuda.log());
+        assert_eq!(a.json()["choices"][0]["text"], b.json()["choices"][0]["text"]);
+        assert_eq!(a.json()["usage"]["completion_tokens"], 8);
+    }
+
     /// Without an explicit size the KV cache gets what the weights and a profiling pass at the full
     /// token budget leave of `--gpu-memory-utilization` × the device's memory; a model that does
     /// not fit is one clear error naming the tensor.

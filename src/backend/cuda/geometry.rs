@@ -13,7 +13,7 @@ const NORM_THREADS: u32 = 256;
 const ELEMENTWISE_THREADS: u32 = 256;
 
 /// Head sizes and query-head group buckets `kernels/attention.cu` is instantiated for.
-pub const ATTENTION_HEAD_DIMS: [usize; 3] = [16, 64, 128];
+pub const ATTENTION_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 pub const ATTENTION_GROUP_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 
 /// Split counts for attention over long contexts in small batches. A fixed set keeps the number of

@@ -166,7 +166,7 @@ fn attention_matches_the_cpu_in_every_case_and_thread_order() {
             }
         }
     }
-    assert_eq!(num_checks, 3 * 20);
+    assert_eq!(num_checks, 3 * 24);
 }
 
 #[test]
