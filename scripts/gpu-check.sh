@@ -86,7 +86,10 @@ step peers 240 python3 scripts/gpu_peers.py --json "$out/peers.json"
 # short `bench serve` through HTTP, CUDA graphs and on-device sampling.
 serve_check() {
   "$bin" info --json >"$out/info.json" || return 1
-  "$bin" serve --device "$device" --port 18431 >"$out/serve.log" 2>&1 &
+  # The emulated dry run skips what only costs time there (graph capture, memory profiling).
+  local quick_args=()
+  [ -n "$quick" ] && quick_args=(--enforce-eager --num-gpu-blocks-override 256)
+  "$bin" serve --device "$device" --port 18431 "${quick_args[@]}" >"$out/serve.log" 2>&1 &
   local server=$! ready=""
   for _ in $(seq 120); do
     if python3 -c 'import sys, urllib.request; urllib.request.urlopen("http://127.0.0.1:18431/ready", timeout=2)' 2>/dev/null; then
