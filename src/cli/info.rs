@@ -18,6 +18,30 @@ pub struct InfoArgs {
     /// Folder with the DMI strings used to detect the cloud.
     #[arg(long, env = "PAGODA_DMI_DIR", default_value = cloud::DMI_DIR)]
     pub dmi_dir: PathBuf,
+
+    /// The appliance's launch environment file (`pagoda metadata` writes it from the instance's
+    /// user data), read for the API key the server will be given.
+    #[arg(long, default_value = "/run/pagoda/launch.env")]
+    pub launch_env: PathBuf,
+}
+
+/// Where the server's API key comes from, as far as this environment and the appliance's launch
+/// file say; `None` when neither names one.
+fn api_key_source(launch_env: &Path) -> Option<String> {
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    if set("PAGODA_API_KEY").is_some() {
+        return Some("PAGODA_API_KEY".into());
+    }
+    if let Some(file) = set("PAGODA_API_KEY_FILE") {
+        return Some(format!("PAGODA_API_KEY_FILE={file}"));
+    }
+    let text = std::fs::read_to_string(launch_env).ok()?;
+    text.lines().map(str::trim).find_map(|line| {
+        let (name, value) = line.split_once('=')?;
+        let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
+        let named = matches!(name.trim(), "PAGODA_API_KEY" | "PAGODA_API_KEY_FILE") && !value.is_empty();
+        named.then(|| format!("{} in {}", name.trim(), launch_env.display()))
+    })
 }
 
 /// Libraries a CUDA backend opens, by the names the loader looks for.
@@ -77,6 +101,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let gpu_devices = gpus();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let driver = GpuMetrics::load().driver_report();
+    let api_key = api_key_source(&args.launch_env);
     // What `serve --device auto` would do, found the way it finds it (opening the GPU).
     let auto = match crate::launch::auto_device() {
         Ok(handle) => ("cuda", format!("a GPU is present: {}", handle.device().name())),
@@ -101,6 +126,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             "gpu_devices": gpu_devices,
             "cuda_libraries": libs,
             "auto_device": {"device": auto.0, "reason": auto.1},
+            "api_key": {"configured": api_key.is_some(), "source": api_key},
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -129,6 +155,13 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     match auto.0 {
         "cuda" => println!("serve --device auto would use: cuda ({})", auto.1),
         _ => println!("serve --device auto would use: cpu, because {}", auto.1),
+    }
+    match &api_key {
+        Some(source) => println!("API key: configured ({source})"),
+        None => println!(
+            "API key: NONE configured (environment and {}): a server started here accepts every request",
+            args.launch_env.display()
+        ),
     }
     Ok(())
 }

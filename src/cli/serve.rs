@@ -149,6 +149,17 @@ fn parse_list(s: &str) -> Result<ListArg, String> {
     Ok(ListArg(s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect()))
 }
 
+/// The warning a server reachable from other machines without any API key logs at start (an
+/// appliance whose launch configuration named no key, say); none on loopback or with a key.
+pub fn open_api_warning(keys: &[String], address: std::net::SocketAddr) -> Option<String> {
+    (keys.is_empty() && !address.ip().is_loopback()).then(|| {
+        format!(
+            "NO API KEY: {address} accepts every request from anyone who can reach it; set --api-key-file \
+             (PAGODA_API_KEY_FILE, or api_key_file in the instance's launch configuration) or listen on 127.0.0.1"
+        )
+    })
+}
+
 fn api_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
     // An empty key would leave the API open without a word: it is an error, as an empty
     // --api-key-file is. (clap drops an empty PAGODA_API_KEY, so the variable is read here too.)
@@ -194,6 +205,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
         tracing::info!(address = %local, model = %served, "listening on http://{local}");
+        if let Some(warning) = open_api_warning(&config.api_keys, local) {
+            tracing::warn!(address = %local, "{warning}");
+        }
         let state = Arc::new(AppState::new(config, telemetry.clone(), names, cloud));
         let signals = watch_signals()?;
         // Load in the background; a failure ends the server with the error.
@@ -391,4 +405,20 @@ fn cache_config(opts: &EngineOptions, info: &crate::launch::ModelInfo) -> Vec<(&
         ("num_gpu_blocks_override", or_none(opts.num_gpu_blocks_override)),
         ("kv_cache_size_tokens", (info.num_kv_blocks * info.block_size).to_string()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_api_warning;
+
+    #[test]
+    fn only_a_keyless_server_on_a_public_address_is_warned_about() {
+        let open = |addr: &str| open_api_warning(&[], addr.parse().unwrap());
+        assert!(open("0.0.0.0:8000").unwrap().contains("0.0.0.0:8000 accepts every request"));
+        assert!(open("[::]:8000").is_some());
+        assert!(open("10.0.0.5:8000").is_some());
+        assert_eq!(open("127.0.0.1:8000"), None);
+        assert_eq!(open("[::1]:8000"), None);
+        assert_eq!(open_api_warning(&["k".into()], "0.0.0.0:8000".parse().unwrap()), None);
+    }
 }

@@ -320,6 +320,34 @@ fn info_names_the_device_auto_would_pick_and_why() {
     assert!(text.contains("NVIDIA driver: "), "{text}");
 }
 
+/// `pagoda info` says loudly when no API key is configured, and where one comes from when it is:
+/// the environment, or the appliance's launch file.
+#[test]
+fn info_says_whether_an_api_key_is_configured() {
+    let dir = scratch_dir("info-api-key");
+    let launch = dir.join("launch.env");
+    let info = |env: &[(&str, &str)]| -> (Value, String) {
+        let run = |json: bool| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_pagoda"));
+            cmd.args(["info", "--launch-env", launch.to_str().unwrap()]).args(json.then_some("--json"));
+            cmd.env_remove("PAGODA_API_KEY").env_remove("PAGODA_API_KEY_FILE").envs(env.iter().copied());
+            String::from_utf8(cmd.output().unwrap().stdout).unwrap()
+        };
+        (serde_json::from_str(&run(true)).unwrap(), run(false))
+    };
+    let (json, text) = info(&[]);
+    assert_eq!(json["api_key"], json!({"configured": false, "source": null}));
+    assert!(text.contains("API key: NONE configured"), "{text}");
+    std::fs::write(&launch, "PAGODA_MODEL=s3://m/x\nPAGODA_API_KEY_FILE='/run/secrets/key'\n").unwrap();
+    let (json, text) = info(&[]);
+    assert_eq!(json["api_key"]["source"], format!("PAGODA_API_KEY_FILE in {}", launch.display()));
+    assert!(text.contains("API key: configured (PAGODA_API_KEY_FILE in "), "{text}");
+    std::fs::write(&launch, "PAGODA_API_KEY_FILE=\n").unwrap();
+    assert_eq!(info(&[]).0["api_key"]["configured"], false, "an empty value names no key");
+    assert_eq!(info(&[("PAGODA_API_KEY", "k")]).0["api_key"]["source"], "PAGODA_API_KEY");
+    assert_eq!(info(&[("PAGODA_API_KEY_FILE", "/k")]).0["api_key"]["source"], "PAGODA_API_KEY_FILE=/k");
+}
+
 /// The Python interpreter with the `openai` package: `PAGODA_TEST_PYTHON`, else `.venv/bin/python`.
 pub fn python_with_openai() -> Result<PathBuf, String> {
     let candidate = std::env::var_os("PAGODA_TEST_PYTHON")
@@ -347,4 +375,41 @@ fn the_official_openai_python_client_works_against_the_server() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "openai client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("all openai client checks passed"), "{stdout}");
+}
+
+/// A server reachable from other machines with no API key says so loudly at start (an appliance
+/// whose launch configuration named none); on loopback, or with a key, it does not.
+#[test]
+fn an_open_api_on_a_public_address_is_announced_loudly() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pagoda"))
+        .args(["serve", "--host", "0.0.0.0", "--port", "0"])
+        .env_remove("PAGODA_API_KEY")
+        .env_remove("PAGODA_API_KEY_FILE")
+        .env("PAGODA_DMI_DIR", "/nonexistent")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("NO API KEY") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let warning = rx.recv_timeout(Duration::from_secs(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = warning.expect("no warning about the open API");
+    assert!(
+        warning.contains("WARN") && warning.contains("0.0.0.0:") && warning.contains("--api-key-file"),
+        "{warning}"
+    );
+    for args in [&[][..], &["--api-key", "k3y"][..]] {
+        let server = Server::start(args);
+        assert!(!server.log().contains("NO API KEY"), "{}", server.log());
+    }
 }
