@@ -39,6 +39,26 @@ let
       default = { };
     };
 
+  # services/monitoring/grafana.nix: a provisioning file's settings, its apiVersion and a list
+  # (named `list`) of freeform YAML entries, or null for none.
+  provisioning =
+    list:
+    mkOption {
+      type = types.nullOr (
+        types.submodule {
+          options.apiVersion = mkOption {
+            type = types.int;
+            default = 1;
+          };
+          options.${list} = mkOption {
+            type = types.listOf (types.submodule { freeformType = types.attrsOf types.anything; });
+            default = [ ];
+          };
+        }
+      );
+      default = null;
+    };
+
   # services/monitoring/prometheus/exporters.nix: every exporter's common options; `extra` are an
   # exporter's own.
   exporter =
@@ -177,37 +197,8 @@ let
         };
         provision = {
           enable = bool false;
-          datasources.settings = mkOption {
-            type = types.nullOr (
-              types.submodule {
-                options.apiVersion = mkOption {
-                  type = types.int;
-                  default = 1;
-                };
-                # Each data source is freeform YAML with declared name, type, url, access...
-                options.datasources = mkOption {
-                  type = types.listOf (types.submodule { freeformType = types.attrsOf types.anything; });
-                  default = [ ];
-                };
-              }
-            );
-            default = null;
-          };
-          dashboards.settings = mkOption {
-            type = types.nullOr (
-              types.submodule {
-                options.apiVersion = mkOption {
-                  type = types.int;
-                  default = 1;
-                };
-                options.providers = mkOption {
-                  type = types.listOf (types.submodule { freeformType = types.attrsOf types.anything; });
-                  default = [ ];
-                };
-              }
-            );
-            default = null;
-          };
+          datasources.settings = provisioning "datasources";
+          dashboards.settings = provisioning "providers";
         };
       };
       # services/networking/ssh/sshd.nix: `settings` is freeform with declared keys.
@@ -334,6 +325,16 @@ let
     );
     prometheus = config.services.prometheus.enable;
     grafana = config.services.grafana.enable or false;
+    # Forces the provisioning settings through their types.
+    grafanaProvisioning =
+      let
+        inherit (config.services.grafana.provision) datasources dashboards;
+        names = settings: list: if settings == null then [ ] else map (entry: entry.name) settings.${list};
+      in
+      {
+        datasources = names datasources.settings "datasources";
+        dashboards = names dashboards.settings "providers";
+      };
     nvidia =
       let
         nvidia = config.hardware.nvidia;

@@ -191,6 +191,7 @@ def test_monitoring_scrapes_node_and_pagoda_without_a_gpu():
     # host "::" is a wildcard: scraped over loopback.
     assert s["scrapeJobs"] == {"node": ["127.0.0.1:9100"], "pagoda": ["127.0.0.1:8000"]}
     assert s["prometheus"] and s["grafana"]
+    assert s["grafanaProvisioning"] == {"datasources": ["Prometheus"], "dashboards": ["pagoda"]}
     assert s["failedAssertions"] == []
 
 
