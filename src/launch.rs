@@ -386,7 +386,7 @@ fn bind_cuda(opts: &EngineOptions, files: &ModelFiles, handle: DeviceHandle) -> 
     let config = &files.config;
     let dtype = gpu_dtype(opts, files);
     check_attention_shape(dtype, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        .map_err(LaunchError::Invalid)?;
+        .map_err(|e| LaunchError::Invalid(format!("{e}; serve it on the CPU with --device cpu")))?;
     let backend = CudaBackend::new(handle.clone(), dtype);
     let bytes_per_block = bytes_per_block(config, opts.block_size, backend.kv_cache_dtype());
     let explicit_blocks = match (opts.num_gpu_blocks_override, opts.kv_cache_memory_bytes) {

@@ -328,6 +328,23 @@ mod emulated {
         assert_eq!(a["logprobs"]["tokens"], b["logprobs"]["tokens"]);
     }
 
+    /// A model whose head size has no attention kernels is refused at load with what to do.
+    #[test]
+    fn a_head_size_without_kernels_is_refused_with_the_cpu_as_the_way_out() {
+        let dir = copy_fixture("tiny-llama", "head-dim-24");
+        let config = dir.join("config.json");
+        let text = std::fs::read_to_string(&config).unwrap().replace("\"head_dim\": 16", "\"head_dim\": 24");
+        std::fs::write(&config, text).unwrap();
+        let model = dir.to_str().unwrap();
+        let args = ["generate", "--model", model, "--load-format", "dummy", "--prompt", "Hi", "--max-tokens", "2"];
+        let out = pagoda(&[&args[..], &["--device", "cuda-emulated"]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("this model has head_dim 24") && stderr.contains("--device cpu"), "{stderr}");
+        let out = pagoda(&[&args[..], &["--device", "cpu"]].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// README's first command, `pagoda serve` on the embedded demo model, also serves on a GPU
     /// (head_dim 32 has attention kernels): the same greedy text as the CPU server.
     #[test]
