@@ -2,7 +2,9 @@
 //! Hugging Face Hub into its cache. Also the
 //! store flags `serve` shares for `--model s3://...`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 use clap::{Args, ValueEnum};
 
@@ -119,6 +121,35 @@ pub struct SyncArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// After a successful sync into DEST, delete the other model folders beside it: the folders
+    /// named by 16 hex digits, as the Helm chart names a model URI's folder. Only for a cache no
+    /// other server reads (the chart passes it for an emptyDir, a StatefulSet's own claim or a
+    /// ReadWriteOnce claim), so that switching models does not fill the disk.
+    #[arg(long, requires = "dest")]
+    pub remove_other_models: bool,
+}
+
+/// Deletes the folders beside `dest` named by 16 lowercase hex digits; returns their names.
+fn remove_other_models(dest: &Path) -> anyhow::Result<Vec<String>> {
+    let Some(parent) = dest.parent() else { return Ok(Vec::new()) };
+    let own = dest.file_name();
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(parent).with_context(|| format!("cannot list {}", parent.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(text) = name.to_str() else { continue };
+        let model_folder = text.len() == 16 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        // A symbolic link is never followed or removed: only real folders a sync made.
+        if !model_folder || Some(name.as_os_str()) == own || !entry.file_type()?.is_dir() {
+            continue;
+        }
+        std::fs::remove_dir_all(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        tracing::info!(folder = %entry.path().display(), "removed another model's folder");
+        removed.push(text.to_string());
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 pub fn run(args: SyncArgs) -> anyhow::Result<()> {
@@ -137,7 +168,8 @@ pub fn run(args: SyncArgs) -> anyhow::Result<()> {
             let hub_opts = args.store.hub_options(args.dest.as_deref().or(args.download_dir.as_deref()));
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let snapshot = runtime.block_on(hub::ensure(&hub_model, &hub_opts, &opts))?;
-            return report(&args, model, &snapshot.dir, &snapshot.summary, Some(&snapshot.commit));
+            let removed = prune(&args)?;
+            return report(&args, model, &snapshot.dir, &snapshot.summary, Some(&snapshot.commit), &removed);
         }
         ModelSource::Store(uri) => uri,
     };
@@ -147,7 +179,16 @@ pub fn run(args: SyncArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let summary = runtime.block_on(storage::sync(&source, &dest, &opts))?;
-    report(&args, &source, &dest, &summary, None)
+    let removed = prune(&args)?;
+    report(&args, &source, &dest, &summary, None, &removed)
+}
+
+/// `--remove-other-models`, once the sync has succeeded.
+fn prune(args: &SyncArgs) -> anyhow::Result<Vec<String>> {
+    match (&args.dest, args.remove_other_models) {
+        (Some(dest), true) => remove_other_models(dest),
+        _ => Ok(Vec::new()),
+    }
 }
 
 fn report(
@@ -156,6 +197,7 @@ fn report(
     dest: &std::path::Path,
     summary: &storage::SyncSummary,
     commit: Option<&str>,
+    removed: &[String],
 ) -> anyhow::Result<()> {
     if args.json {
         let mut value = serde_json::json!({
@@ -170,6 +212,9 @@ fn report(
         });
         if let Some(commit) = commit {
             value["commit"] = serde_json::json!(commit);
+        }
+        if args.remove_other_models {
+            value["removed_other_models"] = serde_json::json!(removed);
         }
         println!("{value}");
     } else {

@@ -616,3 +616,19 @@ def test_gpu_pods_take_their_memory_share_and_runtime_class_from_values(renderer
     cpu = workload_of(renderer.install(load_values("values-cpu.yaml"))[0])["spec"]["template"]["spec"]
     cpu_args = cpu["containers"][0]["args"]
     assert cpu_args[cpu_args.index("--device") + 1] == "cpu" and "runtimeClassName" not in cpu
+
+
+def test_a_cache_of_its_own_drops_the_models_it_no_longer_serves(renderer):
+    """The sync removes other model folders only where no other pod reads the cache."""
+    def removes(values):
+        values = {**values, "model": {"uri": "s3://models/llama"}}
+        pod = workload_of(renderer.install(values)[0])["spec"]["template"]["spec"]
+        return "--remove-other-models" in pod["initContainers"][0]["args"]
+
+    rwx = {"pvc": {"accessModes": ["ReadWriteMany"]}}
+    assert removes({})  # an emptyDir
+    assert removes({"cache": {"type": "pvc"}})  # ReadWriteOnce: one replica
+    assert removes({"workload": {"kind": "StatefulSet"}, "cache": {"type": "pvc", **rwx}})  # a claim per replica
+    assert removes({"cache": {"type": "existingClaim", "existingClaim": {"name": "c"}}})
+    assert not removes({"cache": {"type": "pvc", **rwx}})
+    assert not removes({"cache": {"type": "existingClaim", "existingClaim": {"name": "c", "accessMode": "ReadWriteMany"}}})

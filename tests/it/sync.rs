@@ -745,3 +745,44 @@ fn a_sync_never_writes_through_a_symlink_in_the_destination() {
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "nothing written through the links");
     assert!(!dest.join("config.json").exists());
 }
+
+/// `--remove-other-models` (what the chart passes for a cache no other pod reads): after a
+/// successful sync, the other model folders beside DEST go; anything else there stays, and a
+/// failed sync removes nothing.
+#[test]
+fn a_sync_can_remove_the_other_models_folders_beside_it() {
+    let Some(moto) = Moto::start() else { return };
+    moto.upload_dir(&model_dir(), "prune/model");
+    let cache = scratch_dir("sync-prune");
+    let old = cache.join("0123456789abcdef");
+    std::fs::create_dir_all(old.join("sub")).unwrap();
+    std::fs::write(old.join("sub/model.safetensors"), b"old weights").unwrap();
+    let keep = ["not-a-model", "0123456789ABCDEF", "0123456789abcde"];
+    for name in keep {
+        std::fs::create_dir_all(cache.join(name)).unwrap();
+    }
+    std::fs::write(cache.join("fedcba9876543211"), b"a file, not a folder").unwrap();
+    std::os::unix::fs::symlink(cache.join("not-a-model"), cache.join("aaaaaaaaaaaaaaaa")).unwrap();
+    let dest = cache.join("fedcba9876543210");
+    let uri = format!("s3://{BUCKET}/prune/model");
+
+    // A failed sync (a prefix with nothing in it) removes nothing.
+    let error = sync_err(&format!("s3://{BUCKET}/nothing-here"), &dest, &["--remove-other-models"], &moto.env());
+    assert!(error.contains("holds no files"), "{error}");
+    assert!(old.is_dir());
+
+    let summary = sync_ok(&uri, &dest, &["--remove-other-models"], &moto.env());
+    assert_eq!(summary["removed_other_models"], json!(["0123456789abcdef"]));
+    assert!(!old.exists());
+    assert_same_files(&model_dir(), &dest);
+    for name in keep.iter().chain(&["fedcba9876543211", "aaaaaaaaaaaaaaaa"]) {
+        assert!(cache.join(name).symlink_metadata().is_ok(), "{name} was removed");
+    }
+    // Again: nothing else to remove, the model stays.
+    let summary = sync_ok(&uri, &dest, &["--remove-other-models"], &moto.env());
+    assert_eq!(summary["removed_other_models"], json!([]));
+    assert_eq!(summary["downloaded_files"], 0);
+    // The flag needs DEST: there is nothing to compare with otherwise.
+    let out = pagoda(&["sync", &uri, "--remove-other-models"], &moto.env());
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}

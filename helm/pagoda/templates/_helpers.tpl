@@ -93,6 +93,15 @@ digest alone decides what runs), else by tag. */}}
 {{- end }}
 {{- end }}
 
+{{/* Whether other pods may read the cache while this one syncs: a ReadWriteMany claim that several
+replicas share (a StatefulSet's own claims, a ReadWriteOnce claim and an emptyDir are this pod's
+alone). */}}
+{{- define "pagoda.cacheShared" -}}
+{{- if and (eq .Values.cache.type "pvc") (eq .Values.workload.kind "Deployment") (has "ReadWriteMany" .Values.cache.pvc.accessModes) }}true
+{{- else if and (eq .Values.cache.type "existingClaim") (eq .Values.cache.existingClaim.accessMode "ReadWriteMany") }}true
+{{- end }}
+{{- end }}
+
 {{/* Where the synced model lives inside the cache: a folder per model URI (a Hub URI names its
 revision), so a release switched to another model syncs beside the files running replicas have
 mapped instead of over them. */}}

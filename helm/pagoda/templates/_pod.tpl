@@ -77,6 +77,12 @@ spec:
         - {{ .Values.model.sync.concurrency | quote }}
         - --sync-part-size
         - {{ .Values.model.sync.partSize | quote }}
+        {{- if not (include "pagoda.cacheShared" .) }}
+        {{- /* The cache is this pod's alone: the folders of models it no longer serves go, so
+        switching models does not fill the disk. A shared cache keeps them (other replicas may
+        still read them). */}}
+        - --remove-other-models
+        {{- end }}
         {{- with .Values.model.sync.endpoint }}
         - --endpoint
         - {{ . | quote }}
