@@ -14,9 +14,9 @@
 // set of split counts, so a step can be captured in a CUDA graph).
 //
 // Inside a block, each warp takes TOKENS_PER_WARP keys per step (LANES lanes × 16-byte loads cover
-// one head vector), with the loads of several steps in flight at once, reduces q·k over those
-// lanes with shuffles and keeps an online softmax in f32 (base 2, scores pre-scaled by log2(e)).
-// The token groups of a warp are merged by shuffles, the warps through shared memory.
+// one head vector), reduces q·k over those lanes with shuffles and keeps an online softmax in f32
+// (base 2, scores pre-scaled by log2(e)). The token groups of a warp are merged by shuffles, the
+// warps through shared memory.
 #include "common.cuh"
 
 namespace pagoda {
@@ -87,48 +87,35 @@ __device__ void paged_attention(T* __restrict__ out, float* __restrict__ partial
 
   const size_t token_stride = (size_t)num_kv_heads * HEAD_DIM;
   const size_t head_off = (size_t)kv_head * HEAD_DIM + dl * VEC;
-  // Each pass issues the loads of AHEAD steps before the first is used, so a warp keeps that many
-  // keys' K and V in flight (memory latency, not the count of warps, bounds a decode step); the
-  // steps are then consumed in order, so each lane's arithmetic is what one step at a time gives.
-  // `pass` is the same for every lane of a warp, so the shuffles below are never divergent; steps
-  // may run past the split: those lanes read nothing and only take part in shuffles.
-  constexpr int AHEAD = GROUP <= 4 ? 4 : 2;
-  for (int pass = split_start + warp * TOKENS_PER_WARP; pass < split_end; pass += AHEAD * TOKENS_PER_STEP) {
-    Packed<T, VEC> kp[AHEAD], vp[AHEAD];
+  // `base` is the same for every lane of a warp, so the shuffles below are never divergent; the
+  // last step may run past the split: those lanes read nothing and only take part in shuffles.
+  for (int base = split_start + warp * TOKENS_PER_WARP; base < split_end; base += TOKENS_PER_STEP) {
+    const int j = base + sub;
+    const bool valid = j < split_end;
+    float kf[VEC], vf[VEC];
+    if (valid) {
+      const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+      load_floats<T, VEC>(k_cache + slot * token_stride + head_off, kf);
+      load_floats<T, VEC>(v_cache + slot * token_stride + head_off, vf);
+    } else {
 #pragma unroll
-    for (int u = 0; u < AHEAD; u++) {
-      const int j = pass + u * TOKENS_PER_STEP + sub;
-      if (j < split_end) {
-        const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-        load_packed<T, VEC>(k_cache + slot * token_stride + head_off, kp[u]);
-        load_packed<T, VEC>(v_cache + slot * token_stride + head_off, vp[u]);
-      } else {
-        zero_packed<T, VEC>(kp[u]);
-        zero_packed<T, VEC>(vp[u]);
-      }
+      for (int i = 0; i < VEC; i++) kf[i] = vf[i] = 0.f;
     }
 #pragma unroll
-    for (int u = 0; u < AHEAD; u++) {
-      const bool valid = pass + u * TOKENS_PER_STEP + sub < split_end;
-      float kf[VEC], vf[VEC];
-      unpack_floats<T, VEC>(kp[u], kf);
-      unpack_floats<T, VEC>(vp[u], vf);
+    for (int g = 0; g < GROUP; g++) {
+      float s = 0.f;
 #pragma unroll
-      for (int g = 0; g < GROUP; g++) {
-        float s = 0.f;
+      for (int i = 0; i < VEC; i++) s = fmaf(qr[g][i], kf[i], s);
 #pragma unroll
-        for (int i = 0; i < VEC; i++) s = fmaf(qr[g][i], kf[i], s);
+      for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+      if (valid) {
+        const float m_new = fmaxf(m[g], s);
+        const float alpha = exp2f(m[g] - m_new);  // 0 on the first key (m = -inf, m_new finite)
+        const float p = exp2f(s - m_new);
+        l[g] = l[g] * alpha + p;
 #pragma unroll
-        for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
-        if (valid) {
-          const float m_new = fmaxf(m[g], s);
-          const float alpha = exp2f(m[g] - m_new);  // 0 on the first key (m = -inf, m_new finite)
-          const float p = exp2f(s - m_new);
-          l[g] = l[g] * alpha + p;
-#pragma unroll
-          for (int i = 0; i < VEC; i++) acc[g][i] = fmaf(p, vf[i], acc[g][i] * alpha);
-          m[g] = m_new;
-        }
+        for (int i = 0; i < VEC; i++) acc[g][i] = fmaf(p, vf[i], acc[g][i] * alpha);
+        m[g] = m_new;
       }
     }
   }

@@ -91,49 +91,21 @@ struct Unpack<f16> {
   }
 };
 
-// N consecutive elements of T as loaded, not yet widened (N * sizeof(T) a multiple of 16 bytes):
-// what a kernel holds in registers while more loads are in flight.
-template <typename T, int N>
-struct Packed {
-  static constexpr int PER_LOAD = 16 / sizeof(T);
-  static_assert(N % PER_LOAD == 0, "Packed: N must fill whole 16-byte loads");
-  uint4 raw[N / PER_LOAD];
-};
-
-// Loads N consecutive elements (`p` 16-byte aligned) with 16-byte loads.
-template <typename T, int N>
-__device__ __forceinline__ void load_packed(const T* __restrict__ p, Packed<T, N>& out) {
-#pragma unroll
-  for (int i = 0; i < N / Packed<T, N>::PER_LOAD; i++) {
-    out.raw[i] = *reinterpret_cast<const uint4*>(p + i * Packed<T, N>::PER_LOAD);
-  }
-}
-
-// Zero elements (+0.0 once widened).
-template <typename T, int N>
-__device__ __forceinline__ void zero_packed(Packed<T, N>& out) {
-#pragma unroll
-  for (int i = 0; i < N / Packed<T, N>::PER_LOAD; i++) out.raw[i] = uint4{0u, 0u, 0u, 0u};
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void unpack_floats(const Packed<T, N>& in, float (&out)[N]) {
-  constexpr int PER_LOAD = Packed<T, N>::PER_LOAD, PER_WORD = Unpack<T>::PER_WORD;
-#pragma unroll
-  for (int i = 0; i < N / PER_LOAD; i++) {
-    Unpack<T>::run(in.raw[i].x, out + i * PER_LOAD);
-    Unpack<T>::run(in.raw[i].y, out + i * PER_LOAD + PER_WORD);
-    Unpack<T>::run(in.raw[i].z, out + i * PER_LOAD + 2 * PER_WORD);
-    Unpack<T>::run(in.raw[i].w, out + i * PER_LOAD + 3 * PER_WORD);
-  }
-}
-
-// Loads N consecutive elements (`p` 16-byte aligned) as floats, with 16-byte loads.
+// Loads N consecutive elements (N * sizeof(T) a multiple of 16 bytes, `p` 16-byte aligned) as
+// floats, with 16-byte loads.
 template <typename T, int N>
 __device__ __forceinline__ void load_floats(const T* __restrict__ p, float (&out)[N]) {
-  Packed<T, N> packed;
-  load_packed<T, N>(p, packed);
-  unpack_floats<T, N>(packed, out);
+  constexpr int PER_LOAD = 16 / sizeof(T);
+  constexpr int PER_WORD = Unpack<T>::PER_WORD;
+  static_assert(N % PER_LOAD == 0, "load_floats: N must fill whole 16-byte loads");
+#pragma unroll
+  for (int i = 0; i < N / PER_LOAD; i++) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p + i * PER_LOAD);
+    Unpack<T>::run(raw.x, out + i * PER_LOAD);
+    Unpack<T>::run(raw.y, out + i * PER_LOAD + PER_WORD);
+    Unpack<T>::run(raw.z, out + i * PER_LOAD + 2 * PER_WORD);
+    Unpack<T>::run(raw.w, out + i * PER_LOAD + 3 * PER_WORD);
+  }
 }
 
 }  // namespace pagoda

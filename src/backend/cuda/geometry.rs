@@ -35,9 +35,10 @@ pub fn gather_rows(num_rows: usize) -> LaunchConfig {
     config((dim(num_rows), 1, 1), ROW_THREADS)
 }
 
-/// `pagoda_copy_columns_*`: one block per row.
-pub fn copy_columns(num_rows: usize) -> LaunchConfig {
-    config((dim(num_rows), 1, 1), ROW_THREADS)
+/// `pagoda_copy_columns_*`: a block per row and 128 columns (grid.y allows 65,535 blocks: widths
+/// up to 8,388,480).
+pub fn copy_columns(num_rows: usize, width: usize) -> LaunchConfig {
+    config((dim(num_rows), dim(width.div_ceil(ROW_THREADS as usize)), 1), ROW_THREADS)
 }
 
 /// `pagoda_add_rms_norm_*`: one block per row.

@@ -605,7 +605,7 @@ impl Backend for CudaBackend {
             if x.rows > 0 && width > 0 {
                 self.handle.device().launch(
                     &format!("pagoda_copy_columns_{}", geometry::dtype_suffix(x.dtype)),
-                    geometry::copy_columns(x.rows),
+                    geometry::copy_columns(x.rows, width),
                     &[
                         KernelArg::Ptr(part.ptr()),
                         KernelArg::Ptr(x.ptr()),
