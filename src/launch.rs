@@ -257,23 +257,25 @@ struct BoundModel {
 pub fn auto_device() -> Result<DeviceHandle, String> {
     match driver::device_count() {
         Ok(0) => Err("the NVIDIA driver reports no GPU".to_string()),
-        Ok(_) => driver::CudaDevice::open(0)
-            .map(|d| DeviceHandle::new(Arc::new(d)))
-            .map_err(|e| format!("the GPU could not be used: {e}")),
+        Ok(_) => open_first_gpu().map_err(|e| format!("the GPU could not be used: {e}")),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// GPU 0 with its buffer pool.
+fn open_first_gpu() -> Result<DeviceHandle, crate::backend::cuda::device::DeviceError> {
+    driver::CudaDevice::open(0).map(|d| DeviceHandle::new(Arc::new(d)))
 }
 
 /// The device `kind` names, opened; `None` for the CPU. `auto` falls back to the CPU, saying why
 /// in one log line; an explicit `cuda` that cannot be had is an error.
 pub fn choose_device(kind: DeviceKind) -> Result<Option<DeviceHandle>, LaunchError> {
-    let open = || driver::CudaDevice::open(0).map(|d| DeviceHandle::new(Arc::new(d)));
     match kind {
         DeviceKind::Cpu => {
             tracing::info!(device = "cpu", "device chosen: cpu (--device cpu)");
             Ok(None)
         }
-        DeviceKind::Cuda => match open() {
+        DeviceKind::Cuda => match open_first_gpu() {
             Ok(handle) => {
                 tracing::info!(device = "cuda", gpu = %handle.device().name(), "device chosen: cuda (--device cuda)");
                 Ok(Some(handle))

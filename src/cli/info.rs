@@ -35,13 +35,16 @@ fn api_key_source(launch_env: &Path) -> Option<String> {
     if let Some(file) = set("PAGODA_API_KEY_FILE") {
         return Some(format!("PAGODA_API_KEY_FILE={file}"));
     }
-    let text = std::fs::read_to_string(launch_env).ok()?;
-    text.lines().map(str::trim).find_map(|line| {
-        let (name, value) = line.split_once('=')?;
-        let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
-        let named = matches!(name.trim(), "PAGODA_API_KEY" | "PAGODA_API_KEY_FILE") && !value.is_empty();
-        named.then(|| format!("{} in {}", name.trim(), launch_env.display()))
-    })
+    let launch = crate::metadata::parse_env_lines(&std::fs::read_to_string(launch_env).ok()?).ok()?;
+    let named = |value: Option<&String>| value.is_some_and(|v| !v.trim().is_empty());
+    let name = if named(launch.api_key_file.as_ref()) {
+        "PAGODA_API_KEY_FILE"
+    } else if named(launch.env.get("PAGODA_API_KEY")) {
+        "PAGODA_API_KEY"
+    } else {
+        return None;
+    };
+    Some(format!("{name} in {}", launch_env.display()))
 }
 
 /// Libraries a CUDA backend opens, by the names the loader looks for.

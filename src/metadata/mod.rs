@@ -173,8 +173,9 @@ pub fn parse_user_data(text: &str) -> Result<Option<LaunchConfig>, MetadataError
     Ok(Some(config))
 }
 
-/// `PAGODA_MODEL=...` style lines (comments and blank lines allowed).
-fn parse_env_lines(text: &str) -> Result<LaunchConfig, MetadataError> {
+/// `PAGODA_MODEL=...` style lines (comments and blank lines allowed): user data, and the launch
+/// environment file `render_env_file` writes (`pagoda info` reads it back).
+pub fn parse_env_lines(text: &str) -> Result<LaunchConfig, MetadataError> {
     let mut config = LaunchConfig::default();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();

@@ -59,25 +59,36 @@ pub struct GpuSample {
     pub throttle_reasons: Option<Vec<(&'static str, bool)>>,
 }
 
-/// The metric families, in the order they are written: name, help, and how a sample gives its
-/// value.
-type Value = fn(&GpuSample) -> Option<f64>;
-const FAMILIES: [(&str, &str, Value); 8] = [
+/// The metric families, in the order they are written: name, help, and a sample's series (labels
+/// beyond `gpu` and `uuid`, each starting with a comma, and the value); none where NVML gave nothing.
+type Series = fn(&GpuSample) -> Vec<(String, f64)>;
+const FAMILIES: [(&str, &str, Series); 9] = [
     ("pagoda_gpu_utilization_ratio", "Fraction of the last sample period a kernel ran on the GPU (NVML).", |s| {
-        s.utilization_percent.map(|p| f64::from(p) / 100.0)
+        plain(s.utilization_percent.map(|p| f64::from(p) / 100.0))
     }),
-    ("pagoda_gpu_memory_used_bytes", "GPU memory in use.", |s| s.memory_used_bytes.map(|b| b as f64)),
-    ("pagoda_gpu_memory_total_bytes", "GPU memory installed.", |s| s.memory_total_bytes.map(|b| b as f64)),
-    ("pagoda_gpu_temperature_celsius", "GPU core temperature.", |s| s.temperature_celsius.map(f64::from)),
+    ("pagoda_gpu_memory_used_bytes", "GPU memory in use.", |s| plain(s.memory_used_bytes.map(|b| b as f64))),
+    ("pagoda_gpu_memory_total_bytes", "GPU memory installed.", |s| plain(s.memory_total_bytes.map(|b| b as f64))),
+    ("pagoda_gpu_temperature_celsius", "GPU core temperature.", |s| plain(s.temperature_celsius.map(f64::from))),
     ("pagoda_gpu_power_draw_watts", "Power the GPU draws now.", |s| {
-        s.power_draw_milliwatts.map(|mw| f64::from(mw) / 1e3)
+        plain(s.power_draw_milliwatts.map(|mw| f64::from(mw) / 1e3))
     }),
     ("pagoda_gpu_power_limit_watts", "Power limit the driver enforces.", |s| {
-        s.power_limit_milliwatts.map(|mw| f64::from(mw) / 1e3)
+        plain(s.power_limit_milliwatts.map(|mw| f64::from(mw) / 1e3))
     }),
-    ("pagoda_gpu_sm_clock_hertz", "Current SM clock.", |s| s.sm_clock_mhz.map(|mhz| f64::from(mhz) * 1e6)),
-    ("pagoda_gpu_info", "The GPU's name, as labels of a gauge at 1.", |_| Some(1.0)),
+    ("pagoda_gpu_sm_clock_hertz", "Current SM clock.", |s| plain(s.sm_clock_mhz.map(|mhz| f64::from(mhz) * 1e6))),
+    ("pagoda_gpu_info", "The GPU's name, as labels of a gauge at 1.", |s| {
+        vec![(format!(",name=\"{}\"", escape(&s.name)), 1.0)]
+    }),
+    ("pagoda_gpu_throttle_reason", "1 while the reason holds the GPU's clocks down (NVML).", |s| {
+        let reasons = s.throttle_reasons.iter().flatten();
+        reasons.map(|(reason, active)| (format!(",reason=\"{reason}\""), f64::from(u8::from(*active)))).collect()
+    }),
 ];
+
+/// A series with no labels of its own, where NVML gave a value.
+fn plain(value: Option<f64>) -> Vec<(String, f64)> {
+    value.map(|v| (String::new(), v)).into_iter().collect()
+}
 
 /// Label values escaped as the exposition format wants them.
 fn escape(value: &str) -> String {
@@ -96,34 +107,16 @@ pub fn render(samples: &[GpuSample]) -> String {
         return out;
     }
     let labels = |s: &GpuSample| format!("gpu=\"{}\",uuid=\"{}\"", s.index, escape(&s.uuid));
-    for (name, help, value) in FAMILIES {
+    for (name, help, series) in FAMILIES {
         let lines: Vec<String> = samples
             .iter()
-            .filter_map(|s| {
-                let v = value(s)?;
-                let extra =
-                    if name == "pagoda_gpu_info" { format!(",name=\"{}\"", escape(&s.name)) } else { String::new() };
-                Some(format!("{name}{{{}{extra}}} {v}\n", labels(s)))
-            })
+            .flat_map(|s| series(s).into_iter().map(move |(extra, v)| format!("{name}{{{}{extra}}} {v}\n", labels(s))))
             .collect();
         if lines.is_empty() {
             continue;
         }
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
         lines.iter().for_each(|l| out.push_str(l));
-    }
-    let reasons: Vec<String> = samples
-        .iter()
-        .flat_map(|s| {
-            s.throttle_reasons.iter().flatten().map(move |(reason, active)| {
-                format!("pagoda_gpu_throttle_reason{{{},reason=\"{reason}\"}} {}\n", labels(s), u8::from(*active))
-            })
-        })
-        .collect();
-    if !reasons.is_empty() {
-        out.push_str("# HELP pagoda_gpu_throttle_reason 1 while the reason holds the GPU's clocks down (NVML).\n");
-        out.push_str("# TYPE pagoda_gpu_throttle_reason gauge\n");
-        reasons.iter().for_each(|l| out.push_str(l));
     }
     out
 }
