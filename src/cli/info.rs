@@ -37,6 +37,9 @@ fn api_key_source(launch_env: &Path) -> Option<String> {
     }
     let launch = crate::metadata::parse_env_lines(&std::fs::read_to_string(launch_env).ok()?).ok()?;
     let named = |value: Option<&String>| value.is_some_and(|v| !v.trim().is_empty());
+    if let (Some(secret), Some(file)) = (&launch.api_key_secret, &launch.api_key_file) {
+        return Some(format!("the secret {secret}, read into {file} ({})", launch_env.display()));
+    }
     let name = if named(launch.api_key_file.as_ref()) {
         "PAGODA_API_KEY_FILE"
     } else if named(launch.env.get("PAGODA_API_KEY")) {

@@ -22,6 +22,15 @@ pub struct MetadataArgs {
     #[arg(long, default_value = "/run/pagoda/launch.env")]
     pub output: PathBuf,
 
+    /// Where the API key read from `api_key_secret` is written (readable by its owner only; the
+    /// launch environment then names it as PAGODA_API_KEY_FILE).
+    #[arg(long, default_value = "/run/pagoda/api-key")]
+    pub api_key_output: PathBuf,
+
+    /// Base URL replacing the secret store's own (a private endpoint; tests).
+    #[arg(long, hide = true)]
+    pub secrets_endpoint: Option<String>,
+
     /// Seconds each request to the metadata service may take.
     #[arg(long, default_value_t = 5)]
     pub timeout: u64,
@@ -60,10 +69,28 @@ pub fn run(args: MetadataArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let user_data =
         runtime.block_on(metadata::fetch_user_data(provider, &endpoint, Duration::from_secs(args.timeout)))?;
-    let config = match &user_data {
+    let mut config = match &user_data {
         Some(text) => metadata::parse_user_data(text)?,
         None => None,
     };
+    if let Some(c) = config.as_mut()
+        && let Some(secret) = &c.api_key_secret
+    {
+        // The key is written before the environment file that names it; a secret that cannot be
+        // read fails the unit, so the server never starts without the key it was meant to have.
+        let secret = metadata::secrets::SecretRef::parse(secret).map_err(metadata::MetadataError::Invalid)?;
+        let key = runtime.block_on(metadata::fetch_api_key(
+            provider,
+            &endpoint,
+            Duration::from_secs(args.timeout),
+            &secret,
+            args.secrets_endpoint.as_deref(),
+        ))?;
+        let output = std::path::absolute(&args.api_key_output)?;
+        metadata::write_atomically(&output, &key)?;
+        tracing::info!(store = secret.store(), output = %output.display(), "API key read from the secret store");
+        c.api_key_file = Some(output.display().to_string());
+    }
     if user_data.is_some() && config.is_none() {
         tracing::info!("the user data is not for Pagoda (cloud-config or a script); nothing taken from it");
     }

@@ -12,6 +12,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::Deserialize;
 
+pub mod secrets;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Provider {
     Aws,
@@ -43,6 +45,8 @@ pub enum MetadataError {
     Timeout { service: &'static str, endpoint: String, timeout: Duration },
     #[error("{service} at {endpoint} failed: {message}")]
     Service { service: &'static str, endpoint: String, message: String },
+    #[error("cannot read the API key secret {secret} from {store}: {message}")]
+    Secret { store: &'static str, secret: String, message: String },
     #[error("the user data is not valid Pagoda configuration: {0}")]
     Invalid(String),
     #[error("{path}: {source}")]
@@ -60,12 +64,123 @@ pub struct LaunchConfig {
     /// A file on the instance holding the API key (put there by a secrets agent); keys never
     /// travel in user data, which anyone on the instance can read.
     pub api_key_file: Option<String>,
+    /// The API key(s) in the cloud's secret store, read at boot with the instance's identity and
+    /// written to a key file only the server can read (`secrets::SecretRef` lists the forms).
+    pub api_key_secret: Option<String>,
     /// Extra `pagoda serve` arguments.
     #[serde(default)]
     pub extra_args: Vec<String>,
     /// Extra environment variables for the service (AWS_REGION, HF_HOME, ...).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+}
+
+/// One conversation with a cloud's metadata service: its HTTP client, how its failures read, and
+/// (AWS) the IMDSv2 session token, fetched once.
+pub(crate) struct Session<'a> {
+    provider: Provider,
+    endpoint: &'a str,
+    timeout: Duration,
+    client: reqwest::Client,
+    aws_token: Option<String>,
+}
+
+impl<'a> Session<'a> {
+    pub(crate) fn new(provider: Provider, endpoint: &'a str, timeout: Duration) -> Result<Self, MetadataError> {
+        let client =
+            reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).no_proxy().build().map_err(|e| {
+                MetadataError::Service {
+                    service: provider.name(),
+                    endpoint: endpoint.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+        Ok(Session { provider, endpoint, timeout, client, aws_token: None })
+    }
+
+    pub(crate) fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// The HTTP client, for the cloud's other services (its secret store).
+    pub(crate) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.endpoint.trim_end_matches('/'))
+    }
+
+    fn fail(&self, e: reqwest::Error) -> MetadataError {
+        if e.is_timeout() || e.is_connect() {
+            MetadataError::Timeout {
+                service: self.provider.name(),
+                endpoint: self.endpoint.to_string(),
+                timeout: self.timeout,
+            }
+        } else {
+            self.error(e.to_string())
+        }
+    }
+
+    fn error(&self, message: String) -> MetadataError {
+        MetadataError::Service { service: self.provider.name(), endpoint: self.endpoint.to_string(), message }
+    }
+
+    /// A GET of `path` with the provider's headers: the body, `None` on a 404, an error on any
+    /// other failure. `what` names the request in errors.
+    pub(crate) async fn get(&mut self, path: &str, what: &str) -> Result<Option<String>, MetadataError> {
+        let request = self.client.get(self.url(path));
+        let request = match self.provider {
+            Provider::Aws => request.header("X-aws-ec2-metadata-token", self.aws_token().await?),
+            Provider::Gcp => request.header("Metadata-Flavor", "Google"),
+            Provider::Azure => request.header("Metadata", "true"),
+        };
+        let resp = request.send().await.map_err(|e| self.fail(e))?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| self.fail(e))?;
+        match status {
+            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => Ok(Some(body)),
+            s => Err(self.error(format!("{what} answered {s}{}", error_detail(&body)))),
+        }
+    }
+
+    /// Like `get`, where a 404 is an error too: `missing` says what its absence means.
+    pub(crate) async fn get_required(
+        &mut self,
+        path: &str,
+        what: &str,
+        missing: &str,
+    ) -> Result<String, MetadataError> {
+        self.get(path, what).await?.ok_or_else(|| self.error(format!("{what} answered 404 Not Found: {missing}")))
+    }
+
+    /// IMDSv2's session token.
+    async fn aws_token(&mut self) -> Result<String, MetadataError> {
+        if let Some(token) = &self.aws_token {
+            return Ok(token.clone());
+        }
+        let resp = self
+            .client
+            .put(self.url("/latest/api/token"))
+            .header("X-aws-ec2-metadata-token-ttl-seconds", "300")
+            .send()
+            .await
+            .map_err(|e| self.fail(e))?;
+        if !resp.status().is_success() {
+            return Err(self.error(format!("the token request answered {}", resp.status())));
+        }
+        let token = resp.text().await.map_err(|e| self.fail(e))?.trim().to_string();
+        self.aws_token = Some(token.clone());
+        Ok(token)
+    }
+}
+
+/// What an error body adds to a status line: its first 300 characters, if any.
+pub(crate) fn error_detail(body: &str) -> String {
+    let body = body.trim();
+    if body.is_empty() { String::new() } else { format!(": {}", body.chars().take(300).collect::<String>()) }
 }
 
 /// Fetches the user data from `provider`'s metadata service at `endpoint`. `None` when the
@@ -75,66 +190,22 @@ pub async fn fetch_user_data(
     endpoint: &str,
     timeout: Duration,
 ) -> Result<Option<String>, MetadataError> {
-    let client =
-        reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).no_proxy().build().map_err(|e| {
-            MetadataError::Service { service: provider.name(), endpoint: endpoint.to_string(), message: e.to_string() }
-        })?;
-    let base = endpoint.trim_end_matches('/');
-    let fail = |e: reqwest::Error| {
-        if e.is_timeout() || e.is_connect() {
-            MetadataError::Timeout { service: provider.name(), endpoint: endpoint.to_string(), timeout }
-        } else {
-            MetadataError::Service { service: provider.name(), endpoint: endpoint.to_string(), message: e.to_string() }
-        }
-    };
-    let status_error = |what: &str, status: reqwest::StatusCode| MetadataError::Service {
-        service: provider.name(),
-        endpoint: endpoint.to_string(),
-        message: format!("{what} answered {status}"),
-    };
-    // A GET whose 404 means "no user data here".
-    let optional_text = |request: reqwest::RequestBuilder, what: String| async move {
-        let resp = request.send().await.map_err(fail)?;
-        match resp.status() {
-            reqwest::StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => Ok(Some(resp.text().await.map_err(fail)?)),
-            s => Err(status_error(&what, s)),
-        }
-    };
+    let mut session = Session::new(provider, endpoint, timeout)?;
     match provider {
-        Provider::Aws => {
-            // IMDSv2: a session token first, then the user data with it.
-            let token = client
-                .put(format!("{base}/latest/api/token"))
-                .header("X-aws-ec2-metadata-token-ttl-seconds", "300")
-                .send()
-                .await
-                .map_err(fail)?;
-            if !token.status().is_success() {
-                return Err(status_error("the token request", token.status()));
-            }
-            let token = token.text().await.map_err(fail)?;
-            let request =
-                client.get(format!("{base}/latest/user-data")).header("X-aws-ec2-metadata-token", token.trim());
-            optional_text(request, "the user-data request".into()).await
-        }
+        Provider::Aws => session.get("/latest/user-data", "the user-data request").await,
         Provider::Gcp => {
             // A dedicated `pagoda-config` attribute first, then the generic `user-data` one.
             for attribute in ["pagoda-config", "user-data"] {
-                let request = client
-                    .get(format!("{base}/computeMetadata/v1/instance/attributes/{attribute}"))
-                    .header("Metadata-Flavor", "Google");
-                if let Some(text) = optional_text(request, format!("the {attribute} request")).await? {
+                let path = format!("/computeMetadata/v1/instance/attributes/{attribute}");
+                if let Some(text) = session.get(&path, &format!("the {attribute} request")).await? {
                     return Ok(Some(text));
                 }
             }
             Ok(None)
         }
         Provider::Azure => {
-            let request = client
-                .get(format!("{base}/metadata/instance/compute/userData?api-version=2021-01-01&format=text"))
-                .header("Metadata", "true");
-            let Some(text) = optional_text(request, "the userData request".into()).await? else {
+            let path = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text";
+            let Some(text) = session.get(path, "the userData request").await? else {
                 return Ok(None);
             };
             if text.trim().is_empty() {
@@ -149,6 +220,19 @@ pub async fn fetch_user_data(
                 .map_err(|_| MetadataError::Invalid("Azure userData is not UTF-8 text".into()))
         }
     }
+}
+
+/// Reads the API key secret `secret` names with this instance's identity, asking `provider`'s
+/// metadata service at `endpoint` for it; `store_endpoint` replaces the secret store's own URL.
+pub async fn fetch_api_key(
+    provider: Provider,
+    endpoint: &str,
+    timeout: Duration,
+    secret: &secrets::SecretRef,
+    store_endpoint: Option<&str>,
+) -> Result<String, MetadataError> {
+    let mut session = Session::new(provider, endpoint, timeout)?;
+    secrets::fetch_secret(&mut session, secret, store_endpoint).await
 }
 
 /// Reads Pagoda's configuration from user data; `None` when the user data is for something else
@@ -190,6 +274,7 @@ pub fn parse_env_lines(text: &str) -> Result<LaunchConfig, MetadataError> {
             "PAGODA_MODEL" => config.model = Some(value),
             "PAGODA_SERVED_MODEL_NAME" => config.served_model_name = Some(value),
             "PAGODA_API_KEY_FILE" => config.api_key_file = Some(value),
+            "PAGODA_API_KEY_SECRET" => config.api_key_secret = Some(value),
             "PAGODA_EXTRA_ARGS" => config.extra_args = value.split_whitespace().map(str::to_string).collect(),
             other => {
                 config.env.insert(other.to_string(), value);
@@ -211,6 +296,12 @@ fn validate(config: &LaunchConfig) -> Result<(), MetadataError> {
     if let Some(file) = config.api_key_file.as_ref().filter(|f| !f.starts_with('/')) {
         return bad(format!("api_key_file '{file}' must be an absolute path"));
     }
+    if let Some(secret) = &config.api_key_secret {
+        secrets::SecretRef::parse(secret).map_err(MetadataError::Invalid)?;
+        if config.api_key_file.is_some() {
+            return bad("api_key_file and api_key_secret are both set; name the key one way".into());
+        }
+    }
     if let Some(arg) = config.extra_args.iter().find(|a| a.is_empty() || a.chars().any(char::is_whitespace)) {
         return bad(format!("extra_args entry {arg:?} must be one word (no spaces)"));
     }
@@ -222,7 +313,8 @@ fn validate(config: &LaunchConfig) -> Result<(), MetadataError> {
         }
     }
     let all_values =
-        config.model.iter().chain(&config.served_model_name).chain(&config.api_key_file).chain(config.env.values());
+        config.model.iter().chain(&config.served_model_name).chain(&config.api_key_file).chain(&config.api_key_secret);
+    let all_values = all_values.chain(config.env.values());
     if let Some(v) = all_values.into_iter().find(|v| v.contains('\n') || v.contains('\0')) {
         return bad(format!("value {v:?} contains a line break"));
     }
@@ -241,6 +333,7 @@ pub fn render_env_file(config: Option<&LaunchConfig>, source: &str) -> String {
         ("PAGODA_MODEL", &c.model),
         ("PAGODA_SERVED_MODEL_NAME", &c.served_model_name),
         ("PAGODA_API_KEY_FILE", &c.api_key_file),
+        ("PAGODA_API_KEY_SECRET", &c.api_key_secret),
     ] {
         if let Some(v) = value {
             out.push_str(&format!("{key}={}\n", quote(v)));

@@ -19,6 +19,7 @@ mod params;
 mod prompt_logprobs;
 mod reference;
 mod routes;
+mod secrets;
 mod server;
 mod structured;
 mod sync;

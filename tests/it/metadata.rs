@@ -11,24 +11,25 @@ use std::time::{Duration, Instant};
 use crate::common::scratch_dir;
 
 /// A request as the fake server saw it.
-struct Seen {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
 }
 
 impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
 /// How a fake server answers a request: status and body.
-type Answer = fn(&Seen) -> (u16, String);
+pub type Answer = fn(&Seen) -> (u16, String);
 
 /// Serves `answer(request)` on a free port until the test ends; with `None` it accepts
 /// connections and never answers.
-fn fake_server(answer: Option<Answer>) -> u16 {
+pub fn fake_server(answer: Option<Answer>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -56,7 +57,15 @@ fn fake_server(answer: Option<Answer>) -> u16 {
                     headers.push((k.trim().to_string(), v.trim().to_string()));
                 }
             }
-            let (status, body) = answer(&Seen { method, path, headers });
+            let length = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; length];
+            std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+            let body = String::from_utf8(body).unwrap();
+            let (status, body) = answer(&Seen { method, path, headers, body });
             let _ = write!(
                 stream,
                 "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -67,7 +76,7 @@ fn fake_server(answer: Option<Answer>) -> u16 {
     port
 }
 
-fn metadata(provider: &str, port: u16, output: &Path, extra: &[&str]) -> Output {
+pub fn metadata(provider: &str, port: u16, output: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pagoda"))
         .args(["metadata", "--provider", provider, "--endpoint", &format!("http://127.0.0.1:{port}")])
         .args(["--output", output.to_str().unwrap()])
