@@ -15,6 +15,9 @@
     host = "0.0.0.0";
     openFirewall = true;
     launchConfigFromMetadata = true;
+    # The GPU shapes' instance-store NVMe (p4d/p5, a3, ND H100 v5) holds the model cache where
+    # present; elsewhere (and in the qemu image) it stays on the root disk.
+    localNvmeCache = true;
   };
 
   pagoda.monitoring = {

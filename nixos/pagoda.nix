@@ -1,5 +1,6 @@
 # services.pagoda: the server, the model-sync oneshot it requires, and (for cloud images) the
-# launch-configuration unit that reads the instance's user data first.
+# launch-configuration unit that reads the instance's user data first and the unit that puts the
+# model cache on instance-store NVMe (nvme-cache.sh).
 #
 # Modelled on nixpkgs' ollama and llama-cpp modules (NIX_FACTS.md §7): mkEnableOption, a package
 # option, safe defaults (127.0.0.1, firewall closed), typed settings rendered to flags, and the
@@ -66,6 +67,9 @@ let
   // cfg.environment;
 
   environmentFiles = lib.optional cfg.launchConfigFromMetadata "-${launchEnv}" ++ cfg.environmentFiles;
+
+  # Formats and mounts instance-store NVMe at the state directory (`localNvmeCache`).
+  nvmeCache = pkgs.writeShellScript "pagoda-nvme-cache" (builtins.readFile ./nvme-cache.sh);
 
   # Hardening shared by the sync and server units. Exceptions are commented.
   hardening = {
@@ -236,9 +240,25 @@ in
       type = types.bool;
       default = false;
       description = ''
-        Read the model, its name, the API key file and extra flags from the cloud instance's user
-        data at boot (`pagoda metadata`, AWS IMDSv2, the GCE metadata server or Azure IMDS), so one
-        image serves any model. What the user data sets replaces the options above.
+        Read the model, its name, the API key (a file, or a secret in AWS Secrets Manager, SSM
+        Parameter Store, GCP Secret Manager or Azure Key Vault read with the instance's identity)
+        and extra flags from the cloud instance's user data at boot (`pagoda metadata`, AWS IMDSv2,
+        the GCE metadata server or Azure IMDS), so one image serves any model. What the user data
+        sets replaces the options above; a secret that cannot be read keeps the server stopped.
+      '';
+    };
+
+    localNvmeCache = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Keep the model cache (the state directory, /var/lib/pagoda) on the instance's local NVMe
+        disks where the machine has them (AWS instance store, GCE local SSD, Azure's NVMe direct
+        disks): `pagoda-nvme-cache.service` formats them at boot if nothing is on them (several as
+        one RAID 0 array, ext4 labelled `pagoda-cache`), mounts them before the sync and the server
+        start, and mounts them again after a reboot. A disk holding anything else is left alone,
+        and without such disks the cache stays on the root disk. The disks are ephemeral: after a
+        stop and start the model is downloaded again.
       '';
     };
 
@@ -275,8 +295,11 @@ in
         RemainAfterExit = true;
         Restart = "on-failure";
         RestartSec = "5s";
-        # Reading the metadata service needs no privileges; the file lives in /run/pagoda.
+        # Reading the metadata service needs no privileges; the files live in /run/pagoda. The
+        # server's own dynamic user, so that the API key it writes from `api_key_secret`
+        # (/run/pagoda/api-key, mode 0600) is readable by the server and by no one else.
         DynamicUser = true;
+        User = "pagoda";
         RuntimeDirectory = "pagoda";
         RuntimeDirectoryPreserve = true;
         ExecStart = lib.escapeShellArgs [
@@ -288,6 +311,38 @@ in
         NoNewPrivileges = true;
         ProtectSystem = "strict";
         ProtectHome = true;
+      };
+    };
+
+    systemd.services.pagoda-nvme-cache = lib.mkIf cfg.localNvmeCache {
+      description = "Pagoda model cache on instance-store NVMe";
+      # Mounted before either unit starts, so that systemd sets their StateDirectory up on the
+      # mount; wanted, not required: on any problem the script exits 0 and the root disk is used.
+      wantedBy = [
+        "pagoda-model-sync.service"
+        "pagoda.service"
+      ];
+      before = [
+        "pagoda-model-sync.service"
+        "pagoda.service"
+      ];
+      # mdadm loads md_mod with modprobe; the kernel loads the raid0 personality itself.
+      path = [
+        pkgs.util-linux
+        pkgs.e2fsprogs
+        pkgs.mdadm
+        pkgs.kmod
+      ];
+      # As root and in the host's mount namespace (no DynamicUser, no ProtectSystem or other
+      # sandboxing that makes one): formatting needs the disks and the mount must be seen by every
+      # later unit.
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        ExecStart = "${nvmeCache}";
+        # Formatting a large array takes seconds (lazy initialisation); a hung disk must not
+        # keep the server from starting on the root disk.
+        TimeoutStartSec = "10min";
       };
     };
 

@@ -100,6 +100,11 @@ let
   fakePkgs = {
     runCommand = name: _env: _script: fakePackage name;
     writeShellScript = name: _text: fakePackage name;
+    # The tools pagoda-nvme-cache runs.
+    util-linux = fakePackage "util-linux";
+    e2fsprogs = fakePackage "e2fsprogs";
+    mdadm = fakePackage "mdadm";
+    kmod = fakePackage "kmod";
   };
 
   # The NixOS options Pagoda's modules set or read, as nixpkgs declares them in every system.
@@ -307,6 +312,10 @@ let
       ExecStart = unit.serviceConfig.ExecStart or null;
       ExecCondition = unit.serviceConfig.ExecCondition or null;
       Type = unit.serviceConfig.Type or null;
+      User = unit.serviceConfig.User or null;
+      DynamicUser = unit.serviceConfig.DynamicUser or false;
+      # Package names (a `path` entry may also be a string).
+      path = map (p: p.name or p) (unit.path or [ ]);
       EnvironmentFile = unit.serviceConfig.EnvironmentFile or [ ];
       Restart = unit.serviceConfig.Restart or null;
       DeviceAllow = unit.serviceConfig.DeviceAllow or [ ];
@@ -381,6 +390,15 @@ in
         ];
         environment.AWS_REGION = "eu-west-1";
         environmentFiles = [ "/run/secrets/store-credentials" ];
+      };
+    }
+  ]);
+
+  nvmeCache = summary (eval [
+    {
+      services.pagoda = {
+        enable = true;
+        localNvmeCache = true;
       };
     }
   ]);

@@ -2,9 +2,11 @@
 
 No nixpkgs checkout and no builds: the NixOS options the modules set are stubs, so these tests check
 what our modules render (ExecStart, environment, unit ordering, firewall ports, the GPU and
-monitoring switches, the image variants) and that bad values fail with the option's name. The lib
-comes from NIXPKGS_LIB (a checkout of nixpkgs or of nix-community/nixpkgs.lib); without it, or
-without `nix-instantiate`, the tests say they did not run.
+monitoring switches, the image variants) and that bad values fail with the option's name. The
+modules' boot-time scripts (the NVSwitch check, the NVMe model cache) run against stand-ins for
+sysfs and the disks. The lib comes from NIXPKGS_LIB (a checkout of nixpkgs or of
+nix-community/nixpkgs.lib); without it, or without `nix-instantiate`, the tests say they did not
+run.
 """
 
 import functools
@@ -13,6 +15,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -177,6 +180,9 @@ def test_launch_configuration_from_metadata_comes_first():
     assert launch["Type"] == "oneshot"
     assert launch["Restart"] == "on-failure"
     assert set(launch["before"]) == {"pagoda-model-sync.service", "pagoda.service"}
+    # The API key it writes from a cloud secret (mode 0600) must be the server's to read: one
+    # dynamic user for the three units.
+    assert launch["DynamicUser"] and launch["User"] == s["units"]["pagoda"]["User"] == "pagoda"
     sync = s["units"]["pagoda-model-sync"]
     assert "pagoda-launch-config.service" in sync["requires"]
     assert "pagoda-launch-config.service" in sync["after"]
@@ -268,12 +274,339 @@ def test_the_fabric_manager_starts_only_where_an_nvswitch_is(tmp_path, devices, 
     assert ("NVSwitch at" in result.stdout) == found, result.stdout
 
 
+NVME_CACHE = ROOT / "nixos" / "nvme-cache.sh"
+EBS = "Amazon Elastic Block Store"
+AWS_INSTANCE_STORE = "Amazon EC2 NVMe Instance Storage"
+GCE_PERSISTENT_DISK = "nvme_card-pd"
+AZURE_DIRECT_DISK = "Microsoft NVMe Direct Disk"
+
+# mdadm for the tests. --create writes an md v1.2 superblock (the real layout and checksum, so the
+# real blkid reads a member as mdadm's would be read) to each member and makes the array: a link
+# from /dev to a file kept outside it, as large as the members; --assemble checks the superblocks
+# and links the kept file again. Every call is logged.
+FAKE_MDADM = r"""#!PYTHON
+import os, struct, sys, uuid
+
+MAGIC = 0xA92B4EFC
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write("mdadm " + " ".join(args) + "\n")
+mode, array = args[0], args[1]
+members = [a for a in args[2:] if not a.startswith("-")]
+kept = os.path.join(os.environ["FAKE_STATE"], "array")
+
+
+def superblock(name, role):
+    sb = bytearray(256 + 2 * len(members))
+    struct.pack_into("<II", sb, 0, MAGIC, 1)
+    sb[16:32] = uuid.uuid4().bytes
+    sb[32:32 + len(name)] = name.encode()
+    struct.pack_into("<I", sb, 92, len(members))
+    struct.pack_into("<QQQ", sb, 128, 2048, 0, 8)  # data_offset, data_size, super_offset (4 KiB)
+    struct.pack_into("<I", sb, 160, role)
+    struct.pack_into("<I", sb, 220, len(members))
+    for i in range(len(members)):
+        struct.pack_into("<H", sb, 256 + 2 * i, i)
+    total = sum(struct.unpack_from("<%dI" % (len(sb) // 4), sb))
+    if len(sb) % 4:
+        total += struct.unpack_from("<H", sb, len(sb) - 2)[0]
+    struct.pack_into("<I", sb, 216, ((total & 0xFFFFFFFF) + (total >> 32)) & 0xFFFFFFFF)
+    return bytes(sb)
+
+
+if mode == "--create":
+    name = next(a for a in args if a.startswith("--name=")).split("=", 1)[1]
+    for role, member in enumerate(members):
+        with open(member, "r+b") as f:
+            f.seek(4096)
+            f.write(superblock("testhost:" + name, role))
+    with open(kept, "wb") as f:
+        f.truncate(sum(os.path.getsize(m) for m in members))
+elif mode == "--assemble":
+    for member in members:
+        with open(member, "rb") as f:
+            f.seek(4096)
+            if struct.unpack("<I", f.read(4))[0] != MAGIC:
+                sys.exit("mdadm: no superblock on " + member)
+    if not os.path.exists(kept):
+        sys.exit("mdadm: the array's contents are gone")
+else:
+    sys.exit("mdadm: unexpected call")
+os.symlink(kept, array)
+"""
+
+FAKE_MOUNT = """#!/usr/bin/env bash
+echo "mount $*" >>"$FAKE_LOG"
+[ -z "${FAKE_MOUNT_FAILS:-}" ]
+"""
+
+
+def disk_tools_path():
+    """PATH with blkid (util-linux) and mkfs.ext4 (e2fsprogs), which the script runs for real on
+    files standing in for the disks."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [tool for tool in ("blkid", "mkfs.ext4") if shutil.which(tool, path=path) is None]
+    if missing:
+        message = f"{' and '.join(missing)} not installed (Debian: apt-get install util-linux e2fsprogs)"
+        if os.environ.get("PAGODA_REQUIRE_TOOLS") == "1":
+            pytest.fail(message)
+        print(f"did not run: {message}")
+        pytest.skip(message)
+    return path
+
+
+class Machine:
+    """What the script sees of an instance, under a folder standing in for /: sys/block with each
+    namespace's device/ linked to its NVMe controller (whose model sysfs pads to 40 characters),
+    a sparse file per namespace in dev/, var/lib; and mdadm and mount replaced by logging stubs."""
+
+    def __init__(self, tmp_path, controllers, size=32 << 20):
+        """controllers: (model, number of namespaces) for nvme0, nvme1, ..."""
+        self.root = tmp_path / "root"
+        self.state = tmp_path / "state"
+        self.bin = tmp_path / "bin"
+        self.log = tmp_path / "calls.log"
+        for folder in (self.root / "sys" / "block", self.root / "dev", self.root / "var" / "lib", self.state, self.bin):
+            folder.mkdir(parents=True)
+        self.log.write_text("")
+        for index, (model, num_namespaces) in enumerate(controllers):
+            controller = self.root / "sys" / "class" / "nvme" / f"nvme{index}"
+            controller.mkdir(parents=True)
+            (controller / "model").write_text(f"{model:<40}\n")
+            for nsid in range(1, num_namespaces + 1):
+                name = f"nvme{index}n{nsid}"
+                block = self.root / "sys" / "block" / name
+                (block / "holders").mkdir(parents=True)
+                (block / "device").symlink_to(controller)
+                with open(self.dev(name), "wb") as f:
+                    f.truncate(size)
+        mdadm = self.bin / "mdadm"
+        mdadm.write_text(FAKE_MDADM.replace("PYTHON", sys.executable, 1))
+        (self.bin / "mount").write_text(FAKE_MOUNT)
+        for stub in ("mdadm", "mount"):
+            (self.bin / stub).chmod(0o755)
+
+    def dev(self, name):
+        return self.root / "dev" / name
+
+    @property
+    def cache_dir(self):
+        return self.root / "var" / "lib" / "private" / "pagoda"
+
+    def boot(self, **env):
+        """Runs the script as the unit would at boot; returns its result and the stubs' calls."""
+        self.log.write_text("")
+        result = subprocess.run(
+            ["bash", str(NVME_CACHE)],
+            env={"PATH": f"{self.bin}{os.pathsep}{disk_tools_path()}", "PAGODA_ROOT_DIR": str(self.root),
+                 "FAKE_LOG": str(self.log), "FAKE_STATE": str(self.state), **env},
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result, self.log.read_text().splitlines()
+
+    def reboot(self):
+        """The kernel's md device is gone after a reboot; the disks keep what was written."""
+        array = self.dev("md100")
+        if array.is_symlink():
+            array.unlink()
+
+
+def probe(path):
+    """What the real blkid finds on a file: its KEY=value pairs, empty for nothing."""
+    result = subprocess.run(["blkid", "-p", "-o", "export", str(path)], capture_output=True, text=True,
+                            env={"PATH": disk_tools_path()}, timeout=30)
+    assert result.returncode in (0, 2, 8), result.stderr
+    return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+
+
+def mount_call(machine, device):
+    return f"mount -t ext4 -o noatime,nodev,nosuid {device} {machine.cache_dir}"
+
+
+# Instance shapes: the root disk first where it is NVMe, then the instance-store namespaces.
+SHAPES = {
+    # p5.48xlarge: an EBS root and 8 instance-store disks of 3.84 TB, one controller each.
+    "p5": ([(EBS, 1)] + [(AWS_INSTANCE_STORE, 1)] * 8, [f"nvme{i}n1" for i in range(1, 9)]),
+    # a3-highgpu-8g: an NVMe persistent boot disk and 16 local SSDs, namespaces of one controller.
+    "a3": ([(GCE_PERSISTENT_DISK, 1), ("nvme_card", 16)], [f"nvme1n{i}" for i in range(1, 17)]),
+    # GCE's local SSDs as controllers of their own, "nvme_card<N>" (guest-configs' udev rules
+    # name both layouts).
+    "gce-multi-controller": ([(GCE_PERSISTENT_DISK, 1), ("nvme_card0", 1), ("nvme_card1", 1)], ["nvme1n1", "nvme2n1"]),
+    # ND96isr H100 v5: a SCSI OS disk (not NVMe) and 8 NVMe direct disks of 3.5 TB.
+    "nd-h100-v5": ([(AZURE_DIRECT_DISK, 1)] * 8, [f"nvme{i}n1" for i in range(8)]),
+    # Azure's v6 sizes: an NVMe OS disk and the second generation of direct disks.
+    "azure-v6": ([("MSFT NVMe Accelerator v1.0", 1)] + [(AZURE_DIRECT_DISK + " v2", 1)] * 2, ["nvme1n1", "nvme2n1"]),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_instance_store_nvme_becomes_one_array_mounted_at_the_state_directory(tmp_path, shape):
+    controllers, instance_store = SHAPES[shape]
+    machine = Machine(tmp_path, controllers)
+    members = [str(machine.dev(name)) for name in instance_store]
+    array = machine.dev("md100")
+    result, calls = machine.boot()
+    assert calls == [
+        f"mdadm --create {array} --run --level=0 --raid-devices={len(members)} --metadata=1.2 "
+        f"--name=pagoda-cache {' '.join(members)}",
+        mount_call(machine, array),
+    ], result.stdout
+    for member in members:
+        assert probe(member)["TYPE"] == "linux_raid_member"
+    filesystem = probe(array)
+    assert (filesystem["TYPE"], filesystem["LABEL"]) == ("ext4", "pagoda-cache")
+    # The disks that are not instance store are never touched.
+    for name in {f"nvme{i}n1" for i in range(len(controllers))} - set(instance_store):
+        assert probe(machine.dev(name)) == {}, name
+    # systemd's boundary for DynamicUser directories, made as systemd makes it.
+    assert machine.cache_dir.is_dir()
+    assert machine.cache_dir.parent.stat().st_mode & 0o777 == 0o700
+    assert "the model cache is on local NVMe" in result.stdout
+
+
+def test_a_single_instance_store_disk_is_formatted_without_an_array(tmp_path):
+    # p5.4xlarge: an EBS root and one 3.84 TB instance-store disk.
+    machine = Machine(tmp_path, [(EBS, 1), (AWS_INSTANCE_STORE, 1)])
+    disk = machine.dev("nvme1n1")
+    result, calls = machine.boot()
+    assert calls == [mount_call(machine, disk)], result.stdout
+    filesystem = probe(disk)
+    assert (filesystem["TYPE"], filesystem["LABEL"]) == ("ext4", "pagoda-cache")
+    assert probe(machine.dev("nvme0n1")) == {}
+
+
+@pytest.mark.parametrize("shape", ["single", "p5"])
+def test_after_a_reboot_the_cache_is_mounted_again_without_formatting(tmp_path, shape):
+    controllers = [(EBS, 1), (AWS_INSTANCE_STORE, 1)] if shape == "single" else SHAPES["p5"][0]
+    machine = Machine(tmp_path, controllers)
+    machine.boot()
+    device = machine.dev("nvme1n1" if shape == "single" else "md100")
+    formatted = probe(device)["UUID"]
+    machine.reboot()
+    result, calls = machine.boot()
+    if shape == "p5":
+        members = " ".join(str(machine.dev(f"nvme{i}n1")) for i in range(1, 9))
+        assert calls[0] == f"mdadm --assemble {device} --run {members}", calls
+    assert calls[-1] == mount_call(machine, device)
+    assert not any("--create" in call for call in calls), calls
+    assert probe(device)["UUID"] == formatted, "the cache was formatted again"
+    assert "earlier boot" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "controllers",
+    [
+        # g6e.xlarge-like without instance store: only the EBS root.
+        [(EBS, 1)],
+        # A GCE machine without local SSD: only the persistent boot disk.
+        [(GCE_PERSISTENT_DISK, 1)],
+        # No NVMe at all (a SCSI root disk).
+        [],
+    ],
+    ids=["ebs-only", "gce-pd-only", "no-nvme"],
+)
+def test_without_instance_store_the_root_disk_keeps_the_cache(tmp_path, controllers):
+    machine = Machine(tmp_path, controllers)
+    result, calls = machine.boot()
+    assert calls == []
+    assert "no instance-store NVMe on this machine: the model cache stays on the root disk" in result.stdout
+    assert not machine.cache_dir.parent.exists()
+
+
+def put_filesystem(machine, name):
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "scratch", str(machine.dev(name))], check=True,
+                   env={"PATH": disk_tools_path()}, capture_output=True, timeout=60)
+
+
+def put_two_filesystems(machine, name):
+    """ext4 and an ISO 9660 volume descriptor at once: blkid's "ambivalent result" (exit 8)."""
+    put_filesystem(machine, name)
+    with open(machine.dev(name), "r+b") as f:
+        f.seek(32768)
+        f.write(b"\x01CD001\x01\x00" + b"LINUX".ljust(32) + b"VOLUME".ljust(32))
+        f.seek(32768 + 2048)
+        f.write(b"\xffCD001\x01")
+
+
+def put_foreign_array_member(machine, name):
+    """An md member of someone else's array, written by the mdadm stub."""
+    subprocess.run([str(machine.bin / "mdadm"), "--create", str(machine.root / "elsewhere"), "--name=data",
+                    str(machine.dev(name))], check=True, env={"FAKE_LOG": os.devnull, "FAKE_STATE": str(machine.state)})
+
+
+FOREIGN = {
+    "filesystem": (put_filesystem, "ext4 labelled scratch"),
+    "array-member": (put_foreign_array_member, "linux_raid_member labelled testhost:data"),
+    "two-filesystems": (put_two_filesystems, "several signatures"),
+    "partitions": (lambda m, n: (m.root / "sys" / "block" / n / f"{n}p1").mkdir(), "has partitions"),
+    "in-use": (lambda m, n: (m.root / "sys" / "block" / n / "holders" / "dm-0").mkdir(), "is in use by dm-0"),
+    # blkid answers "nothing found" for a device it cannot open, the answer that allows formatting.
+    "unreadable": (lambda m, n: m.dev(n).unlink(), "nothing readable"),
+}
+
+
+@pytest.mark.parametrize("num_disks", [1, 2])
+@pytest.mark.parametrize("kind", FOREIGN)
+def test_a_disk_holding_anything_is_left_alone_and_logged(tmp_path, kind, num_disks):
+    machine = Machine(tmp_path, [(EBS, 1)] + [(AWS_INSTANCE_STORE, 1)] * num_disks)
+    put, described = FOREIGN[kind]
+    put(machine, "nvme1n1")
+    before = {name: probe(machine.dev(name)) for name in ("nvme1n1", "nvme2n1")[:num_disks]}
+    result, calls = machine.boot()
+    # Not formatted, joined, nor mounted; said as a warning (journal priority 4).
+    assert calls == []
+    assert {name: probe(machine.dev(name)) for name in before} == before
+    assert f"<4>{machine.dev('nvme1n1')} {'holds ' if kind not in ('partitions', 'in-use') else ''}{described}: left alone" in result.stdout, result.stdout
+    assert "the model cache stays on the root disk" in result.stdout
+
+
+def test_blank_disks_beside_members_of_the_array_are_left_alone(tmp_path):
+    machine = Machine(tmp_path, [(EBS, 1)] + [(AWS_INSTANCE_STORE, 1)] * 2)
+    machine.boot()
+    machine.reboot()
+    # One disk comes back blank (replaced), the other still holds its part of the array.
+    with open(machine.dev("nvme2n1"), "wb") as f:
+        f.truncate(32 << 20)
+    result, calls = machine.boot()
+    assert calls == []
+    assert "<4>the disks are partly blank (1 of 2) and partly members of an array: left alone" in result.stdout
+    assert probe(machine.dev("nvme2n1")) == {}
+
+
+def test_a_failed_mount_leaves_the_root_disk_and_does_not_fail_the_boot(tmp_path):
+    machine = Machine(tmp_path, [(EBS, 1), (AWS_INSTANCE_STORE, 1)])
+    result, calls = machine.boot(FAKE_MOUNT_FAILS="1")
+    assert calls == [mount_call(machine, machine.dev("nvme1n1"))]
+    assert f"<4>mounting {machine.dev('nvme1n1')} at {machine.cache_dir} failed" in result.stdout
+
+
+def test_the_nvme_cache_unit_runs_as_root_before_the_sync_and_the_server():
+    s = scenario("nvmeCache")
+    unit = s["units"]["pagoda-nvme-cache"]
+    assert unit["ExecStart"].endswith("-pagoda-nvme-cache")
+    assert unit["Type"] == "oneshot"
+    # Root, in the host's mount namespace: no dynamic user.
+    assert unit["User"] is None and unit["DynamicUser"] is False
+    # Ordered before, and pulled in by, both units whose state directory it mounts; wanted, not
+    # required, so the server starts on the root disk whatever happens to it.
+    assert set(unit["before"]) == {"pagoda-model-sync.service", "pagoda.service"}
+    assert set(unit["wantedBy"]) == {"pagoda-model-sync.service", "pagoda.service"}
+    for name in ("pagoda", "pagoda-model-sync"):
+        assert "pagoda-nvme-cache.service" not in s["units"][name]["requires"]
+    assert set(unit["path"]) >= {"util-linux", "e2fsprogs", "mdadm"}
+    # Off by default.
+    assert "pagoda-nvme-cache" not in scenario("defaults")["units"]
+
+
 def test_appliance_image_variants_and_defaults():
     s = scenario("appliance")
     assert s["imageVariants"] == ["amazon", "azure", "google-compute", "qemu-efi"]
     assert s["gpuEnabled"] and not s["qemuGpu"]
     assert s["firewall"] == [8000]
     assert "pagoda-launch-config" in s["units"]
+    # Instance-store NVMe holds the model cache where the shape has it.
+    assert "pagoda-nvme-cache" in s["units"]
     assert argv(s["units"]["pagoda"])[:3] == ["serve", "--host", "0.0.0.0"]
     assert s["prometheus"] and not s["grafana"]
     assert s["failedAssertions"] == []
