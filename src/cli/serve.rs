@@ -373,6 +373,14 @@ async fn load_in_background(
         let what = opts.served_model_name.clone().unwrap_or_default();
         opts.model = Some(fetched.with_context(|| format!("syncing {what}"))?);
     }
+    if let Some(dir) = opts.model.as_ref().filter(|m| m.is_dir()) {
+        // A versioned folder (`pagoda sync --versioned`): the version `current` names, held so
+        // that no sync removes it while this server has its files mapped. The hold lasts as long
+        // as the process: its file stays open.
+        let (version, hold) = storage::versions::resolve_for_serving(dir)?;
+        std::mem::forget(hold);
+        opts.model = Some(version);
+    }
     let cache_options = opts.clone();
     let loaded = tokio::task::spawn_blocking(move || load_engine(&opts))
         .await

@@ -128,6 +128,21 @@ pub struct SyncArgs {
     /// ReadWriteOnce claim), so that switching models does not fill the disk.
     #[arg(long, requires = "dest")]
     pub remove_other_models: bool,
+
+    /// Keep DEST as versions of the model, for a cache running servers share: each version the
+    /// store's listing describes syncs into DEST/versions/ID (starting from hard links to the
+    /// current version's unchanged files), DEST/current then names it, and the versions no
+    /// running server holds are removed. `pagoda serve --model DEST` serves `current` and holds
+    /// it. Files a server has mapped are never rewritten.
+    #[arg(long)]
+    pub versioned: bool,
+
+    /// With --versioned: also remove the versions of the other model folders beside DEST (16 hex
+    /// digits, as the chart names them) that no running server holds and no sync is writing, and
+    /// a folder left with none. For a cache several servers share (the chart passes it for a
+    /// ReadWriteMany claim).
+    #[arg(long, requires = "versioned", requires = "dest")]
+    pub remove_unused_models: bool,
 }
 
 /// Deletes the folders beside `dest` named by 16 lowercase hex digits; returns their names.
@@ -139,9 +154,11 @@ fn remove_other_models(dest: &Path) -> anyhow::Result<Vec<String>> {
         let entry = entry?;
         let name = entry.file_name();
         let Some(text) = name.to_str() else { continue };
-        let model_folder = text.len() == 16 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         // A symbolic link is never followed or removed: only real folders a sync made.
-        if !model_folder || Some(name.as_os_str()) == own || !entry.file_type()?.is_dir() {
+        if !storage::versions::is_model_folder_name(text)
+            || Some(name.as_os_str()) == own
+            || !entry.file_type()?.is_dir()
+        {
             continue;
         }
         std::fs::remove_dir_all(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
@@ -165,11 +182,16 @@ pub fn run(args: SyncArgs) -> anyhow::Result<()> {
         }
         ModelSource::Hub(hub_model) => {
             // DEST, when given, is the Hub cache to fill.
+            anyhow::ensure!(
+                !args.versioned,
+                "--versioned applies to object-store models; a Hugging Face Hub cache already keeps each revision \
+                 in a snapshot folder of its own"
+            );
             let hub_opts = args.store.hub_options(args.dest.as_deref().or(args.download_dir.as_deref()));
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let snapshot = runtime.block_on(hub::ensure(&hub_model, &hub_opts, &opts))?;
             let removed = prune(&args)?;
-            return report(&args, model, &snapshot.dir, &snapshot.summary, Some(&snapshot.commit), &removed);
+            return report(&args, model, &snapshot.dir, &snapshot.summary, Some(&snapshot.commit), &removed, None);
         }
         ModelSource::Store(uri) => uri,
     };
@@ -178,9 +200,17 @@ pub fn run(args: SyncArgs) -> anyhow::Result<()> {
         None => storage::local_dir(&args.download_dir.clone().unwrap_or_else(storage::default_download_dir), &source),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if args.versioned {
+        let synced = runtime.block_on(storage::versions::sync_versioned(&source, &dest, &opts))?;
+        let mut removed = prune(&args)?;
+        if args.remove_unused_models {
+            removed.extend(storage::versions::remove_unused_models(&dest)?);
+        }
+        return report(&args, &source, &synced.dir, &synced.summary, None, &removed, Some(&synced));
+    }
     let summary = runtime.block_on(storage::sync(&source, &dest, &opts))?;
     let removed = prune(&args)?;
-    report(&args, &source, &dest, &summary, None, &removed)
+    report(&args, &source, &dest, &summary, None, &removed, None)
 }
 
 /// `--remove-other-models`, once the sync has succeeded.
@@ -198,6 +228,7 @@ fn report(
     summary: &storage::SyncSummary,
     commit: Option<&str>,
     removed: &[String],
+    versioned: Option<&storage::versions::VersionedSync>,
 ) -> anyhow::Result<()> {
     if args.json {
         let mut value = serde_json::json!({
@@ -213,8 +244,13 @@ fn report(
         if let Some(commit) = commit {
             value["commit"] = serde_json::json!(commit);
         }
-        if args.remove_other_models {
+        if args.remove_other_models || args.remove_unused_models {
             value["removed_other_models"] = serde_json::json!(removed);
+        }
+        if let Some(v) = versioned {
+            value["version"] = serde_json::json!(v.version);
+            value["removed_versions"] = serde_json::json!(v.removed);
+            value["versions_in_use"] = serde_json::json!(v.in_use);
         }
         println!("{value}");
     } else {

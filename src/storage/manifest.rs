@@ -230,4 +230,15 @@ impl Lock {
         }
         Ok(Lock { _file: file })
     }
+
+    /// Takes the lock if no one holds it; `None` when someone does.
+    pub fn try_acquire(path: &Path) -> Result<Option<Lock>, SyncError> {
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_error(path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Lock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(SyncError::io(path, e)),
+        }
+    }
 }

@@ -11,6 +11,7 @@
 pub mod hub;
 mod manifest;
 mod source;
+pub mod versions;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -469,6 +470,13 @@ fn spawn_progress(mode: ProgressMode, total: u64, fetched: Arc<AtomicU64>) -> Op
 /// Syncs `uri` into `dest`. Safe to run again, or next to another sync of the same folder.
 pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSummary, SyncError> {
     let started = Instant::now();
+    let (source, files) = list_model(uri, opts).await?;
+    transfer(source, uri, dest, files, opts, Stale::Remove, started).await
+}
+
+/// The files of the model at `uri` a sync keeps, checked (names, a config, weights) before
+/// anything is downloaded.
+async fn list_model(uri: &str, opts: &SyncOptions) -> Result<(Source, Vec<RemoteFile>), SyncError> {
     let source = Source::parse(uri, &opts.store)?;
     let keep = file_filter(opts)?;
     let Listing { files, unreadable } = source.list().await?;
@@ -487,7 +495,7 @@ pub async fn sync(uri: &str, dest: &Path, opts: &SyncOptions) -> Result<SyncSumm
         return Err(bad_name(&file.name, reason));
     }
     check_model_files(uri, files.iter().map(|f| f.name.as_str()))?;
-    transfer(source, uri, dest, files, opts, Stale::Remove, started).await
+    Ok((source, files))
 }
 
 /// A model must have a config and weights among the files kept.

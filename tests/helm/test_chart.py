@@ -632,3 +632,27 @@ def test_a_cache_of_its_own_drops_the_models_it_no_longer_serves(renderer):
     assert removes({"cache": {"type": "existingClaim", "existingClaim": {"name": "c"}}})
     assert not removes({"cache": {"type": "pvc", **rwx}})
     assert not removes({"cache": {"type": "existingClaim", "existingClaim": {"name": "c", "accessMode": "ReadWriteMany"}}})
+
+
+def test_a_store_model_syncs_as_versions_that_running_replicas_keep(renderer):
+    """A changed model never rewrites the files running replicas have mapped: the sync is
+    versioned and the server is given the folder whose `current` version it loads and holds; on a
+    shared cache, other models go only when no server holds them."""
+    def sync_and_serve(values, uri="s3://models/llama"):
+        values = {**values, "model": {"uri": uri}}
+        pod = workload_of(renderer.install(values)[0])["spec"]["template"]["spec"]
+        sync_args, serve_args = pod["initContainers"][0]["args"], pod["containers"][0]["args"]
+        return sync_args, serve_args
+
+    rwx = {"cache": {"type": "pvc", "pvc": {"accessModes": ["ReadWriteMany"]}}}
+    for values in ({}, rwx):
+        sync_args, serve_args = sync_and_serve(values)
+        assert "--versioned" in sync_args
+        # The folder the sync keeps versions in is the one the server is given.
+        assert serve_args[serve_args.index("--model") + 1] == sync_args[2]
+    assert "--remove-unused-models" in sync_and_serve(rwx)[0]
+    assert "--remove-unused-models" not in sync_and_serve({})[0]
+    # A Hub cache keeps each revision in a snapshot of its own: no versions, nothing removed.
+    for values in ({}, rwx):
+        sync_args, _ = sync_and_serve(values, uri="hf://Qwen/Qwen2.5-0.5B-Instruct")
+        assert "--versioned" not in sync_args and "--remove-unused-models" not in sync_args

@@ -786,3 +786,89 @@ fn a_sync_can_remove_the_other_models_folders_beside_it() {
     let out = pagoda(&["sync", &uri, "--remove-other-models"], &moto.env());
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `--versioned` (what the chart passes): a changed model in the store becomes a new version
+/// folder beside the one a running server holds, which is never rewritten (its files keep their
+/// bytes and inodes); unchanged files are hard links, not downloads; a version is removed once
+/// no server holds it; `--remove-unused-models` removes the other models no server holds.
+#[test]
+fn a_versioned_sync_never_rewrites_a_version_a_running_server_holds() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(moto) = Moto::start() else { return };
+    let src = model_dir();
+    moto.upload_dir(&src, "versioned/model");
+    let cache = scratch_dir("sync-versioned");
+    let dest = cache.join("fedcba9876543210");
+    let uri = format!("s3://{BUCKET}/versioned/model");
+    let env: Vec<(&str, &str)> = moto.env().leak().iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let ino = |path: &Path| std::fs::metadata(path).unwrap().ino();
+
+    let first = sync_ok(&uri, &dest, &["--versioned"], &moto.env());
+    let v1 = first["version"].as_str().unwrap().to_string();
+    assert_eq!((v1.len(), first["downloaded_files"].clone()), (16, json!(5)));
+    let v1_dir = dest.join("versions").join(&v1);
+    assert_eq!(first["dest"], v1_dir.to_str().unwrap());
+    assert_eq!(std::fs::read_link(dest.join("current")).unwrap(), Path::new("versions").join(&v1));
+    assert_same_files(&src, &dest.join("current"));
+    let generation = v1_dir.join("generation_config.json");
+    let (old_bytes, old_ino) = (std::fs::read(&generation).unwrap(), ino(&generation));
+
+    // A server on DEST serves `current` and holds it.
+    let server = Server::spawn(&["--model", dest.to_str().unwrap(), "--served-model-name", "m"], &env);
+    server.wait_ready();
+    assert!(server.log().contains(&format!("versions/{v1}")), "{}", server.log());
+
+    // The store's model changes: a new version, with only the changed file downloaded.
+    let mut changed = old_bytes.clone();
+    changed.extend_from_slice(b"\n");
+    moto.put("versioned/model/generation_config.json", changed.clone());
+    let second = sync_ok(&uri, &dest, &["--versioned"], &moto.env());
+    let v2 = second["version"].as_str().unwrap().to_string();
+    assert_ne!(v1, v2);
+    assert_eq!(second["downloaded_files"], 1);
+    assert_eq!((second["removed_versions"].clone(), second["versions_in_use"].clone()), (json!([]), json!([v1])));
+    let v2_dir = dest.join("versions").join(&v2);
+    assert_eq!(std::fs::read_link(dest.join("current")).unwrap(), Path::new("versions").join(&v2));
+    assert_eq!(std::fs::read(v2_dir.join("generation_config.json")).unwrap(), changed);
+    // The held version is exactly as it was; the new one shares its unchanged files.
+    assert_eq!((std::fs::read(&generation).unwrap(), ino(&generation)), (old_bytes, old_ino));
+    assert_same_files(&src, &v1_dir);
+    assert_eq!(ino(&v1_dir.join("model.safetensors")), ino(&v2_dir.join("model.safetensors")));
+    let body = json!({"model": "m", "prompt": "hello", "max_tokens": 4});
+    assert_eq!(post(server.port, "/v1/completions", &body).status, 200);
+
+    // Other models beside DEST: one a server holds, one no server holds, one synced without
+    // --versioned (nothing says whether it is read): only the unheld one goes.
+    moto.upload_dir(&src, "versioned/other");
+    let other_uri = format!("s3://{BUCKET}/versioned/other");
+    let (held, unheld, plain) =
+        (cache.join("00000000000000aa"), cache.join("00000000000000bb"), cache.join("00000000000000cc"));
+    for folder in [&held, &unheld] {
+        sync_ok(&other_uri, folder, &["--versioned"], &moto.env());
+    }
+    sync_ok(&other_uri, &plain, &[], &moto.env());
+    let other_server = Server::spawn(&["--model", held.to_str().unwrap()], &env);
+    other_server.wait_ready();
+
+    // The first server stops: its version goes at the next sync, and the unheld model with it.
+    drop(server);
+    let third = sync_ok(&uri, &dest, &["--versioned", "--remove-unused-models"], &moto.env());
+    assert_eq!(third["downloaded_files"], 0);
+    assert_eq!(third["removed_versions"], json!([v1]));
+    assert_eq!(third["removed_other_models"], json!(["00000000000000bb"]));
+    assert!(!v1_dir.exists() && !unheld.exists());
+    assert!(held.join("current").join("config.json").is_file() && plain.join("config.json").is_file());
+    assert_same_files(&src, &held.join("current"));
+    drop(other_server);
+
+    // A new server serves the new version.
+    let server = Server::spawn(&["--model", dest.to_str().unwrap()], &env);
+    server.wait_ready();
+    assert!(server.log().contains(&format!("versions/{v2}")), "{}", server.log());
+
+    // --remove-unused-models needs --versioned; a Hub cache is already versioned.
+    let out = pagoda(&["sync", &uri, dest.to_str().unwrap(), "--remove-unused-models"], &moto.env());
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = sync_err("hf://org/model", &dest, &["--versioned"], &[]);
+    assert!(err.contains("--versioned applies to object-store models"), "{err}");
+}

@@ -77,11 +77,19 @@ spec:
         - {{ .Values.model.sync.concurrency | quote }}
         - --sync-part-size
         - {{ .Values.model.sync.partSize | quote }}
+        {{- if not (include "pagoda.hubModel" .) }}
+        {{- /* A store model syncs as versions: a model changed in the store goes to a new folder
+        beside the one running replicas have mapped, `current` then names it, and versions no
+        running server holds are removed (a Hub cache keeps revisions apart itself). */}}
+        - --versioned
+        {{- end }}
         {{- if not (include "pagoda.cacheShared" .) }}
         {{- /* The cache is this pod's alone: the folders of models it no longer serves go, so
-        switching models does not fill the disk. A shared cache keeps them (other replicas may
-        still read them). */}}
+        switching models does not fill the disk. */}}
         - --remove-other-models
+        {{- else if not (include "pagoda.hubModel" .) }}
+        {{- /* A shared cache: other models' versions go only when no running server holds them. */}}
+        - --remove-unused-models
         {{- end }}
         {{- with .Values.model.sync.endpoint }}
         - --endpoint
