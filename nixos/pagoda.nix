@@ -301,7 +301,10 @@ in
         DynamicUser = true;
         User = "pagoda";
         RuntimeDirectory = "pagoda";
-        RuntimeDirectoryPreserve = true;
+        # Removed when this unit stops (it stays active after its run, RemainAfterExit): the key
+        # file never outlives the unit that keeps the dynamic user, and so its UID, allocated.
+        # Stopping it stops the sync and the server, which require it.
+        RuntimeDirectoryPreserve = false;
         ExecStart = lib.escapeShellArgs [
           (lib.getExe cfg.package)
           "metadata"

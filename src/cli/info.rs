@@ -36,18 +36,12 @@ fn api_key_source(launch_env: &Path) -> Option<String> {
         return Some(format!("PAGODA_API_KEY_FILE={file}"));
     }
     let launch = crate::metadata::parse_env_lines(&std::fs::read_to_string(launch_env).ok()?).ok()?;
-    let named = |value: Option<&String>| value.is_some_and(|v| !v.trim().is_empty());
     if let (Some(secret), Some(file)) = (&launch.api_key_secret, &launch.api_key_file) {
         return Some(format!("the secret {secret}, read into {file} ({})", launch_env.display()));
     }
-    let name = if named(launch.api_key_file.as_ref()) {
-        "PAGODA_API_KEY_FILE"
-    } else if named(launch.env.get("PAGODA_API_KEY")) {
-        "PAGODA_API_KEY"
-    } else {
-        return None;
-    };
-    Some(format!("{name} in {}", launch_env.display()))
+    // `pagoda metadata` refuses a key in the launch configuration itself: a file is the one way.
+    launch.api_key_file.filter(|v| !v.trim().is_empty())?;
+    Some(format!("PAGODA_API_KEY_FILE in {}", launch_env.display()))
 }
 
 /// Libraries a CUDA backend opens, by the names the loader looks for.

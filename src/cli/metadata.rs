@@ -85,6 +85,7 @@ pub fn run(args: MetadataArgs) -> anyhow::Result<()> {
             Duration::from_secs(args.timeout),
             &secret,
             args.secrets_endpoint.as_deref(),
+            c.env.get("AZURE_CLIENT_ID").map(String::as_str),
         ))?;
         let output = std::path::absolute(&args.api_key_output)?;
         metadata::write_atomically(&output, &key)?;

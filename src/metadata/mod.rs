@@ -230,9 +230,10 @@ pub async fn fetch_api_key(
     timeout: Duration,
     secret: &secrets::SecretRef,
     store_endpoint: Option<&str>,
+    azure_client_id: Option<&str>,
 ) -> Result<String, MetadataError> {
     let mut session = Session::new(provider, endpoint, timeout)?;
-    secrets::fetch_secret(&mut session, secret, store_endpoint).await
+    secrets::fetch_secret(&mut session, secret, store_endpoint, azure_client_id).await
 }
 
 /// Reads Pagoda's configuration from user data; `None` when the user data is for something else
@@ -284,6 +285,16 @@ pub fn parse_env_lines(text: &str) -> Result<LaunchConfig, MetadataError> {
     Ok(config)
 }
 
+/// Variables `render_env_file` writes from the configuration's own fields: `env` may not set them
+/// too (the later line would silently win).
+const RESERVED_ENV: [(&str, &str); 5] = [
+    ("PAGODA_MODEL", "model"),
+    ("PAGODA_SERVED_MODEL_NAME", "served_model_name"),
+    ("PAGODA_API_KEY_FILE", "api_key_file"),
+    ("PAGODA_API_KEY_SECRET", "api_key_secret"),
+    ("PAGODA_EXTRA_ARGS", "extra_args"),
+];
+
 fn validate(config: &LaunchConfig) -> Result<(), MetadataError> {
     let bad = |m: String| Err(MetadataError::Invalid(m));
     let model_ok = |m: &str| m.contains("://") || m.starts_with('/') || crate::storage::hub::HubModel::looks_like_id(m);
@@ -306,6 +317,16 @@ fn validate(config: &LaunchConfig) -> Result<(), MetadataError> {
         return bad(format!("extra_args entry {arg:?} must be one word (no spaces)"));
     }
     for key in config.env.keys() {
+        if key == "PAGODA_API_KEY" {
+            return bad(
+                "env sets PAGODA_API_KEY, but user data is readable by anyone on the instance: name a secret with \
+                 api_key_secret (or a file with api_key_file) instead"
+                    .into(),
+            );
+        }
+        if let Some(field) = RESERVED_ENV.iter().find(|(name, _)| name == key).map(|(_, field)| field) {
+            return bad(format!("env sets {key}, which the launch configuration sets itself: use {field}"));
+        }
         let valid = key.chars().next().is_some_and(|c| c.is_ascii_uppercase() || c == '_')
             && key.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
         if !valid {
@@ -397,6 +418,13 @@ mod tests {
         }
         assert!(err(r#"{"extra_args": ["--a b"]}"#).contains("must be one word"));
         assert!(err(r#"{"env": {"lower": "x"}}"#).contains("upper-case variable name"));
+        // The key fields cannot be replaced through env, and a key itself never travels in user data.
+        assert!(
+            err(r#"{"api_key_secret": "ssm:/k", "env": {"PAGODA_API_KEY_FILE": "/tmp/k"}}"#)
+                .contains("env sets PAGODA_API_KEY_FILE, which the launch configuration sets itself: use api_key_file")
+        );
+        assert!(err("PAGODA_API_KEY=k3y").contains("name a secret with api_key_secret"));
+        assert!(err(r#"{"env": {"PAGODA_MODEL": "/m"}}"#).contains("use model"));
         assert!(err("just some words").contains("line 1: expected KEY=value or JSON"));
     }
 }

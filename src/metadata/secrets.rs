@@ -138,10 +138,13 @@ impl SecretRef {
 /// Reads `secret` with the identity the metadata service of `session` gives this instance.
 /// `store_endpoint` replaces the store's own base URL (tests; private endpoints). The value is
 /// checked to hold at least one key, one per line.
+/// `azure_client_id` picks one of several user-assigned managed identities (`AZURE_CLIENT_ID` in
+/// the launch configuration's `env`, as Azure's SDKs read it).
 pub(crate) async fn fetch_secret(
     session: &mut Session<'_>,
     secret: &SecretRef,
     store_endpoint: Option<&str>,
+    azure_client_id: Option<&str>,
 ) -> Result<String, MetadataError> {
     if secret.provider() != session.provider() {
         return Err(MetadataError::Invalid(format!(
@@ -200,9 +203,14 @@ pub(crate) async fn fetch_secret(
             let domain = url.host_str().and_then(|h| h.split_once('.')).map(|(_, d)| d).unwrap_or_default();
             let resource: String =
                 url::form_urlencoded::byte_serialize(format!("https://{domain}").as_bytes()).collect();
+            let client_id: String = azure_client_id
+                .map(|id| {
+                    format!("&client_id={}", url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>())
+                })
+                .unwrap_or_default();
             let token = bearer_token(
                 session,
-                &format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource={resource}"),
+                &format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource={resource}{client_id}"),
                 "no managed identity is assigned to this VM; assign one with the Key Vault Secrets User role",
             )
             .await?;

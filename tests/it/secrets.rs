@@ -300,6 +300,36 @@ fn an_azure_key_vault_secret_is_read_with_the_managed_identity() {
     assert_key_written(&dir, "azure-key", "https://pagoda-kv.vault.azure.net/secrets/api-key");
 }
 
+#[test]
+fn a_user_assigned_identity_and_a_secret_version_are_named_on_azure() {
+    let port = fake_server(Some(|r| {
+        let imds = r.header("Metadata") == Some("true");
+        let config = r#"{"api_key_secret": "https://pagoda-kv.vault.azure.net/secrets/api-key/0123abcd",
+                         "env": {"AZURE_CLIENT_ID": "1111-2222"}}"#;
+        match r.path.as_str() {
+            p if p.starts_with("/metadata/instance/compute/userData") && imds => (200, b64(config)),
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net&client_id=1111-2222"
+                if imds =>
+            {
+                (200, json!({"access_token": "eyJ.user-assigned", "token_type": "Bearer"}).to_string())
+            }
+            // What IMDS answers a VM with several user-assigned identities when none is named.
+            p if p.starts_with("/metadata/identity/oauth2/token") => (
+                400,
+                json!({"error": "invalid_request", "error_description": "Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request"}).to_string(),
+            ),
+            "/secrets/api-key/0123abcd?api-version=7.4" if r.header("Authorization") == Some("Bearer eyJ.user-assigned") => {
+                (200, json!({"value": "versioned-key"}).to_string())
+            }
+            _ => (404, json!({"error": {"code": "SecretNotFound", "message": "no such secret"}}).to_string()),
+        }
+    }));
+    let dir = scratch_dir("secrets-azure-uami");
+    let out = launch("azure", port, &dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_key_written(&dir, "versioned-key", "https://pagoda-kv.vault.azure.net/secrets/api-key/0123abcd");
+}
+
 /// Runs a launch that must fail: its error line, with the previous launch file untouched and no
 /// key file written.
 fn failed_launch(provider: &str, port: u16, name: &str) -> String {
@@ -366,6 +396,29 @@ fn a_secret_that_cannot_be_read_stops_the_launch_and_changes_no_file() {
     }));
     let err = failed_launch("azure", no_identity, "secrets-no-identity");
     assert!(err.contains("no managed identity is assigned to this VM"), "{err}");
+
+    // A GCP service account without access (or without the cloud-platform scope).
+    let forbidden = fake_server(Some(|r| {
+        match r.path.as_str() {
+        "/computeMetadata/v1/instance/attributes/pagoda-config" => {
+            (200, r#"{"api_key_secret": "projects/p/secrets/k/versions/2"}"#.into())
+        }
+        "/computeMetadata/v1/instance/service-accounts/default/token" => {
+            (200, json!({"access_token": "ya29.x", "token_type": "Bearer"}).to_string())
+        }
+        p if p.starts_with("/v1/") => (
+            403,
+            json!({"error": {"code": 403, "message": "Permission 'secretmanager.versions.access' denied", "status": "PERMISSION_DENIED"}})
+                .to_string(),
+        ),
+        _ => (404, String::new()),
+    }
+    }));
+    let err = failed_launch("gcp", forbidden, "secrets-gcp-forbidden");
+    assert!(
+        err.contains("projects/p/secrets/k/versions/2 from GCP Secret Manager: 403 Forbidden: Permission 'secretmanager.versions.access' denied"),
+        "{err}"
+    );
 
     // A secret name no store has the form of, and a key named twice: refused before any request.
     let malformed = fake_server(Some(|r| aws_instance(r, r#"{"api_key_secret": "vault:k"}"#, secrets_manager)));

@@ -314,6 +314,7 @@ let
       Type = unit.serviceConfig.Type or null;
       User = unit.serviceConfig.User or null;
       DynamicUser = unit.serviceConfig.DynamicUser or false;
+      RuntimeDirectoryPreserve = unit.serviceConfig.RuntimeDirectoryPreserve or null;
       # Package names (a `path` entry may also be a string).
       path = map (p: p.name or p) (unit.path or [ ]);
       EnvironmentFile = unit.serviceConfig.EnvironmentFile or [ ];

@@ -183,6 +183,8 @@ def test_launch_configuration_from_metadata_comes_first():
     # The API key it writes from a cloud secret (mode 0600) must be the server's to read: one
     # dynamic user for the three units.
     assert launch["DynamicUser"] and launch["User"] == s["units"]["pagoda"]["User"] == "pagoda"
+    # ... and the key goes with the unit, so it never outlives the allocation of that user's UID.
+    assert launch["RuntimeDirectoryPreserve"] is False
     sync = s["units"]["pagoda-model-sync"]
     assert "pagoda-launch-config.service" in sync["requires"]
     assert "pagoda-launch-config.service" in sync["after"]
