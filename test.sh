@@ -2,8 +2,8 @@
 # Runs every check CI runs, after installing what the tests use: in .venv the `openai` client, moto
 # (S3, and GCS through it), Azure's SDK, the Helm chart's tools (helm-python-sdk,
 # kubernetes-validate, check-jsonschema, pytest) and the CUDA 13.0 compiler wheels; under .ci/cache/node Azurite and the CRD schemas;
-# promtool, rclone, Nix (nix-bin), blkid (util-linux) and mkfs.ext4 (e2fsprogs) from Debian when run
-# as root; deadnix under .ci/cache. Safe to run again: it skips what is there.
+# promtool, rclone, Nix (nix-bin), blkid (util-linux), mkfs.ext4 (e2fsprogs) and sfdisk (fdisk) from
+# Debian when run as root; deadnix under .ci/cache. Safe to run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -60,6 +60,8 @@ command -v nix-instantiate >/dev/null 2>&1 || missing+=(nix-bin)
 # tests/nix formats files standing in for instance-store disks with them (sbin: not on a user's PATH).
 PATH=$PATH:/usr/sbin:/sbin command -v blkid >/dev/null 2>&1 || missing+=(util-linux)
 PATH=$PATH:/usr/sbin:/sbin command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
+# sfdisk writes the GPT whose backup copy tests/nix leaves at the end of a disk.
+PATH=$PATH:/usr/sbin:/sbin command -v sfdisk >/dev/null 2>&1 || missing+=(fdisk)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

@@ -254,11 +254,16 @@ in
       description = ''
         Keep the model cache (the state directory, /var/lib/pagoda) on the instance's local NVMe
         disks where the machine has them (AWS instance store, GCE local SSD, Azure's NVMe direct
-        disks): `pagoda-nvme-cache.service` formats them at boot if nothing is on them (several as
-        one RAID 0 array, ext4 labelled `pagoda-cache`), mounts them before the sync and the server
-        start, and mounts them again after a reboot. A disk holding anything else is left alone,
-        and without such disks the cache stays on the root disk. The disks are ephemeral: after a
-        stop and start the model is downloaded again.
+        disks): `pagoda-nvme-cache.service` formats them at boot if they are shown to be blank
+        (blkid and wipefs find nothing, and their first and last MiB can be read; several disks
+        become one RAID 0 array, ext4 labelled `pagoda-cache`), mounts them before the sync and the
+        server start, and mounts them again after a reboot. It waits up to 30 s for the NVMe
+        controllers to come up first. A disk holding anything else, or one it cannot read, is left
+        alone with a warning; without such disks, with disks smaller than the root filesystem, or
+        with an instance-store controller that does not come up, the cache stays on the root disk.
+        The disks are ephemeral: after a stop and start the model is downloaded again. The unit
+        runs before the launch configuration is read, so user data cannot turn it off: set this
+        option to false in the image's configuration to keep the cache on the root disk.
       '';
     };
 
@@ -329,7 +334,12 @@ in
         "pagoda-model-sync.service"
         "pagoda.service"
       ];
-      # mdadm loads md_mod with modprobe; the kernel loads the raid0 personality itself.
+      # After udev's coldplug (as sysinit.target already is), so that `udevadm settle` in the
+      # script waits for the disks' events; not the deprecated systemd-udev-settle.service: the
+      # script waits for the NVMe controllers to come up itself (nvme-cache.sh).
+      after = [ "systemd-udev-trigger.service" ];
+      # mdadm loads md_mod with modprobe; the kernel loads the raid0 personality itself. dd, df
+      # and udevadm come from the path every unit has (coreutils, systemd).
       path = [
         pkgs.util-linux
         pkgs.e2fsprogs
@@ -343,8 +353,9 @@ in
         Type = "oneshot";
         RemainAfterExit = true;
         ExecStart = "${nvmeCache}";
-        # Formatting a large array takes seconds (lazy initialisation); a hung disk must not
-        # keep the server from starting on the root disk.
+        # Waiting for the controllers and udev takes at most a minute and formatting a large
+        # array seconds (lazy initialisation); a hung disk must not keep the server from starting
+        # on the root disk.
         TimeoutStartSec = "10min";
       };
     };

@@ -13,10 +13,13 @@ import functools
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import pytest
 
@@ -283,9 +286,11 @@ GCE_PERSISTENT_DISK = "nvme_card-pd"
 AZURE_DIRECT_DISK = "Microsoft NVMe Direct Disk"
 
 # mdadm for the tests. --create writes an md v1.2 superblock (the real layout and checksum, so the
-# real blkid reads a member as mdadm's would be read) to each member and makes the array: a link
-# from /dev to a file kept outside it, as large as the members; --assemble checks the superblocks
-# and links the kept file again. Every call is logged.
+# real blkid reads a member as mdadm's would be read) to each member, or with --metadata=1.0 one at
+# the end of each member (where mdadm puts it: 8 to 12 KiB before the end, 4 KiB aligned), and
+# makes the array: a link from /dev to a file kept outside it, as large as the members, and its size
+# in sysfs as the kernel gives it; --assemble checks the superblocks and links the kept file again.
+# Every call is logged.
 FAKE_MDADM = r"""#!PYTHON
 import os, struct, sys, uuid
 
@@ -298,13 +303,14 @@ members = [a for a in args[2:] if not a.startswith("-")]
 kept = os.path.join(os.environ["FAKE_STATE"], "array")
 
 
-def superblock(name, role):
+# data_offset, data_size and super_offset in 512-byte sectors.
+def superblock(name, role, data_offset, data_size, super_offset):
     sb = bytearray(256 + 2 * len(members))
     struct.pack_into("<II", sb, 0, MAGIC, 1)
     sb[16:32] = uuid.uuid4().bytes
     sb[32:32 + len(name)] = name.encode()
     struct.pack_into("<I", sb, 92, len(members))
-    struct.pack_into("<QQQ", sb, 128, 2048, 0, 8)  # data_offset, data_size, super_offset (4 KiB)
+    struct.pack_into("<QQQ", sb, 128, data_offset, data_size, super_offset)
     struct.pack_into("<I", sb, 160, role)
     struct.pack_into("<I", sb, 220, len(members))
     for i in range(len(members)):
@@ -318,10 +324,18 @@ def superblock(name, role):
 
 if mode == "--create":
     name = next(a for a in args if a.startswith("--name=")).split("=", 1)[1]
+    at_end = "--metadata=1.0" in args
     for role, member in enumerate(members):
+        size = os.path.getsize(member)
+        if at_end:
+            offset = (size & ~0xFFF) - 0x2000
+            sb = superblock("testhost:" + name, role, 0, offset // 512, offset // 512)
+        else:
+            offset = 4096
+            sb = superblock("testhost:" + name, role, 2048, size // 512 - 2048, 8)
         with open(member, "r+b") as f:
-            f.seek(4096)
-            f.write(superblock("testhost:" + name, role))
+            f.seek(offset)
+            f.write(sb)
     with open(kept, "wb") as f:
         f.truncate(sum(os.path.getsize(m) for m in members))
 elif mode == "--assemble":
@@ -335,6 +349,16 @@ elif mode == "--assemble":
 else:
     sys.exit("mdadm: unexpected call")
 os.symlink(kept, array)
+if "PAGODA_ROOT_DIR" in os.environ:
+    block = os.path.join(os.environ["PAGODA_ROOT_DIR"], "sys", "block", os.path.basename(array))
+    os.makedirs(block, exist_ok=True)
+    with open(os.path.join(block, "size"), "w") as f:
+        f.write("%d\n" % (os.path.getsize(kept) // 512))
+"""
+
+# udevadm for the tests: `udevadm settle` is logged and returns at once.
+FAKE_UDEVADM = """#!/usr/bin/env bash
+echo "udevadm $*" >>"$FAKE_LOG"
 """
 
 FAKE_MOUNT = """#!/usr/bin/env bash
@@ -343,13 +367,16 @@ echo "mount $*" >>"$FAKE_LOG"
 """
 
 
-def disk_tools_path():
-    """PATH with blkid (util-linux) and mkfs.ext4 (e2fsprogs), which the script runs for real on
-    files standing in for the disks."""
+def disk_tools_path(extra=()):
+    """PATH with blkid and wipefs (util-linux) and mkfs.ext4 (e2fsprogs), which the script runs for
+    real on files standing in for the disks, and the tools in `extra`: (tool, Debian package)."""
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    missing = [tool for tool in ("blkid", "mkfs.ext4") if shutil.which(tool, path=path) is None]
+    tools = [("blkid", "util-linux"), ("wipefs", "util-linux"), ("mkfs.ext4", "e2fsprogs"), *extra]
+    missing = [(tool, package) for tool, package in tools if shutil.which(tool, path=path) is None]
     if missing:
-        message = f"{' and '.join(missing)} not installed (Debian: apt-get install util-linux e2fsprogs)"
+        names = " and ".join(tool for tool, _ in missing)
+        packages = " ".join(sorted({package for _, package in missing}))
+        message = f"{names} not installed (Debian: apt-get install {packages})"
         if os.environ.get("PAGODA_REQUIRE_TOOLS") == "1":
             pytest.fail(message)
         print(f"did not run: {message}")
@@ -357,13 +384,24 @@ def disk_tools_path():
     return path
 
 
-class Machine:
-    """What the script sees of an instance, under a folder standing in for /: sys/block with each
-    namespace's device/ linked to its NVMe controller (whose model sysfs pads to 40 characters),
-    a sparse file per namespace in dev/, var/lib; and mdadm and mount replaced by logging stubs."""
+def is_instance_store(model):
+    """The models nvme-cache.sh takes for instance store, to size the disks standing in for them."""
+    return model in (AWS_INSTANCE_STORE, AZURE_DIRECT_DISK, AZURE_DIRECT_DISK + " v2") or re.fullmatch(r"nvme_card\d*", model)
 
-    def __init__(self, tmp_path, controllers, size=32 << 20):
-        """controllers: (model, number of namespaces) for nvme0, nvme1, ..."""
+
+class Machine:
+    """What the script sees of an instance, under a folder standing in for /: sys/class/nvme with
+    each controller's model (padded to 40 characters, as sysfs gives it) and state, sys/block with
+    each namespace's size and its device/ linked to the controller, a sparse file per namespace in
+    dev/, var/lib; and mdadm, mount and udevadm replaced by logging stubs.
+
+    The instance store must be at least as large as the root filesystem, here the one holding the
+    test's folder: unless `size` is given, each instance-store namespace gets its share of that
+    filesystem's size and a MiB more (sparse files: nothing is written but what mkfs writes)."""
+
+    def __init__(self, tmp_path, controllers, size=None, down=()):
+        """controllers: (model, number of namespaces) for nvme0, nvme1, ...; down: the controllers
+        still "connecting", whose namespaces are not there yet (see bring_up)."""
         self.root = tmp_path / "root"
         self.state = tmp_path / "state"
         self.bin = tmp_path / "bin"
@@ -371,22 +409,44 @@ class Machine:
         for folder in (self.root / "sys" / "block", self.root / "dev", self.root / "var" / "lib", self.state, self.bin):
             folder.mkdir(parents=True)
         self.log.write_text("")
+        if size is None:
+            num_instance_store = sum(n for model, n in controllers if is_instance_store(model)) or 1
+            share = -(-shutil.disk_usage(self.root / "var" / "lib").total // num_instance_store)
+            size = max(32 << 20, -(-share >> 20 << 20) + (1 << 20))
+        self.size = size
+        self.controllers = controllers
         for index, (model, num_namespaces) in enumerate(controllers):
-            controller = self.root / "sys" / "class" / "nvme" / f"nvme{index}"
+            controller = self.controller(index)
             controller.mkdir(parents=True)
             (controller / "model").write_text(f"{model:<40}\n")
-            for nsid in range(1, num_namespaces + 1):
-                name = f"nvme{index}n{nsid}"
-                block = self.root / "sys" / "block" / name
-                (block / "holders").mkdir(parents=True)
-                (block / "device").symlink_to(controller)
-                with open(self.dev(name), "wb") as f:
-                    f.truncate(size)
+            if index in down:
+                (controller / "state").write_text("connecting\n")
+            else:
+                self.bring_up(index)
         mdadm = self.bin / "mdadm"
         mdadm.write_text(FAKE_MDADM.replace("PYTHON", sys.executable, 1))
         (self.bin / "mount").write_text(FAKE_MOUNT)
-        for stub in ("mdadm", "mount"):
+        (self.bin / "udevadm").write_text(FAKE_UDEVADM)
+        for stub in ("mdadm", "mount", "udevadm"):
             (self.bin / stub).chmod(0o755)
+
+    def controller(self, index):
+        return self.root / "sys" / "class" / "nvme" / f"nvme{index}"
+
+    def bring_up(self, index):
+        """The controller's namespaces appear, then it reads "live"."""
+        controller = self.controller(index)
+        for nsid in range(1, self.controllers[index][1] + 1):
+            name = f"nvme{index}n{nsid}"
+            block = self.root / "sys" / "block" / name
+            (block / "holders").mkdir(parents=True)
+            (block / "size").write_text(f"{self.size // 512}\n")
+            (block / "device").symlink_to(controller)
+            with open(self.dev(name), "wb") as f:
+                f.truncate(self.size)
+        with open(self.log, "a") as log:
+            log.write(f"(nvme{index} is live)\n")
+        (controller / "state").write_text("live\n")
 
     def dev(self, name):
         return self.root / "dev" / name
@@ -396,22 +456,28 @@ class Machine:
         return self.root / "var" / "lib" / "private" / "pagoda"
 
     def boot(self, **env):
-        """Runs the script as the unit would at boot; returns its result and the stubs' calls."""
+        """Runs the script as the unit would at boot; returns its result and the calls of mdadm and
+        mount (`self.events` keeps every line of the log, udevadm's and bring_up's included)."""
         self.log.write_text("")
+        started = time.monotonic()
         result = subprocess.run(
             ["bash", str(NVME_CACHE)],
             env={"PATH": f"{self.bin}{os.pathsep}{disk_tools_path()}", "PAGODA_ROOT_DIR": str(self.root),
                  "FAKE_LOG": str(self.log), "FAKE_STATE": str(self.state), **env},
             capture_output=True, text=True, timeout=120,
         )
+        self.seconds = time.monotonic() - started
         assert result.returncode == 0, result.stdout + result.stderr
-        return result, self.log.read_text().splitlines()
+        assert result.stderr == "", result.stderr
+        self.events = self.log.read_text().splitlines()
+        return result, [e for e in self.events if e.startswith(("mdadm ", "mount "))]
 
     def reboot(self):
         """The kernel's md device is gone after a reboot; the disks keep what was written."""
         array = self.dev("md100")
         if array.is_symlink():
             array.unlink()
+        shutil.rmtree(self.root / "sys" / "block" / "md100", ignore_errors=True)
 
 
 def probe(path):
@@ -420,6 +486,13 @@ def probe(path):
                             env={"PATH": disk_tools_path()}, timeout=30)
     assert result.returncode in (0, 2, 8), result.stderr
     return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+
+
+def signatures(path):
+    """What the real wipefs lists on a file (nothing erased), or its error."""
+    result = subprocess.run(["wipefs", "--no-act", "--noheadings", str(path)], capture_output=True, text=True,
+                            env={"PATH": disk_tools_path()}, timeout=30)
+    return result.returncode, result.stdout, result.stderr
 
 
 def mount_call(machine, device):
@@ -499,7 +572,7 @@ def test_after_a_reboot_the_cache_is_mounted_again_without_formatting(tmp_path, 
 @pytest.mark.parametrize(
     "controllers",
     [
-        # g6e.xlarge-like without instance store: only the EBS root.
+        # An instance type without instance store: only the EBS root.
         [(EBS, 1)],
         # A GCE machine without local SSD: only the persistent boot disk.
         [(GCE_PERSISTENT_DISK, 1)],
@@ -531,20 +604,54 @@ def put_two_filesystems(machine, name):
         f.write(b"\xffCD001\x01")
 
 
-def put_foreign_array_member(machine, name):
-    """An md member of someone else's array, written by the mdadm stub."""
-    subprocess.run([str(machine.bin / "mdadm"), "--create", str(machine.root / "elsewhere"), "--name=data",
-                    str(machine.dev(name))], check=True, env={"FAKE_LOG": os.devnull, "FAKE_STATE": str(machine.state)})
+def put_foreign_array_member(machine, name, metadata="1.2"):
+    """An md member of someone else's array, written by the mdadm stub: its superblock 4 KiB from
+    the start (1.2), or only near the end of the disk (1.0, as 0.90 is too)."""
+    subprocess.run([str(machine.bin / "mdadm"), "--create", str(machine.root / "elsewhere"), f"--metadata={metadata}",
+                    "--name=data", str(machine.dev(name))],
+                   check=True, env={"FAKE_LOG": os.devnull, "FAKE_STATE": str(machine.state)})
 
 
+def put_backup_gpt_only(machine, name):
+    """A GPT written by the real sfdisk, then the disk's first MiB zeroed (a common way of
+    "wiping" a disk): only the backup GPT at the end remains. blkid -p finds nothing (it looks for
+    a GPT only behind a protective MBR); wipefs finds it."""
+    path = disk_tools_path([("sfdisk", "fdisk")])
+    subprocess.run(["sfdisk", "-q", str(machine.dev(name))], input="label: gpt\n,,L\n", text=True, check=True,
+                   env={"PATH": path}, capture_output=True, timeout=60)
+    with open(machine.dev(name), "r+b") as f:
+        f.write(bytes(1 << 20))
+    assert probe(machine.dev(name)) == {}, "blkid alone finds the backup GPT: the case proves nothing"
+
+
+def cut_short(machine, name, size):
+    """The disk reads as `size` bytes while sysfs gives it machine.size: reads past `size` come
+    back short, as they stop at a device's read error. blkid probes what it can read and finds
+    nothing."""
+    os.truncate(machine.dev(name), size)
+
+
+def link_to_dev_zero(machine, name):
+    """A character device where the disk should be: it reads as zeros without end, and libblkid
+    cannot probe it at all, which blkid -p reports as "nothing found" (exit 2), silently."""
+    machine.dev(name).unlink()
+    machine.dev(name).symlink_to("/dev/zero")
+
+
+# How each case is put on a disk, and what the warning says after the disk's path.
 FOREIGN = {
-    "filesystem": (put_filesystem, "ext4 labelled scratch"),
-    "array-member": (put_foreign_array_member, "linux_raid_member labelled testhost:data"),
-    "two-filesystems": (put_two_filesystems, "several signatures"),
+    "filesystem": (put_filesystem, "holds ext4 labelled scratch"),
+    "array-member": (put_foreign_array_member, "holds linux_raid_member labelled testhost:data"),
+    "array-member-at-end": (lambda m, n: put_foreign_array_member(m, n, "1.0"), "holds linux_raid_member labelled testhost:data"),
+    "backup-gpt-only": (put_backup_gpt_only, "holds gpt at {end_sector} (found by wipefs)"),
+    "two-filesystems": (put_two_filesystems, "holds several signatures"),
     "partitions": (lambda m, n: (m.root / "sys" / "block" / n / f"{n}p1").mkdir(), "has partitions"),
     "in-use": (lambda m, n: (m.root / "sys" / "block" / n / "holders" / "dm-0").mkdir(), "is in use by dm-0"),
-    # blkid answers "nothing found" for a device it cannot open, the answer that allows formatting.
-    "unreadable": (lambda m, n: m.dev(n).unlink(), "nothing readable"),
+    # blkid answers "nothing found" for a device it cannot open; wipefs fails on it.
+    "missing": (lambda m, n: m.dev(n).unlink(), "could not be probed by wipefs (wipefs: error: "),
+    "not-a-disk": (link_to_dev_zero, "could not be probed by wipefs (wipefs: error: "),
+    "end-unreadable": (lambda m, n: cut_short(m, n, m.size - (512 << 10)), "cannot be read in its last MiB"),
+    "start-unreadable": (lambda m, n: cut_short(m, n, 512 << 10), "cannot be read in its first MiB"),
 }
 
 
@@ -554,13 +661,75 @@ def test_a_disk_holding_anything_is_left_alone_and_logged(tmp_path, kind, num_di
     machine = Machine(tmp_path, [(EBS, 1)] + [(AWS_INSTANCE_STORE, 1)] * num_disks)
     put, described = FOREIGN[kind]
     put(machine, "nvme1n1")
-    before = {name: probe(machine.dev(name)) for name in ("nvme1n1", "nvme2n1")[:num_disks]}
+    names = ("nvme1n1", "nvme2n1")[:num_disks]
+    before = {name: (probe(machine.dev(name)), signatures(machine.dev(name))) for name in names}
     result, calls = machine.boot()
     # Not formatted, joined, nor mounted; said as a warning (journal priority 4).
-    assert calls == []
-    assert {name: probe(machine.dev(name)) for name in before} == before
-    assert f"<4>{machine.dev('nvme1n1')} {'holds ' if kind not in ('partitions', 'in-use') else ''}{described}: left alone" in result.stdout, result.stdout
-    assert "the model cache stays on the root disk" in result.stdout
+    assert calls == [] and "formatting" not in result.stdout, result.stdout
+    assert {name: (probe(machine.dev(name)), signatures(machine.dev(name))) for name in names} == before
+    warning = f"<4>{machine.dev('nvme1n1')} {described.format(end_sector=hex(machine.size - 512))}"
+    lines = [line for line in result.stdout.splitlines() if line.startswith(warning)]
+    assert lines, result.stdout
+    assert lines[0].endswith(": left alone: the model cache stays on the root disk"), lines[0]
+
+
+@pytest.mark.parametrize("shape", ["single", "p5"])
+def test_instance_store_smaller_than_the_root_filesystem_is_not_used(tmp_path, shape):
+    controllers = [(EBS, 1), (AWS_INSTANCE_STORE, 1)] if shape == "single" else SHAPES["p5"][0]
+    machine = Machine(tmp_path, controllers, size=32 << 20)
+    result, calls = machine.boot()
+    disks = len(controllers) - 1
+    assert calls == [] and "formatting" not in result.stdout, result.stdout
+    root_size = shutil.disk_usage(machine.root / "var" / "lib").total
+    assert root_size > disks * machine.size, "the test's filesystem is too small for this test"
+    assert (f"the instance store ({disks * 32} MiB) is smaller than the root filesystem "
+            f"({root_size >> 30} GiB): the model cache stays on the root disk") in result.stdout
+    for i in range(1, disks + 1):
+        assert probe(machine.dev(f"nvme{i}n1")) == {}
+
+
+def test_a_disk_whose_controller_comes_up_late_is_waited_for(tmp_path):
+    # nvme2 is still connecting when the unit starts; its disk appears half a second later.
+    machine = Machine(tmp_path, [(EBS, 1)] + [(AWS_INSTANCE_STORE, 1)] * 2, down={2})
+    timer = threading.Timer(0.5, machine.bring_up, [2])
+    timer.start()
+    result, calls = machine.boot(PAGODA_NVME_WAIT_SEC="10")
+    timer.join()
+    assert "waiting up to 10 s for NVMe controllers to come up: nvme2" in result.stdout
+    array = machine.dev("md100")
+    assert calls == [
+        f"mdadm --create {array} --run --level=0 --raid-devices=2 --metadata=1.2 --name=pagoda-cache "
+        f"{machine.dev('nvme1n1')} {machine.dev('nvme2n1')}",
+        mount_call(machine, array),
+    ], result.stdout
+    # udev settles once the controller is live, before the disks are listed.
+    assert machine.events.index("(nvme2 is live)") < machine.events.index("udevadm settle --timeout=30"), machine.events
+    assert machine.seconds < 5
+
+
+@pytest.mark.parametrize("model", [AWS_INSTANCE_STORE, ""], ids=["instance-store", "model-unknown"])
+def test_an_instance_store_controller_that_never_comes_up_keeps_the_root_disk(tmp_path, model):
+    machine = Machine(tmp_path, [(EBS, 1)] + [(AWS_INSTANCE_STORE, 1)] * 2, down={2})
+    # Before the controller is identified, sysfs has no model for it.
+    (machine.controller(2) / "model").write_text(f"{model:<40}\n")
+    result, calls = machine.boot(PAGODA_NVME_WAIT_SEC="1")
+    # The bounded wait (a second here, with room for a loaded machine), then nothing touched: an
+    # array of nvme1n1 alone would be left alone as partly blank once nvme2n1 is there.
+    assert 1 <= machine.seconds < 3, machine.seconds
+    assert calls == [] and "formatting" not in result.stdout, result.stdout
+    assert probe(machine.dev("nvme1n1")) == {}
+    assert (f"<4>NVMe controller nvme2 ({model or 'model unknown'}) is not live after 1 s (connecting): "
+            "the instance-store disks may be incomplete: the model cache stays on the root disk") in result.stdout
+
+
+def test_another_controller_that_never_comes_up_is_left_out(tmp_path):
+    # The EBS controller of a data volume is stuck; the instance store is complete.
+    machine = Machine(tmp_path, [(EBS, 1)] + [(AWS_INSTANCE_STORE, 1)] * 2, down={0})
+    result, calls = machine.boot(PAGODA_NVME_WAIT_SEC="1")
+    assert 1 <= machine.seconds < 3, machine.seconds
+    assert (f"<4>NVMe controller nvme0 ({EBS}) is not live after 1 s (connecting): left out, it is not "
+            "instance store") in result.stdout
+    assert calls[-1] == mount_call(machine, machine.dev("md100")), result.stdout
 
 
 def test_blank_disks_beside_members_of_the_array_are_left_alone(tmp_path):
@@ -569,7 +738,7 @@ def test_blank_disks_beside_members_of_the_array_are_left_alone(tmp_path):
     machine.reboot()
     # One disk comes back blank (replaced), the other still holds its part of the array.
     with open(machine.dev("nvme2n1"), "wb") as f:
-        f.truncate(32 << 20)
+        f.truncate(machine.size)
     result, calls = machine.boot()
     assert calls == []
     assert "<4>the disks are partly blank (1 of 2) and partly members of an array: left alone" in result.stdout
@@ -597,6 +766,9 @@ def test_the_nvme_cache_unit_runs_as_root_before_the_sync_and_the_server():
     for name in ("pagoda", "pagoda-model-sync"):
         assert "pagoda-nvme-cache.service" not in s["units"][name]["requires"]
     assert set(unit["path"]) >= {"util-linux", "e2fsprogs", "mdadm"}
+    # After udev's coldplug, so that the script's `udevadm settle` waits for the disks; not after
+    # the deprecated udev-settle unit (the script waits for the NVMe controllers itself).
+    assert unit["after"] == ["systemd-udev-trigger.service"]
     # Off by default.
     assert "pagoda-nvme-cache" not in scenario("defaults")["units"]
 
