@@ -377,7 +377,10 @@ async fn load_in_background(
         // A versioned folder (`pagoda sync --versioned`): the version `current` names, held so
         // that no sync removes it while this server has its files mapped. The hold lasts as long
         // as the process: its file stays open.
-        let (version, hold) = storage::versions::resolve_for_serving(dir)?;
+        let dir = dir.clone();
+        let (version, hold) = tokio::task::spawn_blocking(move || storage::versions::resolve_for_serving(&dir))
+            .await
+            .map_err(|e| anyhow::anyhow!("resolving the model version panicked: {e}"))??;
         std::mem::forget(hold);
         opts.model = Some(version);
     }

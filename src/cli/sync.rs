@@ -143,6 +143,12 @@ pub struct SyncArgs {
     /// ReadWriteMany claim).
     #[arg(long, requires = "versioned", requires = "dest")]
     pub remove_unused_models: bool,
+
+    /// With --remove-unused-models: another model's current version (and its folder) goes only
+    /// once its `current` has not changed for this many seconds, so that a pod between its sync and
+    /// its server's start keeps its model.
+    #[arg(long, default_value_t = 86_400, requires = "remove_unused_models")]
+    pub unused_model_grace: u64,
 }
 
 /// Deletes the folders beside `dest` named by 16 lowercase hex digits; returns their names.
@@ -204,7 +210,8 @@ pub fn run(args: SyncArgs) -> anyhow::Result<()> {
         let synced = runtime.block_on(storage::versions::sync_versioned(&source, &dest, &opts))?;
         let mut removed = prune(&args)?;
         if args.remove_unused_models {
-            removed.extend(storage::versions::remove_unused_models(&dest)?);
+            let grace = std::time::Duration::from_secs(args.unused_model_grace);
+            removed.extend(storage::versions::remove_unused_models(&dest, grace)?);
         }
         return report(&args, &source, &synced.dir, &synced.summary, None, &removed, Some(&synced));
     }

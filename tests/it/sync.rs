@@ -789,8 +789,10 @@ fn a_sync_can_remove_the_other_models_folders_beside_it() {
 
 /// `--versioned` (what the chart passes): a changed model in the store becomes a new version
 /// folder beside the one a running server holds, which is never rewritten (its files keep their
-/// bytes and inodes); unchanged files are hard links, not downloads; a version is removed once
-/// no server holds it; `--remove-unused-models` removes the other models no server holds.
+/// bytes and inodes); unchanged files are hard links, not downloads; a complete version is never
+/// touched again; a version is removed once no server holds it; a folder synced before
+/// `--versioned` seeds the first version; `--remove-unused-models` removes the other models no
+/// server holds once their grace is over; a server serves from a read-only mount of the cache.
 #[test]
 fn a_versioned_sync_never_rewrites_a_version_a_running_server_holds() {
     use std::os::unix::fs::MetadataExt;
@@ -802,14 +804,15 @@ fn a_versioned_sync_never_rewrites_a_version_a_running_server_holds() {
     let uri = format!("s3://{BUCKET}/versioned/model");
     let env: Vec<(&str, &str)> = moto.env().leak().iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let ino = |path: &Path| std::fs::metadata(path).unwrap().ino();
+    let current = |dest: &Path| std::fs::read_to_string(dest.join("current")).unwrap().trim().to_string();
 
     let first = sync_ok(&uri, &dest, &["--versioned"], &moto.env());
     let v1 = first["version"].as_str().unwrap().to_string();
     assert_eq!((v1.len(), first["downloaded_files"].clone()), (16, json!(5)));
     let v1_dir = dest.join("versions").join(&v1);
     assert_eq!(first["dest"], v1_dir.to_str().unwrap());
-    assert_eq!(std::fs::read_link(dest.join("current")).unwrap(), Path::new("versions").join(&v1));
-    assert_same_files(&src, &dest.join("current"));
+    assert_eq!(current(&dest), v1);
+    assert_same_files(&src, &v1_dir);
     let generation = v1_dir.join("generation_config.json");
     let (old_bytes, old_ino) = (std::fs::read(&generation).unwrap(), ino(&generation));
 
@@ -828,7 +831,7 @@ fn a_versioned_sync_never_rewrites_a_version_a_running_server_holds() {
     assert_eq!(second["downloaded_files"], 1);
     assert_eq!((second["removed_versions"].clone(), second["versions_in_use"].clone()), (json!([]), json!([v1])));
     let v2_dir = dest.join("versions").join(&v2);
-    assert_eq!(std::fs::read_link(dest.join("current")).unwrap(), Path::new("versions").join(&v2));
+    assert_eq!(current(&dest), v2);
     assert_eq!(std::fs::read(v2_dir.join("generation_config.json")).unwrap(), changed);
     // The held version is exactly as it was; the new one shares its unchanged files.
     assert_eq!((std::fs::read(&generation).unwrap(), ino(&generation)), (old_bytes, old_ino));
@@ -838,7 +841,7 @@ fn a_versioned_sync_never_rewrites_a_version_a_running_server_holds() {
     assert_eq!(post(server.port, "/v1/completions", &body).status, 200);
 
     // Other models beside DEST: one a server holds, one no server holds, one synced without
-    // --versioned (nothing says whether it is read): only the unheld one goes.
+    // --versioned (nothing says whether it is read).
     moto.upload_dir(&src, "versioned/other");
     let other_uri = format!("s3://{BUCKET}/versioned/other");
     let (held, unheld, plain) =
@@ -850,25 +853,73 @@ fn a_versioned_sync_never_rewrites_a_version_a_running_server_holds() {
     let other_server = Server::spawn(&["--model", held.to_str().unwrap()], &env);
     other_server.wait_ready();
 
-    // The first server stops: its version goes at the next sync, and the unheld model with it.
+    // The first server stops: its version goes at the next sync. The complete current version is
+    // not touched (marker and manifest as they were), and within its grace the unheld model stays.
     drop(server);
+    let state = v2_dir.join(".pagoda-sync");
+    let stamps =
+        || ["complete", "manifest.json"].map(|f| std::fs::metadata(state.join(f)).unwrap().modified().unwrap());
+    let before = stamps();
     let third = sync_ok(&uri, &dest, &["--versioned", "--remove-unused-models"], &moto.env());
     assert_eq!(third["downloaded_files"], 0);
     assert_eq!(third["removed_versions"], json!([v1]));
-    assert_eq!(third["removed_other_models"], json!(["00000000000000bb"]));
-    assert!(!v1_dir.exists() && !unheld.exists());
-    assert!(held.join("current").join("config.json").is_file() && plain.join("config.json").is_file());
-    assert_same_files(&src, &held.join("current"));
+    assert_eq!(third["removed_other_models"], json!([]));
+    assert_eq!(stamps(), before);
+    assert!(!v1_dir.exists() && unheld.join("current").is_file());
+    // Past its grace, the unheld model goes; the held one and the unversioned one stay.
+    let fourth =
+        sync_ok(&uri, &dest, &["--versioned", "--remove-unused-models", "--unused-model-grace", "0"], &moto.env());
+    assert_eq!(fourth["removed_other_models"], json!(["00000000000000bb"]));
+    assert!(!unheld.exists());
+    let held_current = held.join("versions").join(current(&held));
+    assert_same_files(&src, &held_current);
+    assert!(plain.join("config.json").is_file());
     drop(other_server);
+    assert!(!cache.join("fedcba9876543210/.trash").read_dir().is_ok_and(|mut d| d.next().is_some()));
 
-    // A new server serves the new version.
-    let server = Server::spawn(&["--model", dest.to_str().unwrap()], &env);
-    server.wait_ready();
-    assert!(server.log().contains(&format!("versions/{v2}")), "{}", server.log());
+    // A folder synced before --versioned: its files seed the first version (nothing downloaded)
+    // and stay as they were for the servers that may still read them.
+    let plain_config = (std::fs::read(plain.join("config.json")).unwrap(), ino(&plain.join("config.json")));
+    let upgraded = sync_ok(&other_uri, &plain, &["--versioned"], &moto.env());
+    assert_eq!(upgraded["downloaded_files"], 0);
+    assert_eq!((std::fs::read(plain.join("config.json")).unwrap(), ino(&plain.join("config.json"))), plain_config);
+    assert_same_files(&src, &plain.join("versions").join(current(&plain)));
+
+    // A server reads the cache through a read-only mount (as the chart mounts it).
+    let readonly = scratch_dir("sync-versioned-ro");
+    match ReadOnlyMount::new(&cache, &readonly) {
+        None => println!("did not run: the read-only part (a read-only bind mount needs mount privileges)"),
+        Some(_mount) => {
+            let server = Server::spawn(&["--model", readonly.join("fedcba9876543210").to_str().unwrap()], &env);
+            server.wait_ready();
+            assert!(server.log().contains(&format!("versions/{v2}")), "{}", server.log());
+        }
+    }
 
     // --remove-unused-models needs --versioned; a Hub cache is already versioned.
     let out = pagoda(&["sync", &uri, dest.to_str().unwrap(), "--remove-unused-models"], &moto.env());
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     let err = sync_err("hf://org/model", &dest, &["--versioned"], &[]);
     assert!(err.contains("--versioned applies to object-store models"), "{err}");
+}
+
+/// A read-only bind mount of `src` at `at`, unmounted when dropped; `None` where this process may
+/// not mount.
+struct ReadOnlyMount(PathBuf);
+
+impl ReadOnlyMount {
+    fn new(src: &Path, at: &Path) -> Option<ReadOnlyMount> {
+        let mount = |args: &[&str]| Command::new("mount").args(args).output().is_ok_and(|o| o.status.success());
+        if !mount(&["--bind", src.to_str()?, at.to_str()?]) {
+            return None;
+        }
+        let guard = ReadOnlyMount(at.to_path_buf());
+        mount(&["-o", "remount,bind,ro", at.to_str()?]).then_some(guard)
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
 }

@@ -158,6 +158,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
 }
 
+/// A task's reusable buffers: the scores of one query, and the cache offsets of its keys.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    rows: Vec<usize>,
+}
+
 /// Attention for one (token, head): its query and where its keys and values are.
 struct OneHead<'a> {
     q: &'a [f32],
@@ -177,19 +184,19 @@ impl OneHead<'_> {
     /// Scores, softmax and the weighted sum of values into `out`, in key order, compiled for the
     /// widest vectors this CPU has. Rust never fuses a multiply and an add on its own, so every
     /// instruction set gives the same bits.
-    fn attend(&self, isa: Isa, scores: &mut Vec<f32>, out: &mut [f32]) {
+    fn attend(&self, isa: Isa, scratch: &mut Scratch, out: &mut [f32]) {
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::detected` found these features on this CPU.
-            Isa::Avx2 | Isa::Avx512 => unsafe { self.attend_avx2(scores, out) },
-            _ => self.attend_here(scores, out),
+            Isa::Avx2 | Isa::Avx512 => unsafe { self.attend_avx2(scratch, out) },
+            _ => self.attend_here(scratch, out),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn attend_avx2(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
-        self.attend_here(scores, out)
+    unsafe fn attend_avx2(&self, scratch: &mut Scratch, out: &mut [f32]) {
+        self.attend_here(scratch, out)
     }
 
     /// Calls `f(j, row)` for each visible key position `j` in order, with the offset of its row
@@ -210,7 +217,74 @@ impl OneHead<'_> {
     }
 
     #[inline(always)]
-    fn attend_here(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+    fn attend_here(&self, scratch: &mut Scratch, out: &mut [f32]) {
+        match self.q.len() {
+            32 => self.attend_fixed::<32>(scratch, out),
+            64 => self.attend_fixed::<64>(scratch, out),
+            128 => self.attend_fixed::<128>(scratch, out),
+            _ => self.attend_any(&mut scratch.scores, out),
+        }
+    }
+
+    /// `attend_any` for a head size known when compiling, with the same arithmetic in the same
+    /// order for each (query, key) pair, so the same bits: the scores of four keys at a time (four
+    /// independent sums, each `dot`'s lanes and tree), and the weighted sum of values kept in
+    /// registers instead of memory.
+    #[inline(always)]
+    fn attend_fixed<const D: usize>(&self, scratch: &mut Scratch, out: &mut [f32]) {
+        let Scratch { scores, rows } = scratch;
+        rows.clear();
+        self.for_each_key(|_, row| rows.push(row));
+        let q: &[f32; D] = self.q.try_into().expect("the head size is D");
+        let key = |row: usize| -> &[f32; D] { self.k_cache[row..row + D].try_into().expect("a row holds D values") };
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        let mut quads = rows.chunks_exact(4);
+        for quad in &mut quads {
+            let k = [key(quad[0]), key(quad[1]), key(quad[2]), key(quad[3])];
+            let mut lanes = [[0f32; 8]; 4];
+            for c in 0..D / 8 {
+                for (lanes, k) in lanes.iter_mut().zip(&k) {
+                    for l in 0..8 {
+                        lanes[l] += q[8 * c + l] * k[8 * c + l];
+                    }
+                }
+            }
+            for lanes in &lanes {
+                // `dot`'s tree, and its empty tail.
+                let sum =
+                    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                let s = (sum + 0f32) * self.scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+        }
+        for &row in quads.remainder() {
+            let s = dot(q, key(row)) * self.scale;
+            max = max.max(s);
+            scores.push(s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        let mut acc = [0f32; D];
+        acc.copy_from_slice(out);
+        for (&s, &row) in scores.iter().zip(rows.iter()) {
+            let p = s * inv;
+            let v: &[f32; D] = self.v_cache[row..row + D].try_into().expect("a row holds D values");
+            for e in 0..D {
+                acc[e] += p * v[e];
+            }
+        }
+        out.copy_from_slice(&acc);
+    }
+
+    /// Any head size: scores, softmax and the weighted sum of values, one key at a time.
+    #[inline(always)]
+    fn attend_any(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
         let d = self.q.len();
         scores.clear();
         let mut max = f32::NEG_INFINITY;
@@ -511,7 +585,7 @@ impl Backend for CpuBackend {
         // One task per (token, head). Each computes its scores over all visible keys, then a softmax
         // and the weighted sum of values, always in key order.
         let isa = Isa::detected();
-        out.data.par_chunks_mut(head_dim).enumerate().for_each_init(Vec::<f32>::new, |scores, (item, o)| {
+        out.data.par_chunks_mut(head_dim).enumerate().for_each_init(Scratch::default, |scratch, (item, o)| {
             let (t, head) = (item / num_heads, item % num_heads);
             let seq = &batch.layout.seqs[token_seq[t]];
             let pos = seq.context_len - seq.query_len + (t - seq.query_start);
@@ -527,7 +601,7 @@ impl Backend for CpuBackend {
                 pos,
                 scale,
             };
-            one.attend(isa, scores, o);
+            one.attend(isa, scratch, o);
         });
         Ok(out)
     }
@@ -612,6 +686,46 @@ mod tests {
             let one = CpuTensor { data: x.row(r).to_vec(), rows: 1, cols: k };
             let y = CpuBackend.linear(&one, &w, None).unwrap();
             assert_eq!(y.data, all.row(r), "row {r} differs between batch sizes");
+        }
+    }
+
+    /// The fixed-size attention kernels give `attend_any`'s bits, for every key count around their
+    /// groups of four, with and without a sliding window, on every instruction set this CPU has.
+    #[test]
+    fn fixed_head_size_attention_equals_the_one_key_at_a_time_loop_bit_for_bit() {
+        let value = |i: usize| ((i * 2654435761usize) % 1000) as f32 / 250.0 - 2.0;
+        for d in [32usize, 64, 128] {
+            let (block_size, kv_width, kv_offset) = (4, 2 * d, d);
+            let k_cache: Vec<f32> = (0..64 * kv_width).map(value).collect();
+            let v_cache: Vec<f32> = (0..64 * kv_width).map(|i| value(i + 7)).collect();
+            let q: Vec<f32> = (0..d).map(|i| value(i * 3 + 1)).collect();
+            let block_table: Vec<u32> = (0..16).map(|b| (b * 5 % 16) as u32).collect();
+            for pos in 0..13 {
+                for first in [0, pos / 2] {
+                    let one = OneHead {
+                        q: &q,
+                        k_cache: &k_cache,
+                        v_cache: &v_cache,
+                        block_table: &block_table,
+                        block_size,
+                        kv_width,
+                        kv_offset,
+                        first,
+                        pos,
+                        scale: 0.125,
+                    };
+                    let mut expected = vec![0f32; d];
+                    one.attend_any(&mut Vec::new(), &mut expected);
+                    let mut isas = vec![Isa::Baseline];
+                    isas.extend([Isa::detected()].into_iter().filter(|&i| i != Isa::Baseline));
+                    for isa in isas {
+                        let mut got = vec![0f32; d];
+                        one.attend(isa, &mut Scratch::default(), &mut got);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got), bits(&expected), "d {d}, keys {first}..={pos}, {isa:?}");
+                    }
+                }
+            }
         }
     }
 
