@@ -218,27 +218,26 @@ pub struct Lock {
 impl Lock {
     /// Takes the lock, waiting (and saying so) while another sync holds it.
     pub fn acquire(path: &Path) -> Result<Lock, SyncError> {
-        let file =
-            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_error(path))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                tracing::info!(lock = %path.display(), "another sync of this folder is running; waiting for it");
-                file.lock().map_err(io_error(path))?;
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(SyncError::io(path, e)),
+        if let Some(lock) = Lock::try_acquire(path)? {
+            return Ok(lock);
         }
+        tracing::info!(lock = %path.display(), "another sync of this folder is running; waiting for it");
+        let file = Lock::open(path)?;
+        file.lock().map_err(io_error(path))?;
         Ok(Lock { _file: file })
     }
 
     /// Takes the lock if no one holds it; `None` when someone does.
     pub fn try_acquire(path: &Path) -> Result<Option<Lock>, SyncError> {
-        let file =
-            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_error(path))?;
+        let file = Lock::open(path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(Lock { _file: file })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(SyncError::io(path, e)),
         }
+    }
+
+    fn open(path: &Path) -> Result<File, SyncError> {
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_error(path))
     }
 }

@@ -216,22 +216,11 @@ fn empty_trash(dest: &Path) {
 }
 
 /// Takes `version`'s in-use lock exclusively: `None` while a server holds it.
-fn lock_unused(version: &Path) -> Result<Option<File>, SyncError> {
-    let path = version.join(STATE_DIR).join(IN_USE);
-    // Read and write: on NFS an exclusive flock is a write lock, which needs a writable file.
-    let file = match std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(version.join(STATE_DIR)).map_err(io(version))?;
-            return lock_unused(version);
-        }
-        Err(e) => return Err(SyncError::io(&path, e)),
-    };
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(SyncError::io(&path, e)),
-    }
+fn lock_unused(version: &Path) -> Result<Option<Lock>, SyncError> {
+    let state = version.join(STATE_DIR);
+    std::fs::create_dir_all(&state).map_err(io(&state))?;
+    // Opened for writing: on NFS an exclusive flock is a write lock, which needs a writable file.
+    Lock::try_acquire(&state.join(IN_USE))
 }
 
 /// Removes `version` (a folder under `dest/versions`) if no server holds it: `true` when removed.
@@ -339,7 +328,6 @@ pub fn remove_unused_models(dest: &Path, grace: Duration) -> Result<Vec<String>,
         if held {
             continue;
         }
-        empty_trash(&folder);
         to_trash(dest, &folder)?;
         drop(lock);
         tracing::info!(folder = %folder.display(), "removed another model: no server holds it");

@@ -155,7 +155,24 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in chunks_a.remainder().iter().zip(chunks_b.remainder()) {
         tail += x * y;
     }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
+    lane_sum(&lanes) + tail
+}
+
+/// `dot`'s fixed tree over its eight lanes.
+#[inline(always)]
+fn lane_sum(lanes: &[f32; 8]) -> f32 {
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
+/// Turns scores into unnormalised softmax weights, in key order; returns 1 / their sum.
+#[inline(always)]
+fn exp_weights(scores: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    1.0 / sum
 }
 
 /// A task's reusable buffers: the scores of one query, and the cache offsets of its keys.
@@ -252,9 +269,7 @@ impl OneHead<'_> {
             }
             for lanes in &lanes {
                 // `dot`'s tree, and its empty tail.
-                let sum =
-                    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-                let s = (sum + 0f32) * self.scale;
+                let s = (lane_sum(lanes) + 0f32) * self.scale;
                 max = max.max(s);
                 scores.push(s);
             }
@@ -264,12 +279,7 @@ impl OneHead<'_> {
             max = max.max(s);
             scores.push(s);
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
+        let inv = exp_weights(scores, max);
         let mut acc = [0f32; D];
         acc.copy_from_slice(out);
         for (&s, &row) in scores.iter().zip(rows.iter()) {
@@ -293,12 +303,7 @@ impl OneHead<'_> {
             max = max.max(s);
             scores.push(s);
         });
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
+        let inv = exp_weights(scores, max);
         self.for_each_key(|j, row| {
             let p = scores[j - self.first] * inv;
             for (o, v) in out.iter_mut().zip(&self.v_cache[row..row + d]) {
