@@ -58,6 +58,16 @@ const NAMES: &[(u32, &str)] = &[
 pub const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K";
 
 impl GgmlType {
+    /// The dtype of an unquantized type, whose bytes are used as stored.
+    pub fn plain_dtype(self) -> Option<super::DType> {
+        match self {
+            GgmlType::F32 => Some(super::DType::F32),
+            GgmlType::F16 => Some(super::DType::F16),
+            GgmlType::BF16 => Some(super::DType::BF16),
+            _ => None,
+        }
+    }
+
     pub fn from_id(id: u32) -> Result<GgmlType, String> {
         Ok(match id {
             0 => GgmlType::F32,

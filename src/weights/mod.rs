@@ -182,13 +182,14 @@ impl TensorEntry {
     fn num_bytes(&self) -> usize {
         match self.decode {
             None => self.range.len(),
-            Some(_) => self.shape.iter().product::<usize>() * DType::F32.size_in_bytes(),
+            Some(_) => self.shape.iter().product::<usize>() * self.dtype.size_in_bytes(),
         }
     }
 }
 
-/// How a GGUF tensor becomes its checkpoint's tensor: dequantized to f32 and, for Llama's query and
-/// key projections, its rows put back in the order the converter found them.
+/// How a GGUF tensor becomes its checkpoint's tensor: a quantized one dequantized to f32 (f32, f16
+/// and bf16 keep their dtype) and, for Llama's query and key projections, its rows put back in the
+/// order the converter found them.
 #[derive(Clone, Copy, Debug)]
 struct Decode {
     from: GgmlType,
@@ -371,15 +372,9 @@ impl WeightStore {
             {
                 return Err(invalid(format!("tensor '{}': {} rows do not split into {h} heads", t.name, t.shape[0])));
             }
-            let plain = match t.ggml_type {
-                GgmlType::F32 => Some(DType::F32),
-                GgmlType::F16 => Some(DType::F16),
-                GgmlType::BF16 => Some(DType::BF16),
-                _ => None,
-            };
-            let (dtype, decode) = match (plain, unpermute_heads) {
+            let (dtype, decode) = match (t.ggml_type.plain_dtype(), unpermute_heads) {
                 (Some(dtype), None) => (dtype, None),
-                _ => (DType::F32, Some(Decode { from: t.ggml_type, unpermute_heads })),
+                (plain, _) => (plain.unwrap_or(DType::F32), Some(Decode { from: t.ggml_type, unpermute_heads })),
             };
             let entry = TensorEntry { file_idx: 0, dtype, shape: t.shape, range: t.range, decode };
             if store.tensors.insert(name.clone(), entry).is_some() {
@@ -437,9 +432,10 @@ impl WeightStore {
         let (buffer, range) = match entry.decode {
             None => (file.buffer.clone(), entry.range.clone()),
             Some(decode) => {
-                let values = decode_tensor(decode, &file.buffer.bytes()[entry.range.clone()], &entry.shape);
-                let len = values.len() * DType::F32.size_in_bytes();
-                (Arc::new(Buffer::Decoded(values)), 0..len)
+                let buffer =
+                    decode_tensor(decode, entry.dtype, &file.buffer.bytes()[entry.range.clone()], &entry.shape);
+                let len = buffer.bytes().len();
+                (Arc::new(buffer), 0..len)
             }
         };
         Ok(RawTensor {
@@ -501,25 +497,37 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
-/// Dequantizes a GGUF tensor of row-major `shape` and undoes the rotary row permutation: within
-/// each head of `d` rows, stored row `2j + h` is the checkpoint's row `h * d/2 + j`.
-fn decode_tensor(decode: Decode, bytes: &[u8], shape: &[usize]) -> Vec<f32> {
+/// A GGUF tensor of row-major `shape` as `dtype`: dequantized to f32 when quantized (else its bytes
+/// as stored), with the rotary row permutation undone.
+fn decode_tensor(decode: Decode, dtype: DType, bytes: &[u8], shape: &[usize]) -> Buffer {
+    let rows = shape.first().copied().unwrap_or(1);
+    if decode.from.plain_dtype().is_some() {
+        let row_bytes = bytes.len() / rows.max(1);
+        return Buffer::Owned(unpermute_rows(bytes.to_vec(), row_bytes, rows, decode.unpermute_heads));
+    }
+    debug_assert_eq!(dtype, DType::F32, "a quantized tensor is decoded to f32");
     let mut values = vec![0f32; shape.iter().product()];
     ggml::dequantize(decode.from, bytes, &mut values);
-    let Some(heads) = decode.unpermute_heads else {
+    let cols = values.len() / rows.max(1);
+    Buffer::Decoded(unpermute_rows(values, cols, rows, decode.unpermute_heads))
+}
+
+/// Undoes llama.cpp's rotary row permutation of `rows` rows of `width` values each: within each of
+/// `heads` heads of `d` rows, stored row `2j + h` is the checkpoint's row `h * d/2 + j`.
+fn unpermute_rows<T: Copy + Default>(values: Vec<T>, width: usize, rows: usize, heads: Option<usize>) -> Vec<T> {
+    let Some(heads) = heads else {
         return values;
     };
-    let cols: usize = shape[1..].iter().product();
-    let head_rows = shape[0] / heads;
+    let head_rows = rows / heads;
     let half = head_rows / 2;
-    let mut out = vec![0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for j in 0..half {
             for part in 0..2 {
                 let stored = h * head_rows + 2 * j + part;
                 let original = h * head_rows + part * half + j;
-                out[original * cols..(original + 1) * cols]
-                    .copy_from_slice(&values[stored * cols..(stored + 1) * cols]);
+                out[original * width..(original + 1) * width]
+                    .copy_from_slice(&values[stored * width..(stored + 1) * width]);
             }
         }
     }
@@ -600,5 +608,60 @@ mod tests {
             convert_to_f32(dtype, &shifted[1..], &mut out);
             assert_eq!(out, values);
         }
+    }
+
+    /// Llama's query and key rows in a GGUF file come back in the checkpoint's order in their own
+    /// dtype (bf16 stays bf16: the model's bytes are not doubled), and quantized ones as f32.
+    #[test]
+    fn gguf_query_and_key_rows_are_unpermuted_in_their_own_dtype() {
+        use gguf::MetaValue;
+        // Two heads of four rows, three columns: value = 10 × row + column in the checkpoint.
+        let (rows, cols, heads) = (8, 3, 2);
+        let original: Vec<f32> = (0..rows * cols).map(|i| (10 * (i / cols) + i % cols) as f32).collect();
+        let mut stored = vec![0f32; rows * cols];
+        for h in 0..heads {
+            for part in 0..2 {
+                for j in 0..2 {
+                    let (from, to) = (h * 4 + part * 2 + j, h * 4 + 2 * j + part);
+                    stored[to * cols..(to + 1) * cols].copy_from_slice(&original[from * cols..(from + 1) * cols]);
+                }
+            }
+        }
+        let bf16 = |v: &[f32]| v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect::<Vec<u8>>();
+        let q8 = {
+            // One Q8_0 block per row of 32: scale 1, then the values as i8 (columns padded to 32).
+            let mut out = Vec::new();
+            for r in 0..rows {
+                out.extend(half::f16::from_f32(1.0).to_le_bytes());
+                out.extend((0..32).map(|c| if c < cols { stored[r * cols + c] as i8 as u8 } else { 0 }));
+            }
+            out
+        };
+        let meta = [
+            ("general.architecture", MetaValue::String("llama".into())),
+            ("llama.attention.head_count", MetaValue::Int(heads as i64)),
+            ("llama.attention.head_count_kv", MetaValue::Int(heads as i64)),
+        ];
+        let tensors = [
+            ("blk.0.attn_q.weight".to_string(), vec![rows, cols], GgmlType::BF16, bf16(&stored)),
+            ("blk.0.attn_v.weight".to_string(), vec![rows, cols], GgmlType::BF16, bf16(&stored)),
+            ("blk.1.attn_k.weight".to_string(), vec![rows, 32], GgmlType::Q8_0, q8),
+        ];
+        let dir = temp_dir("gguf-unpermute");
+        let path = dir.join("m.gguf");
+        std::fs::write(&path, gguf::serialize(&meta, &tensors)).unwrap();
+        let (store, _) = WeightStore::open_gguf(&path).unwrap();
+        let q = store.tensor("model.layers.0.self_attn.q_proj.weight", &[rows, cols]).unwrap();
+        assert_eq!(q.dtype, DType::BF16);
+        assert_eq!(q.bytes(), bf16(&original), "rows back in the checkpoint's order, as stored");
+        let v = store.tensor("model.layers.0.self_attn.v_proj.weight", &[rows, cols]).unwrap();
+        assert_eq!(v.bytes(), bf16(&stored), "other tensors are not reordered");
+        let k = store.tensor("model.layers.1.self_attn.k_proj.weight", &[rows, 32]).unwrap();
+        assert_eq!(k.dtype, DType::F32);
+        let k = k.to_f32_vec();
+        for r in 0..rows {
+            assert_eq!(&k[r * 32..r * 32 + cols], &original[r * cols..(r + 1) * cols], "row {r}");
+        }
+        assert_eq!(store.num_bytes(), 2 * rows * cols * 2 + rows * 32 * 4);
     }
 }
