@@ -354,7 +354,7 @@ unsafe fn task_body<E: Elem>(t: &Task, panels: *const E) {
                 while p < t.p1 {
                     let step = np.min(t.p1 - p);
                     // SAFETY (both calls): within the task's rows and panels.
-                    unsafe { block(t, panels, (r0, p, rows, step), c0, kc, first) };
+                    unsafe { block(t, panels, (r0, p, rows, step), c0, kc, first, false) };
                     p += step;
                 }
             } else {
@@ -362,7 +362,10 @@ unsafe fn task_body<E: Elem>(t: &Task, panels: *const E) {
                     let mut r = r0;
                     while r < r0 + rows {
                         let mr = 6.min(r0 + rows - r);
-                        unsafe { block(t, panels, (r, p, mr, 1), c0, kc, first) };
+                        // The last rows of a panel fetch the next panel's block into the cache
+                        // meanwhile, so that its first rows do not wait on memory.
+                        let prefetch = r + mr == r0 + rows && p + 1 < t.p1;
+                        unsafe { block(t, panels, (r, p, mr, 1), c0, kc, first, prefetch) };
                         r += mr;
                     }
                 }
@@ -380,6 +383,7 @@ unsafe fn block<E: Elem>(
     c0: usize,
     kc: usize,
     first: bool,
+    prefetch_next: bool,
 ) {
     let panel_len = t.k * PANEL;
     // SAFETY: row `r` of x starts at `r * k`, panel `p` at `p * panel_len`; the caller keeps
@@ -393,6 +397,11 @@ unsafe fn block<E: Elem>(
             ldo: t.ldo,
             valid: (t.n - p * PANEL).min(np * PANEL),
             first,
+            next: if prefetch_next {
+                panels.add((p + np) * panel_len + c0 * PANEL) as *const u8
+            } else {
+                std::ptr::null()
+            },
         };
         dispatch(&args, panels.add(p * panel_len + c0 * PANEL), panel_len, mr, np)
     }
@@ -409,6 +418,20 @@ struct Args {
     valid: usize,
     /// The first block of the inner dimension starts from zero; later ones from `out`.
     first: bool,
+    /// Where the next panel's block starts, to prefetch (no effect on results), or null.
+    next: *const u8,
+}
+
+/// Asks for the cache line at `p` (a hint: never faults, changes no result).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[inline(always)]
@@ -461,6 +484,9 @@ unsafe fn kernel<E: Elem, const MR: usize, const NP: usize>(a: &Args, w: *const 
             }
         }
         for c in 0..a.kc {
+            if !a.next.is_null() {
+                prefetch(a.next.wrapping_add(c * PANEL * std::mem::size_of::<E>()));
+            }
             let mut wv = [[0f32; PANEL]; NP];
             for (p, lanes) in wv.iter_mut().enumerate() {
                 *lanes = E::widen_row(w.add(p * stride + c * PANEL));
