@@ -183,6 +183,13 @@ pub trait Backend: Send + Sync + 'static {
     /// A short name for logs and `/version` ("cpu", "cuda").
     fn name(&self) -> &'static str;
 
+    /// Runs one step's work, where this backend wants it run: the CPU backend runs it on a worker
+    /// of its thread pool, so that each of the step's many parallel sections starts from a worker
+    /// (the other workers steal from it) instead of waking a sleeping caller when it ends.
+    fn run_step<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+        work()
+    }
+
     /// Makes a stored tensor usable as a weight (1-D vectors and 2-D `[out, in]` matrices).
     fn load_weight(&self, raw: &RawTensor) -> Result<Self::Weight, BackendError>;
     /// A weight of `shape` filled with uniform values in ±[`DUMMY_WEIGHT_RANGE`] drawn from

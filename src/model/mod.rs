@@ -323,6 +323,26 @@ impl<B: Backend> ModelRunner<B> {
         }
         Ok(picked)
     }
+
+    /// One forward pass of at most [`MAX_LOGITS_ROWS`] sampled rows, and their tokens.
+    fn sample_step(
+        &mut self,
+        layout: &BatchLayout,
+        logits_rows: &[u32],
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledRow>, BackendError> {
+        let (logits, _) = self.forward(layout, logits_rows)?;
+        let padded_rows = self.backend.rows(&logits);
+        if padded_rows <= sampling.len() {
+            return self.backend.sample_rows(&logits, sampling);
+        }
+        // A graph's padding rows are picked greedily and dropped.
+        let mut rules = sampling.to_vec();
+        rules.resize(padded_rows, RowSampling::greedy());
+        let mut picked = self.backend.sample_rows(&logits, &rules)?;
+        picked.truncate(sampling.len());
+        Ok(picked)
+    }
 }
 
 /// `layout` (one token per sequence) padded to `size` sequences, every block table padded with
@@ -350,10 +370,12 @@ fn pad_decode_layout(layout: &BatchLayout, size: usize, table_width: usize, pad_
 
 impl<B: Backend> Executor for ModelRunner<B> {
     fn execute(&mut self, layout: &BatchLayout, logits_rows: &[u32]) -> Result<Vec<f32>, BackendError> {
-        let (logits, rows) = self.forward(layout, logits_rows)?;
-        let mut host = self.backend.to_host(&logits)?;
-        host.truncate(rows * self.vocab_size);
-        Ok(host)
+        B::run_step(|| {
+            let (logits, rows) = self.forward(layout, logits_rows)?;
+            let mut host = self.backend.to_host(&logits)?;
+            host.truncate(rows * self.vocab_size);
+            Ok(host)
+        })
     }
 
     fn execute_step(
@@ -365,20 +387,13 @@ impl<B: Backend> Executor for ModelRunner<B> {
         if sampling.len() != logits_rows.len() {
             return Err(BackendError::Batch("one sampling rule per sampled row is needed".into()));
         }
-        if logits_rows.len() > MAX_LOGITS_ROWS {
-            return self.execute_in_slices(layout, logits_rows, sampling);
-        }
-        let (logits, _) = self.forward(layout, logits_rows)?;
-        let padded_rows = self.backend.rows(&logits);
-        if padded_rows <= sampling.len() {
-            return self.backend.sample_rows(&logits, sampling);
-        }
-        // A graph's padding rows are picked greedily and dropped.
-        let mut rules = sampling.to_vec();
-        rules.resize(padded_rows, RowSampling::greedy());
-        let mut picked = self.backend.sample_rows(&logits, &rules)?;
-        picked.truncate(sampling.len());
-        Ok(picked)
+        B::run_step(|| {
+            if logits_rows.len() > MAX_LOGITS_ROWS {
+                self.execute_in_slices(layout, logits_rows, sampling)
+            } else {
+                self.sample_step(layout, logits_rows, sampling)
+            }
+        })
     }
 
     fn vocab_size(&self) -> usize {

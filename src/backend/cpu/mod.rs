@@ -1,5 +1,5 @@
-//! The CPU backend: f32 activations, multi-threaded with rayon, matmuls by our own kernels
-//! ([`gemm`]).
+//! The CPU backend: f32 activations, multi-threaded with rayon, matmuls and attention by our own
+//! kernels ([`gemm`], [`attention`]).
 //!
 //! Matrices are repacked once at load into the matmul's panels, in their stored dtype (bf16 stays
 //! bf16): one copy of the model on the heap, which the memory map's pages need not back any more.
@@ -7,14 +7,17 @@
 //!
 //! Batch invariance: every output element is produced by the same sequence of floating-point
 //! operations whatever else is in the batch. Each matmul output is one fused multiply-add chain in
-//! input order, whatever the kernel, blocking or instruction set (see [`gemm`]), and attention
-//! computes each (token, head) pair on its own with a fixed loop order. A sequence's greedy tokens
+//! input order, whatever the kernel, blocking or instruction set (see [`gemm`]), and each
+//! attention head's result is one defined sequence of operations whatever shares its task (see
+//! [`attention`]). A sequence's greedy tokens
 //! therefore do not depend on what it was batched or chunked with (pinned by a test).
 
+mod attention;
 pub mod gemm;
 
 use rayon::prelude::*;
 
+use attention::{Keys, Scratch, Tile, attend_tile};
 pub use gemm::Isa;
 use gemm::PackedMatrix;
 
@@ -164,155 +167,6 @@ fn lane_sum(lanes: &[f32; 8]) -> f32 {
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
-/// Turns scores into unnormalised softmax weights, in key order; returns 1 / their sum.
-#[inline(always)]
-fn exp_weights(scores: &mut [f32], max: f32) -> f32 {
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    1.0 / sum
-}
-
-/// A task's reusable buffers: the scores of one query, and the cache offsets of its keys.
-#[derive(Default)]
-struct Scratch {
-    scores: Vec<f32>,
-    rows: Vec<usize>,
-}
-
-/// Attention for one (token, head): its query and where its keys and values are.
-struct OneHead<'a> {
-    q: &'a [f32],
-    k_cache: &'a [f32],
-    v_cache: &'a [f32],
-    block_table: &'a [u32],
-    block_size: usize,
-    kv_width: usize,
-    kv_offset: usize,
-    /// Key positions `first..=pos` are visible.
-    first: usize,
-    pos: usize,
-    scale: f32,
-}
-
-impl OneHead<'_> {
-    /// Scores, softmax and the weighted sum of values into `out`, in key order, compiled for the
-    /// widest vectors this CPU has. Rust never fuses a multiply and an add on its own, so every
-    /// instruction set gives the same bits.
-    fn attend(&self, isa: Isa, scratch: &mut Scratch, out: &mut [f32]) {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::detected` found these features on this CPU.
-            Isa::Avx2 | Isa::Avx512 => unsafe { self.attend_avx2(scratch, out) },
-            _ => self.attend_here(scratch, out),
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn attend_avx2(&self, scratch: &mut Scratch, out: &mut [f32]) {
-        self.attend_here(scratch, out)
-    }
-
-    /// Calls `f(j, row)` for each visible key position `j` in order, with the offset of its row
-    /// in the cache: one block-table lookup (and one division) per block, not per key.
-    #[inline(always)]
-    fn for_each_key(&self, mut f: impl FnMut(usize, usize)) {
-        let bs = self.block_size;
-        let mut j = self.first;
-        while j <= self.pos {
-            let b = j / bs;
-            let base = self.block_table[b] as usize * bs;
-            let end = ((b + 1) * bs).min(self.pos + 1);
-            for jj in j..end {
-                f(jj, (base + jj - b * bs) * self.kv_width + self.kv_offset);
-            }
-            j = end;
-        }
-    }
-
-    #[inline(always)]
-    fn attend_here(&self, scratch: &mut Scratch, out: &mut [f32]) {
-        match self.q.len() {
-            32 => self.attend_fixed::<32>(scratch, out),
-            64 => self.attend_fixed::<64>(scratch, out),
-            128 => self.attend_fixed::<128>(scratch, out),
-            _ => self.attend_any(&mut scratch.scores, out),
-        }
-    }
-
-    /// `attend_any` for a head size known when compiling, with the same arithmetic in the same
-    /// order for each (query, key) pair, so the same bits: the scores of four keys at a time (four
-    /// independent sums, each `dot`'s lanes and tree), and the weighted sum of values kept in
-    /// registers instead of memory.
-    #[inline(always)]
-    fn attend_fixed<const D: usize>(&self, scratch: &mut Scratch, out: &mut [f32]) {
-        let Scratch { scores, rows } = scratch;
-        rows.clear();
-        self.for_each_key(|_, row| rows.push(row));
-        let q: &[f32; D] = self.q.try_into().expect("the head size is D");
-        let key = |row: usize| -> &[f32; D] { self.k_cache[row..row + D].try_into().expect("a row holds D values") };
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        let mut quads = rows.chunks_exact(4);
-        for quad in &mut quads {
-            let k = [key(quad[0]), key(quad[1]), key(quad[2]), key(quad[3])];
-            let mut lanes = [[0f32; 8]; 4];
-            for c in 0..D / 8 {
-                for (lanes, k) in lanes.iter_mut().zip(&k) {
-                    for l in 0..8 {
-                        lanes[l] += q[8 * c + l] * k[8 * c + l];
-                    }
-                }
-            }
-            for lanes in &lanes {
-                // `dot`'s tree, and its empty tail.
-                let s = (lane_sum(lanes) + 0f32) * self.scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-        }
-        for &row in quads.remainder() {
-            let s = dot(q, key(row)) * self.scale;
-            max = max.max(s);
-            scores.push(s);
-        }
-        let inv = exp_weights(scores, max);
-        let mut acc = [0f32; D];
-        acc.copy_from_slice(out);
-        for (&s, &row) in scores.iter().zip(rows.iter()) {
-            let p = s * inv;
-            let v: &[f32; D] = self.v_cache[row..row + D].try_into().expect("a row holds D values");
-            for e in 0..D {
-                acc[e] += p * v[e];
-            }
-        }
-        out.copy_from_slice(&acc);
-    }
-
-    /// Any head size: scores, softmax and the weighted sum of values, one key at a time.
-    #[inline(always)]
-    fn attend_any(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
-        let d = self.q.len();
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        self.for_each_key(|_, row| {
-            let s = dot(self.q, &self.k_cache[row..row + d]) * self.scale;
-            max = max.max(s);
-            scores.push(s);
-        });
-        let inv = exp_weights(scores, max);
-        self.for_each_key(|j, row| {
-            let p = scores[j - self.first] * inv;
-            for (o, v) in out.iter_mut().zip(&self.v_cache[row..row + d]) {
-                *o += p * v;
-            }
-        });
-    }
-}
-
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
@@ -322,6 +176,12 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn run_step<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+        // From outside the pool this hands `work` to a worker and waits once; on a worker it runs
+        // in place.
+        rayon::scope(|_| work())
     }
 
     fn load_weight(&self, raw: &RawTensor) -> Result<CpuWeight, BackendError> {
@@ -586,27 +446,60 @@ impl Backend for CpuBackend {
         for (s, seq) in batch.layout.seqs.iter().enumerate() {
             token_seq.extend(std::iter::repeat_n(s, seq.query_len));
         }
-        let mut out = CpuTensor::zeros(q.rows, q.cols);
-        // One task per (token, head). Each computes its scores over all visible keys, then a softmax
-        // and the weighted sum of values, always in key order.
+        // Tasks go KV head by KV head, so a thread reads one head's keys and values over and over
+        // from its caches. A task is a tile of up to `TILE` consecutive tokens of one sequence
+        // with all their heads that share the KV head, which read each block of keys and values
+        // once together; with too few tokens to occupy every thread, a task is one head of one
+        // token. Results land in `by_kv_head`, `[num_kv_heads, tokens, group, head_dim]`, each
+        // task's in one run, then move into place.
+        const TILE: usize = 4;
+        let tokens = q.rows;
+        let few = tokens * num_kv_heads < 4 * rayon::current_num_threads();
+        let (tile_len, heads_per_task) = if few { (1, 1) } else { (TILE, group) };
+        let mut tiles = Vec::new();
+        for seq in &batch.layout.seqs {
+            let end = seq.query_start + seq.query_len;
+            tiles.extend((seq.query_start..end).step_by(tile_len).map(|t0| (t0, tile_len.min(end - t0))));
+        }
+        let mut tasks = Vec::new();
+        for kv_head in 0..num_kv_heads {
+            for &(t0, n) in &tiles {
+                tasks.extend((0..group).step_by(heads_per_task).map(|g| (kv_head, t0, n, g)));
+            }
+        }
+        let mut by_kv_head = vec![0f32; q.rows * q.cols];
+        let mut runs = Vec::with_capacity(tasks.len());
+        let mut rest = by_kv_head.as_mut_slice();
+        for &(_, _, n, _) in &tasks {
+            let (run, after) = rest.split_at_mut(n * heads_per_task * head_dim);
+            runs.push(run);
+            rest = after;
+        }
         let isa = Isa::detected();
-        out.data.par_chunks_mut(head_dim).enumerate().for_each_init(Scratch::default, |scratch, (item, o)| {
-            let (t, head) = (item / num_heads, item % num_heads);
-            let seq = &batch.layout.seqs[token_seq[t]];
-            let pos = seq.context_len - seq.query_len + (t - seq.query_start);
-            let one = OneHead {
-                q: &q.data[t * q.cols + head * head_dim..][..head_dim],
+        tasks.par_iter().zip(runs).for_each_init(Scratch::default, |scratch, (&(kv_head, t0, n, g), outs)| {
+            let seq = &batch.layout.seqs[token_seq[t0]];
+            let pos = seq.context_len - seq.query_len + (t0 + n - 1 - seq.query_start);
+            let first_pos = pos + 1 - n;
+            let keys = Keys {
                 k_cache,
                 v_cache,
                 block_table: &seq.block_table,
                 block_size: shape.block_size,
                 kv_width,
-                kv_offset: (head / group) * head_dim,
-                first: sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                kv_offset: kv_head * head_dim,
+                first: sliding_window.map_or(0, |w| (first_pos + 1).saturating_sub(w)),
                 pos,
-                scale,
             };
-            one.attend(isa, scratch, o);
+            let qs = &q.data[t0 * q.cols + (kv_head * group + g) * head_dim..];
+            let tile = Tile { keys, tokens: n, window: sliding_window, qs, q_stride: q.cols };
+            attend_tile(isa, &tile, heads_per_task, head_dim, scale, scratch, outs);
+        });
+        let mut out = CpuTensor::zeros(q.rows, q.cols);
+        let run = (group * head_dim).max(1);
+        out.data.par_chunks_mut(q.cols.max(1)).enumerate().for_each(|(t, row)| {
+            for (kv_head, dst) in row.chunks_exact_mut(run).enumerate() {
+                dst.copy_from_slice(&by_kv_head[(kv_head * tokens + t) * run..][..run]);
+            }
         });
         Ok(out)
     }
@@ -691,46 +584,6 @@ mod tests {
             let one = CpuTensor { data: x.row(r).to_vec(), rows: 1, cols: k };
             let y = CpuBackend.linear(&one, &w, None).unwrap();
             assert_eq!(y.data, all.row(r), "row {r} differs between batch sizes");
-        }
-    }
-
-    /// The fixed-size attention kernels give `attend_any`'s bits, for every key count around their
-    /// groups of four, with and without a sliding window, on every instruction set this CPU has.
-    #[test]
-    fn fixed_head_size_attention_equals_the_one_key_at_a_time_loop_bit_for_bit() {
-        let value = |i: usize| ((i * 2654435761usize) % 1000) as f32 / 250.0 - 2.0;
-        for d in [32usize, 64, 128] {
-            let (block_size, kv_width, kv_offset) = (4, 2 * d, d);
-            let k_cache: Vec<f32> = (0..64 * kv_width).map(value).collect();
-            let v_cache: Vec<f32> = (0..64 * kv_width).map(|i| value(i + 7)).collect();
-            let q: Vec<f32> = (0..d).map(|i| value(i * 3 + 1)).collect();
-            let block_table: Vec<u32> = (0..16).map(|b| (b * 5 % 16) as u32).collect();
-            for pos in 0..13 {
-                for first in [0, pos / 2] {
-                    let one = OneHead {
-                        q: &q,
-                        k_cache: &k_cache,
-                        v_cache: &v_cache,
-                        block_table: &block_table,
-                        block_size,
-                        kv_width,
-                        kv_offset,
-                        first,
-                        pos,
-                        scale: 0.125,
-                    };
-                    let mut expected = vec![0f32; d];
-                    one.attend_any(&mut Vec::new(), &mut expected);
-                    let mut isas = vec![Isa::Baseline];
-                    isas.extend([Isa::detected()].into_iter().filter(|&i| i != Isa::Baseline));
-                    for isa in isas {
-                        let mut got = vec![0f32; d];
-                        one.attend(isa, &mut Scratch::default(), &mut got);
-                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&got), bits(&expected), "d {d}, keys {first}..={pos}, {isa:?}");
-                    }
-                }
-            }
         }
     }
 
