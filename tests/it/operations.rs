@@ -84,7 +84,7 @@ fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
         let last: Value = serde_json::from_str(&events[events.len() - 3]).unwrap();
         assert_eq!(last["choices"][0]["finish_reason"], "length");
     }
-    let status = server.child.wait().unwrap();
+    let status = server.exit_status();
     assert_eq!(status.code(), Some(0), "{}", server.log());
     assert!(server.log().contains("server stopped"));
 }
@@ -99,7 +99,7 @@ fn sigint_with_a_short_timeout_aborts_what_is_left_and_exits_cleanly() {
     let events = stream.collect();
     let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "abort");
-    assert_eq!(server.child.wait().unwrap().code(), Some(0));
+    assert_eq!(server.exit_status().code(), Some(0));
 }
 
 #[test]

@@ -16,6 +16,8 @@ pub struct Server {
     pub child: Child,
     pub port: u16,
     pub log: Arc<Mutex<String>>,
+    /// The thread reading the server's log; it ends when the process closes its stderr.
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -44,7 +46,7 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let thread_log = log.clone();
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             let mut port_tx = Some(port_tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -64,7 +66,17 @@ impl Server {
         let port = port_rx
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("the server did not start listening:\n{}", log.lock().unwrap()));
-        Server { child, port, log }
+        Server { child, port, log, log_reader: Some(log_reader) }
+    }
+
+    /// Waits for the process to exit and for its log to be read to the end (the reader thread
+    /// may still hold the last lines when `wait` returns).
+    pub fn exit_status(&mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().unwrap();
+        if let Some(reader) = self.log_reader.take() {
+            reader.join().unwrap();
+        }
+        status
     }
 
     /// Starts a server and waits until `/ready` says 200.
