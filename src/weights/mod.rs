@@ -501,23 +501,25 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// as stored), with the rotary row permutation undone.
 fn decode_tensor(decode: Decode, dtype: DType, bytes: &[u8], shape: &[usize]) -> Buffer {
     let rows = shape.first().copied().unwrap_or(1);
+    let heads = decode.unpermute_heads;
     if decode.from.plain_dtype().is_some() {
+        // Only a permuted tensor is decoded when plain: one copy, in the checkpoint's row order.
         let row_bytes = bytes.len() / rows.max(1);
-        return Buffer::Owned(unpermute_rows(bytes.to_vec(), row_bytes, rows, decode.unpermute_heads));
+        return Buffer::Owned(heads.map_or_else(|| bytes.to_vec(), |h| unpermute_rows(bytes, row_bytes, rows, h)));
     }
     debug_assert_eq!(dtype, DType::F32, "a quantized tensor is decoded to f32");
     let mut values = vec![0f32; shape.iter().product()];
     ggml::dequantize(decode.from, bytes, &mut values);
     let cols = values.len() / rows.max(1);
-    Buffer::Decoded(unpermute_rows(values, cols, rows, decode.unpermute_heads))
+    Buffer::Decoded(match heads {
+        Some(h) => unpermute_rows(&values, cols, rows, h),
+        None => values,
+    })
 }
 
 /// Undoes llama.cpp's rotary row permutation of `rows` rows of `width` values each: within each of
 /// `heads` heads of `d` rows, stored row `2j + h` is the checkpoint's row `h * d/2 + j`.
-fn unpermute_rows<T: Copy + Default>(values: Vec<T>, width: usize, rows: usize, heads: Option<usize>) -> Vec<T> {
-    let Some(heads) = heads else {
-        return values;
-    };
+fn unpermute_rows<T: Copy + Default>(values: &[T], width: usize, rows: usize, heads: usize) -> Vec<T> {
     let head_rows = rows / heads;
     let half = head_rows / 2;
     let mut out = vec![T::default(); values.len()];
