@@ -455,8 +455,9 @@ pub fn attention_setup(rig: &mut Rig, case: &AttentionCase) -> Result<AttentionS
         scale: 1.0 / (case.head_dim as f32).sqrt(),
         sliding_window: case.sliding_window,
     };
-    let reference =
-        CpuBackend.paged_attention(&q_cpu, &cpu_cache, 0, &CpuBackend.prepare_batch(&attend)?, &params)?.data;
+    let reference = std::mem::take(
+        &mut CpuBackend.paged_attention(&q_cpu, &cpu_cache, 0, &CpuBackend.prepare_batch(&attend)?, &params)?.data,
+    );
     Ok(AttentionSetup { cuda_cache, cuda_batch: rig.cuda.prepare_batch(&attend)?, q_cuda, params, reference })
 }
 

@@ -24,7 +24,7 @@ use gemm::PackedMatrix;
 use super::{AttentionParams, Backend, BackendError, BatchLayout, KvCacheShape, RowSampling, SampledRow};
 use crate::weights::{DType, RawTensor};
 
-/// A 2-D f32 activation, row-major.
+/// A 2-D f32 activation, row-major. Its buffer goes back to [`pool`] when it is dropped.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuTensor {
     pub data: Vec<f32>,
@@ -34,11 +34,91 @@ pub struct CpuTensor {
 
 impl CpuTensor {
     fn zeros(rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor { data: vec![0.0; rows * cols], rows, cols }
+        CpuTensor { data: pool::zeros(rows * cols), rows, cols }
     }
 
     fn row(&self, idx: usize) -> &[f32] {
         &self.data[idx * self.cols..(idx + 1) * self.cols]
+    }
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        pool::recycle(std::mem::take(&mut self.data));
+    }
+}
+
+/// Activation buffers kept for reuse. A step allocates and frees the same few large tensors in
+/// every layer; from the allocator, each would be fresh pages (the allocator maps large blocks
+/// and unmaps or trims them when freed), and the page faults and kernel zeroing cost about a
+/// quarter of a long prefill. Kept here, the buffers stay mapped and warm in the caches: the
+/// process holds on to its peak activations, as a GPU server holds its activation reserve.
+mod pool {
+    use std::sync::Mutex;
+
+    /// Buffers below this size come and go through the allocator, which serves them well.
+    const MIN_LEN: usize = 16 << 10;
+    /// At most this many buffers are kept, the largest ones: a layer's live tensors, with room.
+    const MAX_KEPT: usize = 24;
+
+    static FREE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+    /// `len` zeros, in the smallest kept buffer that holds them if there is one.
+    pub(super) fn zeros(len: usize) -> Vec<f32> {
+        if len >= MIN_LEN {
+            let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+            let best = (0..free.len()).filter(|&i| free[i].capacity() >= len).min_by_key(|&i| free[i].capacity());
+            if let Some(i) = best {
+                let mut buf = free.swap_remove(i);
+                drop(free);
+                buf.clear();
+                buf.resize(len, 0.0);
+                return buf;
+            }
+        }
+        vec![0.0; len]
+    }
+
+    /// Keeps `buf` for reuse, dropping the smallest kept buffer if there are too many.
+    pub(super) fn recycle(buf: Vec<f32>) {
+        if buf.capacity() < MIN_LEN {
+            return;
+        }
+        let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+        free.push(buf);
+        if free.len() > MAX_KEPT {
+            let smallest = (0..free.len()).min_by_key(|&i| free[i].capacity()).unwrap_or(0);
+            let dropped = free.swap_remove(smallest);
+            drop(free);
+            drop(dropped);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_reused_buffer_comes_back_as_zeros_and_the_pool_stays_bounded() {
+            for round in 0..3 * MAX_KEPT {
+                let mut buf = zeros(MIN_LEN + round);
+                assert!(buf.iter().all(|&v| v == 0.0), "round {round}: a reused buffer was not zeroed");
+                buf.fill(f32::NAN);
+                recycle(buf);
+                assert!(FREE.lock().unwrap().len() <= MAX_KEPT);
+            }
+            // Below the size the pool keeps, buffers are not kept.
+            recycle(vec![1.0; MIN_LEN - 1]);
+            assert!(FREE.lock().unwrap().iter().all(|b| b.capacity() >= MIN_LEN));
+            // A request smaller than a kept buffer gets exactly its length, all zeros.
+            let len = MIN_LEN * 64;
+            let mut big = zeros(len);
+            big.fill(1.0);
+            recycle(big);
+            let again = zeros(len - 7);
+            assert_eq!(again.len(), len - 7);
+            assert!(again.iter().all(|&v| v == 0.0));
+        }
     }
 }
 
@@ -467,9 +547,9 @@ impl Backend for CpuBackend {
                 tasks.extend((0..group).step_by(heads_per_task).map(|g| (kv_head, t0, n, g)));
             }
         }
-        let mut by_kv_head = vec![0f32; q.rows * q.cols];
+        let mut by_kv_head = CpuTensor::zeros(q.rows, q.cols);
         let mut runs = Vec::with_capacity(tasks.len());
-        let mut rest = by_kv_head.as_mut_slice();
+        let mut rest = by_kv_head.data.as_mut_slice();
         for &(_, _, n, _) in &tasks {
             let (run, after) = rest.split_at_mut(n * heads_per_task * head_dim);
             runs.push(run);
@@ -498,7 +578,7 @@ impl Backend for CpuBackend {
         let run = (group * head_dim).max(1);
         out.data.par_chunks_mut(q.cols.max(1)).enumerate().for_each(|(t, row)| {
             for (kv_head, dst) in row.chunks_exact_mut(run).enumerate() {
-                dst.copy_from_slice(&by_kv_head[(kv_head * tokens + t) * run..][..run]);
+                dst.copy_from_slice(&by_kv_head.data[(kv_head * tokens + t) * run..][..run]);
             }
         });
         Ok(out)
