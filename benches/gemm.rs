@@ -40,7 +40,7 @@ fn main() {
         let x = vec![0.5f32; m * k];
         for isa in Isa::available() {
             let mut out = vec![0f32; m * n];
-            let secs = best_of(3, || matmul(isa, &x, m, &[&w], &mut out, n));
+            let secs = best_of(15, || matmul(isa, &x, m, &[&w], &mut out, n));
             println!(
                 "prefill {dtype:>4} {:<9} [{m} × {k}] · [{n} × {k}]ᵀ: {:7.2} ms, {:.1} GFLOP/s",
                 isa.name(),

@@ -59,12 +59,36 @@ pub trait Elem: Copy + Send + Sync + 'static {
         }
         out
     }
+
+    /// Whether [`Elem::widen_avx2`] is implemented, so [`x86::kernel`] can run this dtype.
+    const AVX2: bool = false;
+
+    /// [`Elem::widen_row`] into two vectors (features 0–7, then 8–15).
+    ///
+    /// # Safety
+    /// As `widen_row`'s, on a CPU with AVX2; only called where `AVX2` is true.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen_avx2(_src: *const Self) -> [std::arch::x86_64::__m256; 2] {
+        unreachable!("no AVX2 widening for this dtype")
+    }
 }
 
 impl Elem for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+
+    const AVX2: bool = true;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen_avx2(src: *const f32) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's: 16 readable values.
+        unsafe { [_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8))] }
     }
 }
 
@@ -97,6 +121,19 @@ impl Elem for Bf16 {
             out[t + 8] = f32::from_bits(word & 0xffff_0000);
         }
         out
+    }
+
+    const AVX2: bool = true;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen_avx2(src: *const Bf16) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's: 16 values are 32 readable bytes.
+        let words = unsafe { _mm256_loadu_si256(src as *const __m256i) };
+        let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        [_mm256_castsi256_ps(_mm256_slli_epi32::<16>(words)), _mm256_castsi256_ps(_mm256_and_si256(words, high))]
     }
 }
 
@@ -256,27 +293,32 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, parts: &[&PackedMatrix], out: &mut 
     if m == 0 || width == 0 {
         return;
     }
-    // Tasks: runs of panels, enough for every thread to get several. How the panels are split
-    // changes no result, only the balance.
+    // Tasks: runs of panels, as even as they can be and enough for every thread to get several,
+    // each over one block of `MB` rows when there are more (prefill), run after run. How the
+    // work is split changes no result, only the balance.
     let threads = rayon::current_num_threads();
+    let row_blocks: Vec<(usize, usize)> = (0..m).step_by(MB).map(|r0| (r0, MB.min(m - r0))).collect();
     let mut tasks = Vec::new();
     let mut first_col = 0;
     for part in parts {
         let panels = part.num_panels();
-        let per_task = panels.div_ceil(4 * threads).max(1);
-        for p0 in (0..panels).step_by(per_task) {
-            tasks.push((*part, first_col, p0, (p0 + per_task).min(panels)));
+        let runs = (4 * threads).clamp(1, panels.max(1));
+        for i in 0..runs {
+            let (p0, p1) = (i * panels / runs, (i + 1) * panels / runs);
+            tasks.extend(row_blocks.iter().map(|&rows| (*part, first_col, p0, p1, rows)));
         }
         first_col += part.n;
     }
     let out_ptr = SharedOut(out.as_mut_ptr());
-    tasks.par_iter().for_each(|&(part, first_col, p0, p1)| {
+    tasks.par_iter().for_each(|&(part, first_col, p0, p1, (r0, rows))| {
         #[allow(clippy::redundant_locals)]
         let out_ptr = out_ptr;
-        let task = Task { x: x.as_ptr(), m, k, p0, p1, n: part.n, out: out_ptr.0, first_col, ldo };
-        // SAFETY: `x` holds `m × k` values; the task's panels lie within the part; it writes
-        // columns `first_col + [p0, p1) × PANEL` (clipped to the part's `n`) of `m` rows of
-        // `out`, which no other task writes, all within `m × ldo` as asserted above.
+        // SAFETY: rows `[r0, r0 + rows)` lie within the `m` rows of `x` and of `out`.
+        let (x, out) = unsafe { (x.as_ptr().add(r0 * k), out_ptr.0.add(r0 * ldo)) };
+        let task = Task { x, m: rows, k, p0, p1, n: part.n, out, first_col, ldo };
+        // SAFETY: the task's `rows` rows of `k` values lie within `x`; its panels lie within the
+        // part; it writes columns `first_col + [p0, p1) × PANEL` (clipped to the part's `n`) of
+        // its rows of `out`, which no other task writes, all within `m × ldo` as asserted above.
         unsafe {
             match &part.panels {
                 Panels::F32(d) => run(isa, &task, d.as_ptr()),
@@ -311,7 +353,7 @@ unsafe fn run<E: Elem>(isa: Isa, task: &Task, panels: *const E) {
     // `Isa::available` found the features.
     unsafe {
         match isa {
-            Isa::Baseline => task_body(task, panels),
+            Isa::Baseline => task_body::<E, false>(task, panels),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => task_avx2(task, panels),
             #[cfg(target_arch = "x86_64")]
@@ -324,19 +366,20 @@ unsafe fn run<E: Elem>(isa: Isa, task: &Task, panels: *const E) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn task_avx2<E: Elem>(task: &Task, panels: *const E) {
     // SAFETY: forwarded.
-    unsafe { task_body(task, panels) }
+    unsafe { task_body::<E, true>(task, panels) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn task_avx512<E: Elem>(task: &Task, panels: *const E) {
     // SAFETY: forwarded.
-    unsafe { task_body(task, panels) }
+    unsafe { task_body::<E, false>(task, panels) }
 }
 
-/// A task's loops: inner-dimension blocks, then row blocks, then panels, then rows.
+/// A task's loops: inner-dimension blocks, then row blocks, then panels, then rows. `AVX2`: the
+/// caller has AVX2 and FMA, and [`x86::kernel`] runs the blocks of one panel.
 #[inline(always)]
-unsafe fn task_body<E: Elem>(t: &Task, panels: *const E) {
+unsafe fn task_body<E: Elem, const AVX2: bool>(t: &Task, panels: *const E) {
     // With a few rows (decode) the activations fit in L1 whole, so the inner dimension is not
     // blocked and each panel streams from memory in one sequential pass.
     let k_block = if t.m <= 3 { t.k.max(1) } else { KC };
@@ -354,7 +397,7 @@ unsafe fn task_body<E: Elem>(t: &Task, panels: *const E) {
                 while p < t.p1 {
                     let step = np.min(t.p1 - p);
                     // SAFETY (both calls): within the task's rows and panels.
-                    unsafe { block(t, panels, (r0, p, rows, step), c0, kc, first, false) };
+                    unsafe { block::<E, AVX2>(t, panels, (r0, p, rows, step), c0, kc, first, false) };
                     p += step;
                 }
             } else {
@@ -365,7 +408,7 @@ unsafe fn task_body<E: Elem>(t: &Task, panels: *const E) {
                         // The last rows of a panel fetch the next panel's block into the cache
                         // meanwhile, so that its first rows do not wait on memory.
                         let prefetch = r + mr == r0 + rows && p + 1 < t.p1;
-                        unsafe { block(t, panels, (r, p, mr, 1), c0, kc, first, prefetch) };
+                        unsafe { block::<E, AVX2>(t, panels, (r, p, mr, 1), c0, kc, first, prefetch) };
                         r += mr;
                     }
                 }
@@ -376,7 +419,7 @@ unsafe fn task_body<E: Elem>(t: &Task, panels: *const E) {
 
 /// One kernel call: `mr` rows from `r` and `np` panels from `p`, inputs `[c0, c0 + kc)`.
 #[inline(always)]
-unsafe fn block<E: Elem>(
+unsafe fn block<E: Elem, const AVX2: bool>(
     t: &Task,
     panels: *const E,
     (r, p, mr, np): (usize, usize, usize, usize),
@@ -403,7 +446,12 @@ unsafe fn block<E: Elem>(
                 std::ptr::null()
             },
         };
-        dispatch(&args, panels.add(p * panel_len + c0 * PANEL), panel_len, mr, np)
+        let w = panels.add(p * panel_len + c0 * PANEL);
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 && E::AVX2 && np == 1 {
+            return x86::dispatch(&args, w, mr);
+        }
+        dispatch(&args, w, panel_len, mr, np)
     }
 }
 
@@ -516,6 +564,90 @@ unsafe fn kernel<E: Elem, const MR: usize, const NP: usize>(a: &Args, w: *const 
     }
 }
 
+/// Explicit AVX2+FMA kernels for the blocked product (one panel, up to 6 rows): the generic
+/// [`kernel`]'s arithmetic, with the register use spelled out. (Compiled from the generic code, the
+/// 6-row kernel spent a third of its instructions on register moves and a zero register.)
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Args, Elem, PANEL, prefetch};
+
+    /// # Safety
+    /// As [`super::dispatch`]'s, with one panel, on a CPU with AVX2 and FMA, for a dtype with
+    /// `E::AVX2`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dispatch<E: Elem>(a: &Args, w: *const E, mr: usize) {
+        // SAFETY: forwarded.
+        unsafe {
+            match (mr, a.next.is_null()) {
+                (6, true) => kernel::<E, 6, false>(a, w),
+                (6, false) => kernel::<E, 6, true>(a, w),
+                (5, true) => kernel::<E, 5, false>(a, w),
+                (5, false) => kernel::<E, 5, true>(a, w),
+                (4, true) => kernel::<E, 4, false>(a, w),
+                (4, false) => kernel::<E, 4, true>(a, w),
+                (3, true) => kernel::<E, 3, false>(a, w),
+                (3, false) => kernel::<E, 3, true>(a, w),
+                (2, true) => kernel::<E, 2, false>(a, w),
+                (2, false) => kernel::<E, 2, true>(a, w),
+                (1, true) => kernel::<E, 1, false>(a, w),
+                (1, false) => kernel::<E, 1, true>(a, w),
+                _ => unreachable!("no kernel for {mr} rows"),
+            }
+        }
+    }
+
+    /// `MR` rows × one panel over a block of the inner dimension: `acc = fma(x, w, acc)` per input
+    /// in order, as [`super::kernel`]. `PREFETCH`: also fetch the next panel's block (`a.next`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel<E: Elem, const MR: usize, const PREFETCH: bool>(a: &Args, w: *const E) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let full = a.valid == PANEL;
+        // SAFETY: the caller's (see `super::kernel`).
+        unsafe {
+            if !a.first {
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let src = a.out.add(i * a.ldo);
+                    let mut buf = [0f32; PANEL];
+                    if full {
+                        std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), PANEL);
+                    } else {
+                        std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), a.valid);
+                    }
+                    *acc = [_mm256_loadu_ps(buf.as_ptr()), _mm256_loadu_ps(buf.as_ptr().add(8))];
+                }
+            }
+            let rows: [*const f32; MR] = std::array::from_fn(|i| a.x.add(i * a.ldx));
+            for c in 0..a.kc {
+                if PREFETCH {
+                    prefetch(a.next.wrapping_add(c * PANEL * std::mem::size_of::<E>()));
+                }
+                let [w0, w1] = E::widen_avx2(w.add(c * PANEL));
+                for i in 0..MR {
+                    let xv = _mm256_broadcast_ss(&*rows[i].add(c));
+                    acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                let dst = a.out.add(i * a.ldo);
+                if full {
+                    _mm256_storeu_ps(dst, acc[0]);
+                    _mm256_storeu_ps(dst.add(8), acc[1]);
+                } else {
+                    let mut buf = [0f32; PANEL];
+                    _mm256_storeu_ps(buf.as_mut_ptr(), acc[0]);
+                    _mm256_storeu_ps(buf.as_mut_ptr().add(8), acc[1]);
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, a.valid);
+                }
+            }
+        }
+    }
+}
+
 /// The product as the module documentation defines it, one element at a time: what every kernel
 /// must equal bit for bit.
 pub fn reference(x: &[f32], m: usize, k: usize, w: impl Fn(usize, usize) -> f32, n: usize) -> Vec<f32> {
@@ -572,6 +704,9 @@ mod tests {
             (3, 257, 17),
             (4, 100, 48),
             (7, 513, 31),
+            (8, 40, 16),
+            (9, 33, 20),
+            (11, 270, 17),
             (13, 64, 80),
             (65, 300, 40),
             (130, 31, 15),
