@@ -110,9 +110,9 @@ pub(super) fn attend_tile(
             // whole heads of `qs` and of `outs`, and its keys lie within `rows`.
             unsafe {
                 match h {
-                    3 => x86::attend::<3, 3, 2>(k, v, rows, &queries, head_dim, scale, scores),
-                    2 => x86::attend::<2, 4, 4>(k, v, rows, &queries, head_dim, scale, scores),
-                    _ => x86::attend::<1, 4, 4>(k, v, rows, &queries, head_dim, scale, scores),
+                    3 => x86::attend::<3, 3, 2, 2>(k, v, rows, &queries, head_dim, scale, scores),
+                    2 => x86::attend::<2, 4, 4, 2>(k, v, rows, &queries, head_dim, scale, scores),
+                    _ => x86::attend::<1, 4, 4, 4>(k, v, rows, &queries, head_dim, scale, scores),
                 }
             }
             first += h;
@@ -256,13 +256,14 @@ mod x86 {
     /// `attend_one` for `H` (1 to 3) heads of `d` (a multiple of 8) values of each query, over the
     /// keys and values at `rows`: block of keys by block of keys, every query's part of a block
     /// while it is in the cache. Scores go `K` keys at a time and weighted sums `8T` outputs at a
-    /// time, sized so that the sums stay in the 16 vector registers (`H × K` and `H × T`).
+    /// time, or `8P` outputs of two queries over the keys they share, sized so that the sums stay
+    /// in the 16 vector registers (`H × K`, `H × T` and `2 × H × P`).
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; every row starts `d` readable values in `k` and `v`; each query's
     /// `q` and `out` hold `H × d` values and its keys lie within `rows`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend<const H: usize, const K: usize, const T: usize>(
+    pub unsafe fn attend<const H: usize, const K: usize, const T: usize, const P: usize>(
         k: &[f32],
         v: &[f32],
         rows: &[usize],
@@ -329,26 +330,148 @@ mod x86 {
                     softmax_weights(&mut scores[offset + h * n..offset + (h + 1) * n]);
                 }
             }
-            // The weighted sums of values, block by block: `8T` outputs of every head at a time,
-            // then 8, each a chain over the keys in order (stored and reloaded between blocks).
+            // The weighted sums of values, block by block, each output a chain over the keys in
+            // order (stored and reloaded between calls). Two queries at a time go together over
+            // the keys they share, each alone over the keys before and after those.
             let s = scores.as_ptr();
+            let part = |i: usize, b0: usize, b1: usize| {
+                let (query, offset) = (&queries[i], offsets[i]);
+                let (lo, hi) = (query.keys.start.max(b0), query.keys.end.min(b1));
+                // `offset` is within `scores`.
+                let weights = s.add(offset);
+                Part { lo, hi, first: query.keys.start, n: query.keys.len(), weights, out: query.out }
+            };
             for b0 in (0..rows.len()).step_by(BLOCK) {
                 let b1 = (b0 + BLOCK).min(rows.len());
-                for (query, &offset) in queries.iter().zip(&offsets) {
-                    let (lo, hi) = (query.keys.start.max(b0), query.keys.end.min(b1));
-                    if lo >= hi {
-                        continue;
+                let mut i = 0;
+                while i < queries.len() {
+                    let a = part(i, b0, b1);
+                    if i + 1 == queries.len() {
+                        alone::<H, T>(v, rows, d, &a, a.lo, a.hi);
+                        break;
                     }
-                    let n = query.keys.len();
-                    let weights = s.add(offset + lo - query.keys.start);
-                    let mut d0 = 0;
-                    while d0 + 8 * T <= d {
-                        weighted_sum::<H, T>(v, &rows[lo..hi], weights, n, d, d0, query.out);
-                        d0 += 8 * T;
+                    let b = part(i + 1, b0, b1);
+                    let (lo, hi) = (a.lo.max(b.lo), a.hi.min(b.hi));
+                    if lo < hi {
+                        alone::<H, T>(v, rows, d, &a, a.lo, lo);
+                        alone::<H, T>(v, rows, d, &b, b.lo, lo);
+                        let mut d0 = 0;
+                        while d0 + 8 * P <= d {
+                            weighted_sum_pair::<H, P>(v, &rows[lo..hi], [&a, &b], lo, d, d0);
+                            d0 += 8 * P;
+                        }
+                        while d0 < d {
+                            for q in [&a, &b] {
+                                weighted_sum::<H, 1>(v, &rows[lo..hi], q.weight(lo), q.n, d, d0, q.out);
+                            }
+                            d0 += 8;
+                        }
+                        alone::<H, T>(v, rows, d, &a, hi, a.hi);
+                        alone::<H, T>(v, rows, d, &b, hi, b.hi);
+                    } else {
+                        alone::<H, T>(v, rows, d, &a, a.lo, a.hi);
+                        alone::<H, T>(v, rows, d, &b, b.lo, b.hi);
                     }
-                    while d0 < d {
-                        weighted_sum::<H, 1>(v, &rows[lo..hi], weights, n, d, d0, query.out);
-                        d0 += 8;
+                    i += 2;
+                }
+            }
+        }
+    }
+
+    /// One query's part of a block: its keys `[lo, hi)` there, its first key and key count `n`,
+    /// its weights (`H` runs of `n`), and its outputs.
+    struct Part {
+        lo: usize,
+        hi: usize,
+        first: usize,
+        n: usize,
+        weights: *const f32,
+        out: *mut f32,
+    }
+
+    impl Part {
+        /// Key `j`'s weight for the first head.
+        ///
+        /// # Safety
+        /// `j` is one of the query's keys.
+        unsafe fn weight(&self, j: usize) -> *const f32 {
+            // SAFETY: the caller's.
+            unsafe { self.weights.add(j - self.first) }
+        }
+    }
+
+    /// One query's weighted sums over its keys `[lo, hi)` (none if empty): `8T` outputs of every
+    /// head at a time, then 8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn alone<const H: usize, const T: usize>(
+        v: *const f32,
+        rows: &[usize],
+        d: usize,
+        q: &Part,
+        lo: usize,
+        hi: usize,
+    ) {
+        if lo >= hi {
+            return;
+        }
+        // SAFETY: the caller's bounds; `lo` is one of the query's keys.
+        unsafe {
+            let (rows, weights) = (&rows[lo..hi], q.weight(lo));
+            let mut d0 = 0;
+            while d0 + 8 * T <= d {
+                weighted_sum::<H, T>(v, rows, weights, q.n, d, d0, q.out);
+                d0 += 8 * T;
+            }
+            while d0 < d {
+                weighted_sum::<H, 1>(v, rows, weights, q.n, d, d0, q.out);
+                d0 += 8;
+            }
+        }
+    }
+
+    /// [`weighted_sum`] for two queries over the same keys (from key `lo`): each value vector is
+    /// loaded once for both, and the `2 × H × P` chains keep both FMA units busy.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_sum_pair<const H: usize, const P: usize>(
+        v: *const f32,
+        rows: &[usize],
+        queries: [&Part; 2],
+        lo: usize,
+        d: usize,
+        d0: usize,
+    ) {
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let mut acc = [[[_mm256_setzero_ps(); P]; H]; 2];
+            for (q, acc) in queries.iter().zip(acc.iter_mut()) {
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_loadu_ps(q.out.add(h * d + d0 + 8 * t));
+                    }
+                }
+            }
+            let weights = [queries[0].weight(lo), queries[1].weight(lo)];
+            let n = [queries[0].n, queries[1].n];
+            for (j, &row) in rows.iter().enumerate() {
+                let mut vr = [_mm256_setzero_ps(); P];
+                for (t, vr) in vr.iter_mut().enumerate() {
+                    *vr = _mm256_loadu_ps(v.add(row + d0 + 8 * t));
+                }
+                for q in 0..2 {
+                    for h in 0..H {
+                        let p = _mm256_broadcast_ss(&*weights[q].add(h * n[q] + j));
+                        for t in 0..P {
+                            acc[q][h][t] = _mm256_fmadd_ps(p, vr[t], acc[q][h][t]);
+                        }
+                    }
+                }
+            }
+            for (q, acc) in queries.iter().zip(acc.iter()) {
+                for (h, acc) in acc.iter().enumerate() {
+                    for (t, acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(q.out.add(h * d + d0 + 8 * t), *acc);
                     }
                 }
             }
