@@ -210,22 +210,25 @@ fn softmax_weights(scores: &mut [f32]) {
     }
 }
 
+/// Adding 1.5 × 2^23 rounds to an integer, which the low bits then hold.
+const SHIFTER: f32 = 12_582_912.0;
+/// ln 2 in two parts; `n × LN2_HI` is exact for the |n| ≤ 126 used here.
+const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
+const LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
+/// The Taylor coefficients of `e^r` after `1 / 7!`, highest first (Horner's order).
+const TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+
 /// `e^x` for `x ≤ 0` within 2 ulp, from multiplies, adds and integer operations only, so that it
 /// vectorises and gives the same bits on every instruction set (a library `expf` does neither).
 /// Results that would be subnormal (`x < -87`) are 0; NaN stays NaN.
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
-    // Adding 1.5 × 2^23 rounds to an integer, which the low bits then hold.
-    const SHIFTER: f32 = 12_582_912.0;
-    // ln 2 in two parts; `n × LN2_HI` is exact for the |n| ≤ 126 used here.
-    const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
-    const LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
     let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
     let n = shifted - SHIFTER;
     // x = n ln 2 + r with |r| ≤ ln 2 / 2, and e^r by its Taylor series to r^7 (error < 1e-8).
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in TAYLOR {
         p = p * r + c;
     }
     // 2^n from n's bits (n in [-126, 0] wherever the result is kept).
@@ -240,7 +243,7 @@ fn exp_nonpositive(x: f32) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::softmax_weights;
+    use super::{LN2_HI, LN2_LO, SHIFTER, TAYLOR, exp_nonpositive};
 
     /// Keys per block: a block's keys, then its values (16 KiB each at 64 values per head), stay
     /// in the first-level cache while every token of the tile passes over them.
@@ -518,6 +521,70 @@ mod x86 {
         }
     }
 
+    /// [`super::softmax_weights`] in vector instructions, operation for operation: the eight
+    /// lanes are the vector's (the compiler vectorised the plain version two lanes at a time).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax_weights(scores: &mut [f32]) {
+        let chunks = scores.len() / 8;
+        let tail = chunks * 8;
+        let p = scores.as_mut_ptr();
+        // SAFETY: every access is within the first `chunks * 8` values of `scores`.
+        unsafe {
+            // `_mm256_max_ps(s, m)` keeps `m` where `s` is NaN, as `m.max(s)` does.
+            let mut lanes = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in 0..chunks {
+                lanes = _mm256_max_ps(_mm256_loadu_ps(p.add(8 * c)), lanes);
+            }
+            let mut each = [0f32; 8];
+            _mm256_storeu_ps(each.as_mut_ptr(), lanes);
+            let max =
+                scores[tail..].iter().fold(each.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)), |m, &x| m.max(x));
+            let mut sums = _mm256_setzero_ps();
+            for c in 0..chunks {
+                let e = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(p.add(8 * c)), _mm256_set1_ps(max)));
+                _mm256_storeu_ps(p.add(8 * c), e);
+                sums = _mm256_add_ps(sums, e);
+            }
+            let mut rest = 0f32;
+            for s in &mut scores[tail..] {
+                *s = exp_nonpositive(*s - max);
+                rest += *s;
+            }
+            _mm256_storeu_ps(each.as_mut_ptr(), sums);
+            let inv = 1.0 / (crate::backend::cpu::lane_sum(&each) + rest);
+            let p = scores.as_mut_ptr();
+            for c in 0..chunks {
+                _mm256_storeu_ps(p.add(8 * c), _mm256_mul_ps(_mm256_loadu_ps(p.add(8 * c)), _mm256_set1_ps(inv)));
+            }
+            for s in &mut scores[tail..] {
+                *s *= inv;
+            }
+        }
+    }
+
+    /// [`exp_nonpositive`] of eight values, operation for operation (separate multiplies and adds:
+    /// no fused ones).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_nonpositive_avx2(x: __m256) -> __m256 {
+        let shifter = _mm256_set1_ps(SHIFTER);
+        let shifted = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), shifter);
+        let n = _mm256_sub_ps(shifted, shifter);
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))),
+            _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)),
+        );
+        let mut p = _mm256_set1_ps(1.0 / 5040.0);
+        for c in TAYLOR {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+        }
+        let bits = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(SHIFTER.to_bits() as i32));
+        let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(bits, _mm256_set1_epi32(127))));
+        let y = _mm256_mul_ps(p, two_n);
+        // `x < -87 ? 0 : y`, NaN staying NaN: keep `y` where `x` is not less than -87.
+        _mm256_and_ps(_mm256_cmp_ps::<_CMP_NLT_UQ>(x, _mm256_set1_ps(-87.0)), y)
+    }
+
     /// `lane_sum` of four vectors at once: `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -629,6 +696,35 @@ mod tests {
     }
 
     /// Softmax weights sum to 1 and keep their order, the largest score getting the largest.
+    #[test]
+    fn the_vector_softmax_gives_the_plain_one_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !Isa::available().contains(&Isa::Avx2) {
+                println!("not run: this CPU has no AVX2+FMA");
+                return;
+            }
+            // Scores far apart (weights that underflow to 0), close together, and a NaN.
+            for n in 0..=41usize {
+                for spread in [0.01f32, 3.0, 60.0, 300.0] {
+                    let mut plain: Vec<f32> =
+                        (0..n).map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.7) * spread).collect();
+                    if n == 13 {
+                        plain[5] = f32::NAN;
+                    }
+                    let mut vector = plain.clone();
+                    softmax_weights(&mut plain);
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    unsafe { x86::softmax_weights(&mut vector) };
+                    let same = plain.iter().zip(&vector).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "n {n}, spread {spread}: {plain:?} vs {vector:?}");
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        println!("not run: no vector softmax on this architecture");
+    }
+
     #[test]
     fn softmax_weights_are_a_distribution() {
         for n in [1usize, 7, 8, 9, 100] {
