@@ -462,11 +462,11 @@ mod x86 {
                 for (t, vr) in vr.iter_mut().enumerate() {
                     *vr = _mm256_loadu_ps(v.add(row + d0 + 8 * t));
                 }
-                for q in 0..2 {
-                    for h in 0..H {
-                        let p = _mm256_broadcast_ss(&*weights[q].add(h * n[q] + j));
+                for ((acc, weights), n) in acc.iter_mut().zip(weights).zip(n) {
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        let p = _mm256_broadcast_ss(&*weights.add(h * n + j));
                         for t in 0..P {
-                            acc[q][h][t] = _mm256_fmadd_ps(p, vr[t], acc[q][h][t]);
+                            acc[t] = _mm256_fmadd_ps(p, vr[t], acc[t]);
                         }
                     }
                 }
