@@ -5,6 +5,8 @@
 # runs per row and the ratio of the medians. A benchmark, not part of CI.
 #
 # Usage: benches/cpu-race.sh            (THREADS=2 RUNS=3 by default; ROWS="decode prefill 4 16")
+#        MODEL=larger benches/cpu-race.sh   (the engine benchmark's larger shape instead, with random
+#                                            weights and SmolLM2's tokenizer: benches/race-model.py)
 #
 # Everything it fetches or builds is kept in $PAGODA_RACE_CACHE (default ~/.cache/pagoda-race):
 # - cmake and ninja from PyPI;
@@ -77,6 +79,19 @@ if [ ! -f "$model" ]; then
   mv "$model.part" "$model"
 fi
 
+if [ "${MODEL:-smollm2}" = larger ]; then
+  larger="$cache/larger-random.bf16.gguf"
+  if [ ! -f "$larger" ]; then
+    log "writing the larger model (random weights, SmolLM2's tokenizer)"
+    "$cache/venv/bin/pip" install --quiet --disable-pip-version-check numpy pyyaml
+    "$cache/venv/bin/python" "$root/benches/race-model.py" \
+      "$cache/src/llama_cpp_python-$llama_version/vendor/llama.cpp/gguf-py" "$model" "$larger.part"
+    mv "$larger.part" "$larger"
+  fi
+  model=$larger
+fi
+log "model: $model"
+
 # Pagoda.
 log "building pagoda (release)"
 cargo build --release --quiet --bin pagoda
@@ -128,9 +143,10 @@ race pagoda "$pagoda" serve --model "$model" --host 127.0.0.1 --port "$port" --n
 race llama.cpp "$server" -m "$model" --host 127.0.0.1 --port "$port" -t "$threads" -tb "$threads" \
   -np 16 -c 32768 --cont-batching
 
-python3 - "$results" "$runs" "$rows" "$threads" <<'PY'
-import json, statistics, sys
+python3 - "$results" "$runs" "$rows" "$threads" "$model" <<'PY'
+import json, os, statistics, sys
 results, runs, rows, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
+model = os.path.basename(sys.argv[5])
 
 def value(name, row, run):
     r = json.load(open(f"{results}/{name}-{row}-{run}.json"))
@@ -142,7 +158,7 @@ def value(name, row, run):
     return r["output_throughput"]
 
 labels = {"decode": "decode, 1 stream (tok/s)", "prefill": "prefill, ~1,050-token prompt (tok/s)"}
-print(f"\n{threads} threads, {runs} runs each: min / median / max\n")
+print(f"\n{model}, {threads} threads, {runs} runs each: min / median / max\n")
 print("| | Pagoda | llama.cpp | ratio of medians |")
 print("|---|---|---|---|")
 for row in rows:

@@ -19,7 +19,9 @@
 //! **Kernels.** One generic kernel, [`kernel`], written so the compiler keeps its accumulators in
 //! registers and vectorises the 16 lanes; it is compiled once per instruction set (AVX-512F,
 //! AVX2+FMA, and the build's baseline, which is NEON on arm64) and the best one the CPU has is
-//! chosen at run time ([`Isa::detected`]). AVX-512 BF16's `vdpbf16ps` is deliberately not used:
+//! chosen at run time ([`Isa::detected`]). On AVX2+FMA, the blocked product of f32 and bf16 panels
+//! (prefill, batches) runs explicit intrinsic kernels instead ([`x86`]), with the same operations.
+//! AVX-512 BF16's `vdpbf16ps` is deliberately not used:
 //! it adds pairs of products before rounding, which would make results depend on the CPU.
 
 use std::sync::OnceLock;
