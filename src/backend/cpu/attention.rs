@@ -719,7 +719,7 @@ mod tests {
         assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
-    /// Softmax weights sum to 1 and keep their order, the largest score getting the largest.
+    /// The AVX2 softmax gives the plain one's bits, for every length around its groups of eight.
     #[test]
     fn the_vector_softmax_gives_the_plain_one_bit_for_bit() {
         #[cfg(target_arch = "x86_64")]
@@ -749,6 +749,7 @@ mod tests {
         println!("not run: no vector softmax on this architecture");
     }
 
+    /// Softmax weights sum to 1 and keep their order, the largest score getting the largest.
     #[test]
     fn softmax_weights_are_a_distribution() {
         for n in [1usize, 7, 8, 9, 100] {

@@ -613,12 +613,9 @@ mod x86 {
             if !a.first {
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let src = a.out.add(i * a.ldo);
+                    // Through a copy, as a partial panel's padding columns are not in `out`.
                     let mut buf = [0f32; PANEL];
-                    if full {
-                        std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), PANEL);
-                    } else {
-                        std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), a.valid);
-                    }
+                    std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), a.valid);
                     *acc = [_mm256_loadu_ps(buf.as_ptr()), _mm256_loadu_ps(buf.as_ptr().add(8))];
                 }
             }
