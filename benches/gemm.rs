@@ -33,16 +33,25 @@ fn main() {
             );
         }
     }
-    let (m, n, k) = (512, 1536, 576);
-    for dtype in [DType::BF16, DType::F32] {
+    // Prefill-shaped (SmolLM2's MLP) with every instruction set; then, with the best one,
+    // batch-shaped: 16 decoding sequences through the engine benchmark's larger MLP (whose
+    // weights fit in a large last-level cache) and through its logits (which do not).
+    blocked(512, 1536, 576, &Isa::available());
+    for (m, n, k) in [(16, 5632, 1024), (16, 49152, 1024)] {
+        blocked(m, n, k, &[Isa::detected()]);
+    }
+}
+
+fn blocked(m: usize, n: usize, k: usize, isas: &[Isa]) {
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
         let bytes = vec![0x3cu8; n * k * dtype.size_in_bytes()];
         let w = PackedMatrix::from_stored(dtype, &bytes, n, k);
         let x = vec![0.5f32; m * k];
-        for isa in Isa::available() {
+        for &isa in isas {
             let mut out = vec![0f32; m * n];
             let secs = best_of(15, || matmul(isa, &x, m, &[&w], &mut out, n));
             println!(
-                "prefill {dtype:>4} {:<9} [{m} × {k}] · [{n} × {k}]ᵀ: {:7.2} ms, {:.1} GFLOP/s",
+                "blocked {dtype:>4} {:<9} [{m} × {k}] · [{n} × {k}]ᵀ: {:7.2} ms, {:.1} GFLOP/s",
                 isa.name(),
                 secs * 1e3,
                 2.0 * (m * n * k) as f64 / secs / 1e9

@@ -19,7 +19,7 @@
 //! **Kernels.** One generic kernel, [`kernel`], written so the compiler keeps its accumulators in
 //! registers and vectorises the 16 lanes; it is compiled once per instruction set (AVX-512F,
 //! AVX2+FMA, and the build's baseline, which is NEON on arm64) and the best one the CPU has is
-//! chosen at run time ([`Isa::detected`]). On AVX2+FMA, the blocked product of f32 and bf16 panels
+//! chosen at run time ([`Isa::detected`]). On AVX2+FMA, the blocked product (of f32, bf16 or f16 panels)
 //! (prefill, batches) runs explicit intrinsic kernels instead ([`x86`]), with the same operations.
 //! AVX-512 BF16's `vdpbf16ps` is deliberately not used:
 //! it adds pairs of products before rounding, which would make results depend on the CPU.
@@ -149,6 +149,22 @@ impl Elem for F16 {
     fn widen(self) -> f32 {
         f16_to_f32(self.0)
     }
+
+    const AVX2: bool = true;
+
+    /// F16C's conversion, exact as [`f16_to_f32`] is (a NaN stays a NaN).
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn widen_avx2(src: *const F16) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's: 16 values are 32 readable bytes.
+        unsafe {
+            let low = _mm_loadu_si128(src as *const __m128i);
+            let high = _mm_loadu_si128(src.add(8) as *const __m128i);
+            [_mm256_cvtph_ps(low), _mm256_cvtph_ps(high)]
+        }
+    }
 }
 
 /// Exact f16 → f32 without branches (so it vectorises): the exponent and mantissa are moved into
@@ -245,6 +261,7 @@ fn pack<E: Elem + Default>(n: usize, k: usize, value: impl Fn(usize) -> E + Sync
 pub enum Isa {
     /// The build's baseline (scalar or SSE2 on x86-64 with `fma` through libm; NEON on arm64).
     Baseline,
+    /// AVX2 with FMA and F16C (every CPU with AVX2 and FMA has F16C).
     #[cfg(target_arch = "x86_64")]
     Avx2,
     #[cfg(target_arch = "x86_64")]
@@ -258,7 +275,8 @@ impl Isa {
         let mut isas = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let avx2 = is_x86_feature_detected!("avx2");
+            if avx2 && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 isas.push(Isa::Avx2);
                 if is_x86_feature_detected!("avx512f") {
                     isas.push(Isa::Avx512);
@@ -365,7 +383,7 @@ unsafe fn run<E: Elem>(isa: Isa, task: &Task, panels: *const E) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn task_avx2<E: Elem>(task: &Task, panels: *const E) {
     // SAFETY: forwarded.
     unsafe { task_body::<E, true>(task, panels) }
@@ -399,7 +417,7 @@ unsafe fn task_body<E: Elem, const AVX2: bool>(t: &Task, panels: *const E) {
                 while p < t.p1 {
                     let step = np.min(t.p1 - p);
                     // SAFETY (both calls): within the task's rows and panels.
-                    unsafe { block::<E, AVX2>(t, panels, (r0, p, rows, step), c0, kc, first, false) };
+                    unsafe { block::<E, AVX2>(t, panels, (r0, p, rows, step), c0, kc, first, None) };
                     p += step;
                 }
             } else {
@@ -407,10 +425,19 @@ unsafe fn task_body<E: Elem, const AVX2: bool>(t: &Task, panels: *const E) {
                     let mut r = r0;
                     while r < r0 + rows {
                         let mr = 6.min(r0 + rows - r);
-                        // The last rows of a panel fetch the next panel's block into the cache
-                        // meanwhile, so that its first rows do not wait on memory.
-                        let prefetch = r + mr == r0 + rows && p + 1 < t.p1;
-                        unsafe { block::<E, AVX2>(t, panels, (r, p, mr, 1), c0, kc, first, prefetch) };
+                        // Meanwhile, each group of rows fetches its share of the next panel's
+                        // block into the cache (a share as large as its part of the work), so
+                        // that the next panel's rows do not wait on memory.
+                        let share = (p + 1 < t.p1).then(|| {
+                            let (from, to) = (kc * (r - r0) / rows, kc * (r + mr - r0) / rows);
+                            (from, to - from)
+                        });
+                        let share = if AVX2 && E::AVX2 {
+                            share
+                        } else {
+                            share.filter(|_| r + mr == r0 + rows).map(|_| (0, kc))
+                        };
+                        unsafe { block::<E, AVX2>(t, panels, (r, p, mr, 1), c0, kc, first, share) };
                         r += mr;
                     }
                 }
@@ -420,6 +447,9 @@ unsafe fn task_body<E: Elem, const AVX2: bool>(t: &Task, panels: *const E) {
 }
 
 /// One kernel call: `mr` rows from `r` and `np` panels from `p`, inputs `[c0, c0 + kc)`.
+/// `prefetch`: `(from, len)`, the inputs `[c0 + from, c0 + from + len)` of the next panel to
+/// fetch into the cache meanwhile.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn block<E: Elem, const AVX2: bool>(
     t: &Task,
@@ -428,12 +458,21 @@ unsafe fn block<E: Elem, const AVX2: bool>(
     c0: usize,
     kc: usize,
     first: bool,
-    prefetch_next: bool,
+    prefetch: Option<(usize, usize)>,
 ) {
     let panel_len = t.k * PANEL;
     // SAFETY: row `r` of x starts at `r * k`, panel `p` at `p * panel_len`; the caller keeps
     // `mr` rows and `np` panels within the task, and `valid` clips the columns to the part.
     unsafe {
+        let size = PANEL * std::mem::size_of::<E>();
+        let (next, next_step) = match prefetch {
+            // Spread over the `kc` inputs of this call (rounded up: a few lines past the share
+            // at most, which a prefetch may touch).
+            Some((from, len)) => {
+                (panels.add((p + np) * panel_len + (c0 + from) * PANEL) as *const u8, (len * size).div_ceil(kc))
+            }
+            None => (std::ptr::null(), 0),
+        };
         let args = Args {
             x: t.x.add(r * t.k + c0),
             ldx: t.k,
@@ -442,11 +481,8 @@ unsafe fn block<E: Elem, const AVX2: bool>(
             ldo: t.ldo,
             valid: (t.n - p * PANEL).min(np * PANEL),
             first,
-            next: if prefetch_next {
-                panels.add((p + np) * panel_len + c0 * PANEL) as *const u8
-            } else {
-                std::ptr::null()
-            },
+            next,
+            next_step,
         };
         let w = panels.add(p * panel_len + c0 * PANEL);
         #[cfg(target_arch = "x86_64")]
@@ -468,8 +504,10 @@ struct Args {
     valid: usize,
     /// The first block of the inner dimension starts from zero; later ones from `out`.
     first: bool,
-    /// Where the next panel's block starts, to prefetch (no effect on results), or null.
+    /// Where the share of the next panel's block to prefetch starts (no effect on results), or
+    /// null; input `c` fetches `next + c * next_step`.
     next: *const u8,
+    next_step: usize,
 }
 
 /// Asks for the cache line at `p` (a hint: never faults, changes no result).
@@ -533,9 +571,10 @@ unsafe fn kernel<E: Elem, const MR: usize, const NP: usize>(a: &Args, w: *const 
                 }
             }
         }
+        let (next, next_step) = (a.next, a.next_step);
         for c in 0..a.kc {
-            if !a.next.is_null() {
-                prefetch(a.next.wrapping_add(c * PANEL * std::mem::size_of::<E>()));
+            if !next.is_null() {
+                prefetch(next.wrapping_add(c * next_step));
             }
             let mut wv = [[0f32; PANEL]; NP];
             for (p, lanes) in wv.iter_mut().enumerate() {
@@ -579,7 +618,7 @@ mod x86 {
     /// As [`super::dispatch`]'s, with one panel, on a CPU with AVX2 and FMA, for a dtype with
     /// `E::AVX2`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dispatch<E: Elem>(a: &Args, w: *const E, mr: usize) {
         // SAFETY: forwarded.
         unsafe {
@@ -604,7 +643,7 @@ mod x86 {
     /// `MR` rows × one panel over a block of the inner dimension: `acc = fma(x, w, acc)` per input
     /// in order, as [`super::kernel`]. `PREFETCH`: also fetch the next panel's block (`a.next`).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn kernel<E: Elem, const MR: usize, const PREFETCH: bool>(a: &Args, w: *const E) {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         let full = a.valid == PANEL;
@@ -622,7 +661,7 @@ mod x86 {
             let rows: [*const f32; MR] = std::array::from_fn(|i| a.x.add(i * a.ldx));
             for c in 0..a.kc {
                 if PREFETCH {
-                    prefetch(a.next.wrapping_add(c * PANEL * std::mem::size_of::<E>()));
+                    prefetch(a.next.wrapping_add(c * a.next_step));
                 }
                 let [w0, w1] = E::widen_avx2(w.add(c * PANEL));
                 for i in 0..MR {
@@ -675,16 +714,37 @@ mod tests {
         }
     }
 
+    /// Both widenings, the plain one and F16C's (where this CPU has it).
     #[test]
     fn f16_widening_is_exact_for_every_value() {
-        for h in 0..=u16::MAX {
-            let ours = f16_to_f32(h);
+        let check = |h: u16, ours: f32| {
             let theirs = half::f16::from_bits(h).to_f32();
             if theirs.is_nan() {
                 assert!(ours.is_nan(), "{h:#06x}");
             } else {
                 assert_eq!(ours.to_bits(), theirs.to_bits(), "{h:#06x}");
             }
+        };
+        for h in 0..=u16::MAX {
+            check(h, f16_to_f32(h));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Isa::available().contains(&Isa::Avx2) {
+            let all: Vec<F16> = (0..=u16::MAX).map(F16).collect();
+            for (i, chunk) in all.chunks_exact(PANEL).enumerate() {
+                let mut out = [0f32; PANEL];
+                // SAFETY: this CPU has AVX2 and F16C; the chunk holds 16 values.
+                unsafe {
+                    let [low, high] = F16::widen_avx2(chunk.as_ptr());
+                    std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr(), low);
+                    std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr().add(8), high);
+                }
+                for (t, &v) in out.iter().enumerate() {
+                    check((i * PANEL + t) as u16, v);
+                }
+            }
+        } else {
+            println!("F16C widening not tested: this CPU has no AVX2 with F16C");
         }
     }
 
@@ -707,6 +767,7 @@ mod tests {
             (9, 33, 20),
             (11, 270, 17),
             (13, 64, 80),
+            (16, 600, 50),
             (65, 300, 40),
             (130, 31, 15),
         ] {
@@ -731,20 +792,21 @@ mod tests {
                 };
                 let w = PackedMatrix::from_stored(dtype, &bytes, n, k);
                 let expected = reference(&x, m, k, stored, n);
-                // The same matrix stacked twice, into a wider output with a spare column.
+                // The same matrix stacked twice, into a wider output with a spare column, which
+                // stays as it was. (Outputs start as NaN: every element must be written.)
                 let ldo = 2 * n + 1;
-                let mut stacked_expected = vec![0f32; m * ldo];
+                let mut stacked_expected = vec![f32::NAN; m * ldo];
                 for i in 0..m {
                     for half in 0..2 {
                         stacked_expected[i * ldo + half * n..][..n].copy_from_slice(&expected[i * n..][..n]);
                     }
                 }
                 for &isa in &isas {
-                    let mut out = vec![0f32; m * n];
+                    let mut out = vec![f32::NAN; m * n];
                     matmul(isa, &x, m, &[&w], &mut out, n);
                     let same = out.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{isa:?} {dtype} m={m} k={k} n={n}");
-                    let mut out = vec![0f32; m * ldo];
+                    let mut out = vec![f32::NAN; m * ldo];
                     matmul(isa, &x, m, &[&w, &w], &mut out, ldo);
                     let same = out.iter().zip(&stacked_expected).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{isa:?} {dtype} stacked, m={m} k={k} n={n}");
@@ -752,7 +814,7 @@ mod tests {
                 // The thread count splits the work differently and changes nothing.
                 for threads in [1, 3] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    let mut out = vec![0f32; m * n];
+                    let mut out = vec![f32::NAN; m * n];
                     pool.install(|| matmul(Isa::detected(), &x, m, &[&w], &mut out, n));
                     let same = out.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{threads} threads, {dtype} m={m} k={k} n={n}");
