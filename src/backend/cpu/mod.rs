@@ -34,7 +34,13 @@ pub struct CpuTensor {
 
 impl CpuTensor {
     fn zeros(rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor { data: pool::zeros(rows * cols), rows, cols }
+        CpuTensor { data: pool::take(rows * cols, true), rows, cols }
+    }
+
+    /// A tensor whose values are unspecified (a reused buffer's, or zeros): for an output the
+    /// caller writes whole, which spares zeroing it first.
+    fn for_overwrite(rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor { data: pool::take(rows * cols, false), rows, cols }
     }
 
     fn row(&self, idx: usize) -> &[f32] {
@@ -63,15 +69,19 @@ mod pool {
 
     static FREE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
-    /// `len` zeros, in the smallest kept buffer that holds them if there is one.
-    pub(super) fn zeros(len: usize) -> Vec<f32> {
+    /// `len` values, in the smallest kept buffer that holds them if there is one: all zeros if
+    /// `zeroed`, else whatever the buffer held (or zeros).
+    pub(super) fn take(len: usize, zeroed: bool) -> Vec<f32> {
         if len >= MIN_LEN {
             let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
             let best = (0..free.len()).filter(|&i| free[i].capacity() >= len).min_by_key(|&i| free[i].capacity());
             if let Some(i) = best {
                 let mut buf = free.swap_remove(i);
                 drop(free);
-                buf.clear();
+                if zeroed {
+                    buf.clear();
+                }
+                buf.truncate(len);
                 buf.resize(len, 0.0);
                 return buf;
             }
@@ -101,7 +111,7 @@ mod pool {
         #[test]
         fn a_reused_buffer_comes_back_as_zeros_and_the_pool_stays_bounded() {
             for round in 0..3 * MAX_KEPT {
-                let mut buf = zeros(MIN_LEN + round);
+                let mut buf = take(MIN_LEN + round, true);
                 assert!(buf.iter().all(|&v| v == 0.0), "round {round}: a reused buffer was not zeroed");
                 buf.fill(f32::NAN);
                 recycle(buf);
@@ -112,12 +122,16 @@ mod pool {
             assert!(FREE.lock().unwrap().iter().all(|b| b.capacity() >= MIN_LEN));
             // A request smaller than a kept buffer gets exactly its length, all zeros.
             let len = MIN_LEN * 64;
-            let mut big = zeros(len);
+            let mut big = take(len, true);
             big.fill(1.0);
             recycle(big);
-            let again = zeros(len - 7);
+            let again = take(len - 7, true);
             assert_eq!(again.len(), len - 7);
             assert!(again.iter().all(|&v| v == 0.0));
+            // Not zeroed: exactly the length asked for, longer than the buffer was before.
+            recycle(again);
+            let longer = take(len - 3, false);
+            assert_eq!(longer.len(), len - 3);
         }
     }
 }
@@ -307,7 +321,7 @@ impl Backend for CpuBackend {
         let mut first = 0;
         let mut parts = Vec::with_capacity(widths.len());
         for &width in widths {
-            let mut part = CpuTensor::zeros(x.rows, width);
+            let mut part = CpuTensor::for_overwrite(x.rows, width);
             for (dst, src) in part.data.chunks_exact_mut(width.max(1)).zip(x.data.chunks_exact(x.cols.max(1))) {
                 dst.copy_from_slice(&src[first..first + width]);
             }
@@ -384,7 +398,8 @@ impl Backend for CpuBackend {
         if w.cols != k {
             return Err(BackendError::Batch(format!("linear: input width {k} but weight is [{n}, {}]", w.cols)));
         }
-        let mut out = CpuTensor::zeros(m, n);
+        // Every kernel writes every output element (the gemm tests check it).
+        let mut out = CpuTensor::for_overwrite(m, n);
         if m == 0 {
             return Ok(out);
         }
@@ -419,7 +434,7 @@ impl Backend for CpuBackend {
             .as_f32()
             .filter(|w| w.len() == x.cols)
             .ok_or_else(|| BackendError::Batch(format!("rms_norm: weight does not match width {}", x.cols)))?;
-        let mut out = CpuTensor::zeros(x.rows, x.cols);
+        let mut out = CpuTensor::for_overwrite(x.rows, x.cols);
         out.data.par_chunks_mut(x.cols).zip(x.data.par_chunks(x.cols)).for_each(|(o, row)| {
             let mean_square = dot(row, row) / row.len() as f32;
             let inv = 1.0 / (mean_square + eps).sqrt();
@@ -440,7 +455,7 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor, BackendError> {
         check_same_shape(gate, up, "silu_mul")?;
-        let mut out = CpuTensor::zeros(gate.rows, gate.cols);
+        let mut out = CpuTensor::for_overwrite(gate.rows, gate.cols);
         out.data.par_chunks_mut(4096).zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096))).for_each(
             |(o, (g, u))| {
                 for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
@@ -574,7 +589,7 @@ impl Backend for CpuBackend {
             let tile = Tile { keys, tokens: n, window: sliding_window, qs, q_stride: q.cols };
             attend_tile(isa, &tile, heads_per_task, head_dim, scale, scratch, outs);
         });
-        let mut out = CpuTensor::zeros(q.rows, q.cols);
+        let mut out = CpuTensor::for_overwrite(q.rows, q.cols);
         let run = (group * head_dim).max(1);
         out.data.par_chunks_mut(q.cols.max(1)).enumerate().for_each(|(t, row)| {
             for (kv_head, dst) in row.chunks_exact_mut(run).enumerate() {
@@ -588,7 +603,7 @@ impl Backend for CpuBackend {
         if let Some(r) = rows.iter().find(|&&r| r as usize >= x.rows) {
             return Err(BackendError::Batch(format!("row {r} is outside the tensor of {} rows", x.rows)));
         }
-        let mut out = CpuTensor::zeros(rows.len(), x.cols);
+        let mut out = CpuTensor::for_overwrite(rows.len(), x.cols);
         for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(rows) {
             dst.copy_from_slice(x.row(r as usize));
         }
