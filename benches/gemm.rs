@@ -2,7 +2,8 @@
 //! ceilings measured in the same run: decode-shaped products (one row) against the time to read
 //! the weights at the measured memory bandwidth, prefill-shaped ones in GFLOP/s.
 //!
-//! Run: `cargo bench --bench gemm` (threads: `RAYON_NUM_THREADS`, default all cores).
+//! Run: `cargo bench --bench gemm` (threads: `RAYON_NUM_THREADS`, default all cores); add
+//! `-- --step` for the decode step's row alone.
 
 use std::time::Instant;
 
@@ -11,6 +12,10 @@ use pagoda::weights::DType;
 use rayon::prelude::*;
 
 fn main() {
+    if std::env::args().any(|a| a == "--step") {
+        step(16);
+        return;
+    }
     let bandwidth = read_bandwidth();
     println!("{} threads; memory read {:.1} GB/s", rayon::current_num_threads(), bandwidth / 1e9);
     // A Llama-3-8B-sized MLP projection for decode (far larger than the caches), and a
@@ -40,6 +45,37 @@ fn main() {
     for (m, n, k) in [(16, 5632, 1024), (16, 49152, 1024)] {
         blocked(m, n, k, &[Isa::detected()]);
     }
+    step(16);
+}
+
+/// The matmuls of one decode step of the engine benchmark's larger model with SmolLM2's vocabulary
+/// (the `MODEL=larger` race's): 8 layers of QKV, output, gate-and-up and down projections, then
+/// the logits, each its own bf16 matrix (290 MB in all, so every step streams them from memory).
+fn step(m: usize) {
+    let (hidden, mlp, vocab) = (1024, 2816, 49152);
+    let mut shapes = Vec::new();
+    for _ in 0..8 {
+        shapes.extend([(2048, hidden), (hidden, hidden), (2 * mlp, hidden), (hidden, mlp)]);
+    }
+    shapes.push((vocab, hidden));
+    let matrices: Vec<PackedMatrix> =
+        shapes.iter().map(|&(n, k)| PackedMatrix::from_stored(DType::BF16, &vec![0x3cu8; n * k * 2], n, k)).collect();
+    let x = vec![0.5f32; m * mlp];
+    let mut out = vec![0f32; m * vocab];
+    let isa = Isa::detected();
+    let secs = best_of(5, || {
+        for w in &matrices {
+            matmul(isa, &x, m, &[w], &mut out, w.rows());
+        }
+    });
+    let flops: usize = shapes.iter().map(|&(n, k)| 2 * m * n * k).sum();
+    println!(
+        "step    bfloat16 {:<9} {m} rows through the race's larger model ({} matrices): {:7.2} ms, {:.1} GFLOP/s",
+        isa.name(),
+        matrices.len(),
+        secs * 1e3,
+        flops as f64 / secs / 1e9
+    );
 }
 
 fn blocked(m: usize, n: usize, k: usize, isas: &[Isa]) {

@@ -396,59 +396,50 @@ unsafe fn task_avx512<E: Elem>(task: &Task, panels: *const E) {
     unsafe { task_body::<E, false>(task, panels) }
 }
 
-/// A task's loops: inner-dimension blocks, then row blocks, then panels, then rows. `AVX2`: the
-/// caller has AVX2 and FMA, and [`x86::kernel`] runs the blocks of one panel.
+/// A task's loops. `AVX2`: the caller has AVX2, FMA and F16C, and [`x86::kernel`] runs the
+/// blocks of one panel.
 #[inline(always)]
 unsafe fn task_body<E: Elem, const AVX2: bool>(t: &Task, panels: *const E) {
-    // With a few rows (decode) the activations fit in L1 whole, so the inner dimension is not
-    // blocked and each panel streams from memory in one sequential pass.
-    let k_block = if t.m <= 3 { t.k.max(1) } else { KC };
-    for c0 in (0..t.k).step_by(k_block) {
-        let kc = k_block.min(t.k - c0);
-        let first = c0 == 0;
-        for r0 in (0..t.m).step_by(MB) {
-            let rows = MB.min(t.m - r0);
-            // (No closures here: a closure would not inherit the target features of the
-            // function it is inlined from; `block` is a function marked to be inlined.)
-            if rows <= 3 {
-                // Decode-shaped: few rows, so several panels at once for enough independent sums.
-                let np = if rows == 1 { 4 } else { 2 };
-                let mut p = t.p0;
-                while p < t.p1 {
-                    let step = np.min(t.p1 - p);
-                    // SAFETY (both calls): within the task's rows and panels.
-                    unsafe { block::<E, AVX2>(t, panels, (r0, p, rows, step), c0, kc, first, None) };
-                    p += step;
-                }
-            } else {
-                for p in t.p0..t.p1 {
-                    let mut r = r0;
-                    while r < r0 + rows {
-                        let mr = 6.min(r0 + rows - r);
-                        // Meanwhile, each group of rows fetches its share of the next panel's
-                        // block into the cache (a share as large as its part of the work), so
-                        // that the next panel's rows do not wait on memory.
-                        let share = (p + 1 < t.p1).then(|| {
-                            let (from, to) = (kc * (r - r0) / rows, kc * (r + mr - r0) / rows);
-                            (from, to - from)
-                        });
-                        let share = if AVX2 && E::AVX2 {
-                            share
-                        } else {
-                            share.filter(|_| r + mr == r0 + rows).map(|_| (0, kc))
-                        };
-                        unsafe { block::<E, AVX2>(t, panels, (r, p, mr, 1), c0, kc, first, share) };
-                        r += mr;
-                    }
-                }
+    debug_assert!(t.m <= MB, "a task takes one block of rows");
+    // (No closures here: a closure would not inherit the target features of the function it is
+    // inlined from; `block` is a function marked to be inlined.)
+    if t.m <= 3 {
+        // Decode-shaped: the activations fit in L1 whole, so the inner dimension is not blocked
+        // and each panel streams from memory in one pass; several panels at once give enough
+        // independent sums.
+        let np = if t.m == 1 { 4 } else { 2 };
+        let mut p = t.p0;
+        while p < t.p1 {
+            let step = np.min(t.p1 - p);
+            // SAFETY: within the task's rows and panels.
+            unsafe { block::<E, AVX2>(t, panels, (0, p, t.m, step), 0, t.k, true, None) };
+            p += step;
+        }
+        return;
+    }
+    // Panel after panel, each block of its inputs (a few KiB that stay in L1) through every group
+    // of up to 6 rows: the task reads its panels in memory order, once. Meanwhile each group
+    // fetches its share of the next block into the cache (a share as large as its part of the
+    // work), so that the next block's rows do not wait on memory.
+    for p in t.p0..t.p1 {
+        for c0 in (0..t.k).step_by(KC) {
+            let kc = KC.min(t.k - c0);
+            let more = p + 1 < t.p1 || c0 + kc < t.k;
+            let mut r = 0;
+            while r < t.m {
+                let mr = 6.min(t.m - r);
+                let share = more.then(|| (KC * r / t.m, KC * (r + mr) / t.m - KC * r / t.m));
+                // SAFETY: within the task's rows and panels.
+                unsafe { block::<E, AVX2>(t, panels, (r, p, mr, 1), c0, kc, c0 == 0, share) };
+                r += mr;
             }
         }
     }
 }
 
 /// One kernel call: `mr` rows from `r` and `np` panels from `p`, inputs `[c0, c0 + kc)`.
-/// `prefetch`: `(from, len)`, the inputs `[c0 + from, c0 + from + len)` of the next panel to
-/// fetch into the cache meanwhile.
+/// `prefetch`: `(from, len)`, which inputs of the next block in memory (the panel's next block, or
+/// the next panel's first) to fetch into the cache meanwhile.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn block<E: Elem, const AVX2: bool>(
@@ -465,12 +456,12 @@ unsafe fn block<E: Elem, const AVX2: bool>(
     // `mr` rows and `np` panels within the task, and `valid` clips the columns to the part.
     unsafe {
         let size = PANEL * std::mem::size_of::<E>();
+        let w = panels.add(p * panel_len + c0 * PANEL);
         let (next, next_step) = match prefetch {
-            // Spread over the `kc` inputs of this call (rounded up: a few lines past the share
-            // at most, which a prefetch may touch).
-            Some((from, len)) => {
-                (panels.add((p + np) * panel_len + (c0 + from) * PANEL) as *const u8, (len * size).div_ceil(kc))
-            }
+            // The next block starts right after this one (a panel's `k` inputs are followed by
+            // the next panel's). Spread over the `kc` inputs of this call, rounded up; the
+            // addresses may pass the matrix's end, which a prefetch may touch.
+            Some((from, len)) => ((w as *const u8).wrapping_add((kc + from) * size), (len * size).div_ceil(kc)),
             None => (std::ptr::null(), 0),
         };
         let args = Args {
@@ -484,7 +475,6 @@ unsafe fn block<E: Elem, const AVX2: bool>(
             next,
             next_step,
         };
-        let w = panels.add(p * panel_len + c0 * PANEL);
         #[cfg(target_arch = "x86_64")]
         if AVX2 && E::AVX2 && np == 1 {
             return x86::dispatch(&args, w, mr);
