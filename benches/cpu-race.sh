@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CPU race: Pagoda against llama.cpp's own server (`llama-server`, continuous batching, 16
 # slots) on the same model file (SmolLM2-135M-Instruct in bf16), the same threads and the same
-# streaming load from `pagoda bench serve`, one server at a time. Prints min/median/max of RUNS
-# runs per row and the ratio of the medians. A benchmark, not part of CI.
+# streaming load from `pagoda bench serve`, one server at a time, taking turns run after run.
+# Prints min/median/max of RUNS runs per row and the ratio of the medians. A benchmark, not part
+# of CI.
 #
 # Usage: benches/cpu-race.sh            (THREADS=2 RUNS=3 by default; ROWS="decode prefill 4 16")
 #        MODEL=larger benches/cpu-race.sh   (the engine benchmark's larger shape instead, with random
@@ -113,10 +114,10 @@ bench() { # name row run
     --json "$results/$1-$2-$3.json" >"$results/$1-$2-$3.txt"
 }
 
-race() { # name command...
-  local name=$1
-  shift
-  log "$name: starting"
+race() { # name run command...
+  local name=$1 run=$2
+  shift 2
+  log "$name: starting (run $run of $runs)"
   "$@" >"$results/$name.log" 2>&1 &
   local pid=$!
   # Ready when it lists a model (llama-server answers 503 while loading).
@@ -129,19 +130,21 @@ race() { # name command...
   "$pagoda" bench serve --base-url "http://127.0.0.1:$port" --num-prompts 1 --random-input-len 16 \
     --random-output-len 4 >/dev/null
   for row in $rows; do
-    for run in $(seq "$runs"); do
-      log "$name: $row, run $run of $runs"
-      bench "$name" "$row" "$run"
-    done
+    log "$name: $row, run $run of $runs"
+    bench "$name" "$row" "$run"
   done
   kill $pid
   wait $pid 2>/dev/null || true
 }
 
-race pagoda "$pagoda" serve --model "$model" --host 127.0.0.1 --port "$port" --num-threads "$threads" \
-  --disable-log-requests
-race llama.cpp "$server" -m "$model" --host 127.0.0.1 --port "$port" -t "$threads" -tb "$threads" \
-  -np 16 -c 32768 --cont-batching
+# The servers take turns, run after run, so that a drift in the machine's speed (a VM's can drift
+# by ±10% within minutes) falls on both.
+for run in $(seq "$runs"); do
+  race pagoda "$run" "$pagoda" serve --model "$model" --host 127.0.0.1 --port "$port" \
+    --num-threads "$threads" --disable-log-requests
+  race llama.cpp "$run" "$server" -m "$model" --host 127.0.0.1 --port "$port" -t "$threads" \
+    -tb "$threads" -np 16 -c 32768 --cont-batching
+done
 
 python3 - "$results" "$runs" "$rows" "$threads" "$model" <<'PY'
 import json, os, statistics, sys
@@ -159,14 +162,17 @@ def value(name, row, run):
 
 labels = {"decode": "decode, 1 stream (tok/s)", "prefill": "prefill, ~1,050-token prompt (tok/s)"}
 print(f"\n{model}, {threads} threads, {runs} runs each: min / median / max\n")
-print("| | Pagoda | llama.cpp | ratio of medians |")
-print("|---|---|---|---|")
+# The last column pairs each of Pagoda's runs with llama.cpp's run right after it.
+print("| | Pagoda | llama.cpp | ratio of medians | median of paired ratios |")
+print("|---|---|---|---|---|")
 for row in rows:
-    cells, medians = [], []
+    cells, medians, by_run = [], [], []
     for name in ["pagoda", "llama.cpp"]:
-        v = sorted(value(name, row, run) for run in range(1, runs + 1))
+        by_run.append([value(name, row, run) for run in range(1, runs + 1)])
+        v = sorted(by_run[-1])
         medians.append(statistics.median(v))
         cells.append(f"{v[0]:.1f} / **{medians[-1]:.1f}** / {v[-1]:.1f}")
+    paired = statistics.median(a / b for a, b in zip(*by_run))
     label = labels.get(row, f"{row} streams, output total (tok/s)")
-    print(f"| {label} | {cells[0]} | {cells[1]} | {medians[0] / medians[1]:.2f} |")
+    print(f"| {label} | {cells[0]} | {cells[1]} | {medians[0] / medians[1]:.2f} | {paired:.2f} |")
 PY

@@ -9,8 +9,9 @@
 //! (tested bit for bit). On x86-64 without FMA the fused operations go through libm: correct, slow.
 //!
 //! **Work.** The backend hands a task a [`Tile`]: up to four consecutive tokens of one sequence
-//! and their heads that share a KV head; tasks go KV head by KV head so that a thread keeps
-//! reading one head's keys and values from its caches. The AVX2 kernels pass over the keys in
+//! and their heads that share a KV head; tasks go sequence by sequence and KV head by KV head
+//! within each, so that a thread keeps reading one head's keys and values from its caches through
+//! a sequence's tiles, and a decoding sequence's heads in memory order. The AVX2 kernels pass over the keys in
 //! blocks that stay in the first-level cache, take two tokens at a time through the weighted sums
 //! of values, and fetch the cache's scattered rows a few keys ahead.
 

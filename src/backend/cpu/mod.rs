@@ -541,25 +541,26 @@ impl Backend for CpuBackend {
         for (s, seq) in batch.layout.seqs.iter().enumerate() {
             token_seq.extend(std::iter::repeat_n(s, seq.query_len));
         }
-        // Tasks go KV head by KV head, so a thread reads one head's keys and values over and over
-        // from its caches. A task is a tile of up to `TILE` consecutive tokens of one sequence
-        // with all their heads that share the KV head, which read each block of keys and values
-        // once together; with too few tokens to occupy every thread, a task is one head of one
-        // token. Results land in `by_kv_head`, `[num_kv_heads, tokens, group, head_dim]`, each
-        // task's in one run, then move into place.
+        // Tasks go sequence by sequence, then KV head by KV head, so a thread reads one head's
+        // keys and values over and over from its caches through a sequence's tiles, and the
+        // heads of a decoding sequence's keys one after the other, as they lie in memory. A task
+        // is a tile of up to `TILE` consecutive tokens of one sequence with all their heads that
+        // share the KV head, which read each block of keys and values once together; with too
+        // few tokens to occupy every thread, a task is one head of one token. Results land in
+        // `by_kv_head`, each sequence's tokens as `[num_kv_heads, query_len, group, head_dim]`
+        // after the sequences before it, each task's in one run, then move into place.
         const TILE: usize = 4;
         let tokens = q.rows;
         let few = tokens * num_kv_heads < 4 * rayon::current_num_threads();
         let (tile_len, heads_per_task) = if few { (1, 1) } else { (TILE, group) };
-        let mut tiles = Vec::new();
+        let mut tasks = Vec::new();
         for seq in &batch.layout.seqs {
             let end = seq.query_start + seq.query_len;
-            tiles.extend((seq.query_start..end).step_by(tile_len).map(|t0| (t0, tile_len.min(end - t0))));
-        }
-        let mut tasks = Vec::new();
-        for kv_head in 0..num_kv_heads {
-            for &(t0, n) in &tiles {
-                tasks.extend((0..group).step_by(heads_per_task).map(|g| (kv_head, t0, n, g)));
+            for kv_head in 0..num_kv_heads {
+                for t0 in (seq.query_start..end).step_by(tile_len) {
+                    let n = tile_len.min(end - t0);
+                    tasks.extend((0..group).step_by(heads_per_task).map(|g| (kv_head, t0, n, g)));
+                }
             }
         }
         let mut by_kv_head = CpuTensor::zeros(q.rows, q.cols);
@@ -592,8 +593,10 @@ impl Backend for CpuBackend {
         let mut out = CpuTensor::for_overwrite(q.rows, q.cols);
         let run = (group * head_dim).max(1);
         out.data.par_chunks_mut(q.cols.max(1)).enumerate().for_each(|(t, row)| {
+            let seq = &batch.layout.seqs[token_seq[t]];
+            let first = seq.query_start * num_kv_heads + t - seq.query_start;
             for (kv_head, dst) in row.chunks_exact_mut(run).enumerate() {
-                dst.copy_from_slice(&by_kv_head.data[(kv_head * tokens + t) * run..][..run]);
+                dst.copy_from_slice(&by_kv_head.data[(first + kv_head * seq.query_len) * run..][..run]);
             }
         });
         Ok(out)
