@@ -11,9 +11,9 @@
 //! **Work.** The backend hands a task a [`Tile`]: up to four consecutive tokens of one sequence
 //! and their heads that share a KV head; tasks go sequence by sequence and KV head by KV head
 //! within each, so that a thread keeps reading one head's keys and values from its caches through
-//! a sequence's tiles, and a decoding sequence's heads in memory order. The AVX2 kernels pass over the keys in
-//! blocks that stay in the first-level cache, take two tokens at a time through the weighted sums
-//! of values, and fetch the cache's scattered rows a few keys ahead.
+//! a sequence's tiles, and a decoding sequence's heads in memory order. The AVX2 kernels pass over
+//! the keys in blocks that stay in the first-level cache, take two tokens at a time through the
+//! weighted sums of values, and fetch the cache's scattered rows a few keys ahead.
 
 use super::Isa;
 

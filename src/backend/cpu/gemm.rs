@@ -19,8 +19,9 @@
 //! **Kernels.** One generic kernel, [`kernel`], written so the compiler keeps its accumulators in
 //! registers and vectorises the 16 lanes; it is compiled once per instruction set (AVX-512F,
 //! AVX2+FMA, and the build's baseline, which is NEON on arm64) and the best one the CPU has is
-//! chosen at run time ([`Isa::detected`]). On AVX2+FMA, the blocked product (of f32, bf16 or f16 panels)
-//! (prefill, batches) runs explicit intrinsic kernels instead ([`x86`]), with the same operations.
+//! chosen at run time ([`Isa::detected`]). On AVX2+FMA, the blocked product of f32, bf16 or f16
+//! panels (prefill, batches) runs explicit intrinsic kernels instead ([`x86`]), with the same
+//! operations.
 //! AVX-512 BF16's `vdpbf16ps` is deliberately not used:
 //! it adds pairs of products before rounding, which would make results depend on the CPU.
 
@@ -275,8 +276,7 @@ impl Isa {
         let mut isas = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2");
-            if avx2 && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 isas.push(Isa::Avx2);
                 if is_x86_feature_detected!("avx512f") {
                     isas.push(Isa::Avx512);
@@ -428,7 +428,8 @@ unsafe fn task_body<E: Elem, const AVX2: bool>(t: &Task, panels: *const E) {
             let mut r = 0;
             while r < t.m {
                 let mr = 6.min(t.m - r);
-                let share = more.then(|| (KC * r / t.m, KC * (r + mr) / t.m - KC * r / t.m));
+                let (from, to) = (KC * r / t.m, KC * (r + mr) / t.m);
+                let share = more.then_some((from, to - from));
                 // SAFETY: within the task's rows and panels.
                 unsafe { block::<E, AVX2>(t, panels, (r, p, mr, 1), c0, kc, c0 == 0, share) };
                 r += mr;
@@ -494,7 +495,7 @@ struct Args {
     valid: usize,
     /// The first block of the inner dimension starts from zero; later ones from `out`.
     first: bool,
-    /// Where the share of the next panel's block to prefetch starts (no effect on results), or
+    /// Where this call's share of the next block to prefetch starts (no effect on results), or
     /// null; input `c` fetches `next + c * next_step`.
     next: *const u8,
     next_step: usize,
@@ -561,10 +562,9 @@ unsafe fn kernel<E: Elem, const MR: usize, const NP: usize>(a: &Args, w: *const 
                 }
             }
         }
-        let (next, next_step) = (a.next, a.next_step);
         for c in 0..a.kc {
-            if !next.is_null() {
-                prefetch(next.wrapping_add(c * next_step));
+            if !a.next.is_null() {
+                prefetch(a.next.wrapping_add(c * a.next_step));
             }
             let mut wv = [[0f32; PANEL]; NP];
             for (p, lanes) in wv.iter_mut().enumerate() {
@@ -605,8 +605,8 @@ mod x86 {
     use super::{Args, Elem, PANEL, prefetch};
 
     /// # Safety
-    /// As [`super::dispatch`]'s, with one panel, on a CPU with AVX2 and FMA, for a dtype with
-    /// `E::AVX2`.
+    /// As [`super::dispatch`]'s, with one panel, on a CPU with AVX2, FMA and F16C, for a dtype
+    /// with `E::AVX2`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dispatch<E: Elem>(a: &Args, w: *const E, mr: usize) {
@@ -631,7 +631,8 @@ mod x86 {
     }
 
     /// `MR` rows × one panel over a block of the inner dimension: `acc = fma(x, w, acc)` per input
-    /// in order, as [`super::kernel`]. `PREFETCH`: also fetch the next panel's block (`a.next`).
+    /// in order, as [`super::kernel`]. `PREFETCH`: also fetch this call's share of the next block
+    /// (`a.next`).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn kernel<E: Elem, const MR: usize, const PREFETCH: bool>(a: &Args, w: *const E) {
