@@ -643,10 +643,15 @@ mod x86 {
             if !a.first {
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let src = a.out.add(i * a.ldo);
-                    // Through a copy, as a partial panel's padding columns are not in `out`.
-                    let mut buf = [0f32; PANEL];
-                    std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), a.valid);
-                    *acc = [_mm256_loadu_ps(buf.as_ptr()), _mm256_loadu_ps(buf.as_ptr().add(8))];
+                    if full {
+                        *acc = [_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8))];
+                    } else {
+                        // Through a copy, as a partial panel's padding columns are not in `out`
+                        // (a copy of a variable length is a call, kept off the common path).
+                        let mut buf = [0f32; PANEL];
+                        std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), a.valid);
+                        *acc = [_mm256_loadu_ps(buf.as_ptr()), _mm256_loadu_ps(buf.as_ptr().add(8))];
+                    }
                 }
             }
             let rows: [*const f32; MR] = std::array::from_fn(|i| a.x.add(i * a.ldx));
