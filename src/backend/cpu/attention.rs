@@ -225,7 +225,7 @@ const TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 
 /// vectorises and gives the same bits on every instruction set (a library `expf` does neither).
 /// Results that would be subnormal (`x < -87`) are 0; NaN stays NaN.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(super) fn exp_nonpositive(x: f32) -> f32 {
     let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
     let n = shifted - SHIFTER;
     // x = n ln 2 + r with |r| ≤ ln 2 / 2, and e^r by its Taylor series to r^7 (error < 1e-8).
