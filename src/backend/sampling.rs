@@ -91,9 +91,8 @@ pub struct RowLogprobs {
 
 /// Picks `row`'s token by `rule`, as every backend must. `row` is used up (the edits change it).
 pub fn sample_row(row: &mut [f32], rule: &RowSampling) -> SampledRow {
-    if let Some(token) = rule.forced {
-        let logprobs = row_logprobs(row, token, rule.logprobs.unwrap_or(0) as usize);
-        return SampledRow { token, logprobs: rule.logprobs.is_some().then_some(logprobs) };
+    if rule.forced.is_some() || !edits_logits(rule) {
+        return sample_row_from(row, rule);
     }
     let raw = rule.logprobs.map(|_| row.to_vec());
     for edit in &rule.edits {
@@ -104,12 +103,37 @@ pub fn sample_row(row: &mut [f32], rule: &RowSampling) -> SampledRow {
     if let Some(mask) = &rule.allowed {
         apply_mask(row, mask);
     }
-    let token = match &rule.draw {
-        None => argmax(row),
-        Some(d) => draw(row, d),
-    };
+    let token = pick(row, rule);
     let logprobs = raw.map(|raw| row_logprobs(&raw, token, rule.logprobs.unwrap_or(0) as usize));
     SampledRow { token, logprobs }
+}
+
+/// [`sample_row`] of a row that stays as it is: copied only where the rule edits or masks logits
+/// (a greedy or plain draw reads the row where it lies).
+pub fn sample_row_from(row: &[f32], rule: &RowSampling) -> SampledRow {
+    if let Some(token) = rule.forced {
+        let logprobs = row_logprobs(row, token, rule.logprobs.unwrap_or(0) as usize);
+        return SampledRow { token, logprobs: rule.logprobs.is_some().then_some(logprobs) };
+    }
+    if edits_logits(rule) {
+        return sample_row(&mut row.to_vec(), rule);
+    }
+    let token = pick(row, rule);
+    let logprobs = rule.logprobs.map(|n| row_logprobs(row, token, n as usize));
+    SampledRow { token, logprobs }
+}
+
+/// Whether the rule changes logits before picking (logit edits or an allowed set).
+fn edits_logits(rule: &RowSampling) -> bool {
+    !rule.edits.is_empty() || rule.allowed.is_some()
+}
+
+/// The token the rule's draw (or greedy argmax) picks from final logits.
+fn pick(row: &[f32], rule: &RowSampling) -> u32 {
+    match &rule.draw {
+        None => argmax(row),
+        Some(d) => draw(row, d),
+    }
 }
 
 /// Sets every logit whose bit in `mask` is clear (or past its end) to -inf.
@@ -204,14 +228,20 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
 
 /// The first index of the largest value, NaN counting as -inf.
 pub fn argmax(values: &[f32]) -> u32 {
-    let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if key(v) > key(values[best]) {
-            best = i;
+    // The maximum in eight lanes (a comparison with NaN is false, so NaN never wins), which
+    // vectorises; then the first value equal to it. With no value above -inf, token 0.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
         }
     }
-    best as u32
+    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    values.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -321,6 +351,38 @@ mod tests {
         let logits = [f32::NEG_INFINITY; 3];
         assert_eq!(draw_with(&logits, 2, 0.5, 0.5), 0);
         assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY, f32::NAN]), 0);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    /// The vectorised argmax against its definition: the first index of the largest value, NaN
+    /// counting as -inf, on rows of every length around the eight lanes and with ties, NaNs,
+    /// infinities and signed zeros anywhere.
+    #[test]
+    fn argmax_is_the_first_largest_value() {
+        let plain = |values: &[f32]| {
+            let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+            let mut best = 0;
+            for (i, &v) in values.iter().enumerate() {
+                if key(v) > key(values[best]) {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let specials = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, 1.0, -1.0, 3.5];
+        let mut state = 12345u64;
+        for len in 1..40 {
+            for _ in 0..200 {
+                let row: Vec<f32> = (0..len)
+                    .map(|_| {
+                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        specials[(state >> 33) as usize % specials.len()]
+                    })
+                    .collect();
+                assert_eq!(argmax(&row), plain(&row), "{row:?}");
+            }
+        }
     }
 
     #[test]

@@ -649,7 +649,7 @@ impl Backend for CpuBackend {
         Ok(x.data
             .par_chunks_exact(x.cols.max(1))
             .zip(sampling)
-            .map(|(row, rule)| super::sampling::sample_row(&mut row.to_vec(), rule))
+            .map(|(row, rule)| super::sampling::sample_row_from(row, rule))
             .collect())
     }
 }
