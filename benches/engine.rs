@@ -8,12 +8,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+#[path = "common/bandwidth.rs"]
+mod bandwidth;
+
 use pagoda::backend::cpu::CpuBackend;
 use pagoda::engine::{Engine, EngineConfig, EngineRequest, MaxTokens, RequestId, SamplingParams};
 use pagoda::model::demo::DemoSpec;
 use pagoda::model::{ModelFiles, ModelRunner};
 use pagoda::weights::DType;
-use rayon::prelude::*;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -46,7 +48,7 @@ fn main() {
         weight_bytes as f64 / 1e6
     );
 
-    let bandwidth = measure_read_bandwidth();
+    let bandwidth = bandwidth::read_bandwidth();
     let peak_flops = measure_sgemm_peak();
     println!("ceilings: memory read {:.1} GB/s, sgemm {:.1} GFLOP/s", bandwidth / 1e9, peak_flops / 1e9);
 
@@ -130,20 +132,6 @@ fn add(engine: &mut Engine, id: usize, prompt: Vec<u32>, max_tokens: usize) {
         EngineRequest { id: RequestId(id.to_string()), prompt_token_ids: prompt, params, arrival: Instant::now() };
     let request = request.validate(&engine.limits()).unwrap();
     engine.add_request(request).unwrap();
-}
-
-/// Bytes per second all threads together read from a buffer far larger than the caches.
-fn measure_read_bandwidth() -> f64 {
-    let data = vec![1u64; 256 << 20 >> 3];
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let start = Instant::now();
-        let sum: u64 = data.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).sum();
-        let secs = start.elapsed().as_secs_f64();
-        assert!(sum > 0);
-        best = best.max((data.len() * 8) as f64 / secs);
-    }
-    best
 }
 
 /// FLOP/s of a large f32 matmul through the CPU backend's own linear layer.

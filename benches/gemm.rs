@@ -7,16 +7,18 @@
 
 use std::time::Instant;
 
+#[path = "common/bandwidth.rs"]
+mod bandwidth;
+
 use pagoda::backend::cpu::gemm::{Isa, PackedMatrix, matmul};
 use pagoda::weights::DType;
-use rayon::prelude::*;
 
 fn main() {
     if std::env::args().any(|a| a == "--step") {
         step(16);
         return;
     }
-    let bandwidth = read_bandwidth();
+    let bandwidth = bandwidth::read_bandwidth();
     println!("{} threads; memory read {:.1} GB/s", rayon::current_num_threads(), bandwidth / 1e9);
     // A Llama-3-8B-sized MLP projection for decode (far larger than the caches), and a
     // SmolLM2-sized one for prefill.
@@ -105,14 +107,4 @@ fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
             start.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
-}
-
-/// Bytes per second all threads together read from a buffer far larger than the caches.
-fn read_bandwidth() -> f64 {
-    let data = vec![1u64; 256 << 20 >> 3];
-    let secs = best_of(5, || {
-        let sum: u64 = data.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).sum();
-        assert!(sum > 0);
-    });
-    (data.len() * 8) as f64 / secs
 }
